@@ -1,0 +1,1 @@
+"""The built-in CPU backend: a plugin like any other, registered through the same hooks."""

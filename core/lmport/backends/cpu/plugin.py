@@ -1,0 +1,86 @@
+"""The CPU backend, and the core's reference implementation of every kernel hook.
+
+Every implementation here is ``trylast``: an active accelerator backend overrides whichever
+hooks it implements and falls through to these for the rest.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lmport.capabilities import BackendInfo, Capabilities
+from lmport.hookspecs import hookimpl
+from lmport.layers.reference_attention import ReferenceAttention
+from lmport.memory import MemoryInfo
+
+NAME = "cpu"
+
+
+@hookimpl(trylast=True)
+def lmport_detect_backend(env):
+    return BackendInfo(
+        name=NAME,
+        device_type="cpu",
+        priority=0,
+        description=f"CPU ({env.machine}), {os.cpu_count()} logical cores",
+        details=(("cores", os.cpu_count()),),
+    )
+
+
+@hookimpl(trylast=True)
+def lmport_capabilities(backend):
+    if backend.name != NAME:
+        return None
+    return Capabilities(
+        backend=NAME,
+        device_type="cpu",
+        dtypes=("float32", "bfloat16", "float16"),
+        paged_attention=True,  # the reference attention reads the paged cache
+        sliding_window_attention=True,
+        alibi_attention=True,
+        kv_block_sizes=(16, 32, 64, 128, 256, 8, 4, 2, 1),
+        notes=("reference kernels in plain torch; the baseline every other backend is tested against",),
+    )
+
+
+@hookimpl(trylast=True)
+def lmport_attention_backend(spec):
+    return ReferenceAttention(spec)
+
+
+@hookimpl(trylast=True)
+def lmport_allocate_kv_cache(spec, num_blocks, device):
+    shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    return [
+        (torch.zeros(shape, dtype=spec.dtype, device=device), torch.zeros(shape, dtype=spec.dtype, device=device))
+        for _ in range(spec.num_layers)
+    ]
+
+
+@hookimpl(trylast=True)
+def lmport_memory_info(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return MemoryInfo(free_bytes=free, total_bytes=total)
+    page = os.sysconf("SC_PAGE_SIZE")
+    return MemoryInfo(
+        free_bytes=os.sysconf("SC_AVPHYS_PAGES") * page,
+        total_bytes=os.sysconf("SC_PHYS_PAGES") * page,
+    )
+
+
+@hookimpl(trylast=True)
+def lmport_weights_loader(quant):
+    if quant is not None:
+        return None
+    from lmport.weights.safetensors_loader import SafetensorsLoader
+
+    return SafetensorsLoader()
+
+
+@hookimpl(trylast=True)
+def lmport_server_info(capabilities):
+    return {"torch_version": torch.__version__}

@@ -1,0 +1,76 @@
+"""The launcher's settings as one frozen dataclass.
+
+Plugins never mutate it: ``lmport_adjust_config`` returns a :class:`ConfigAdjustment` and the
+core applies it with :func:`dataclasses.replace`, logging the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    # model
+    model_id: str = ""
+    revision: str | None = None
+    dtype: str | None = None  # None: the checkpoint's torch_dtype (float32 on CPU)
+    quantize: str | None = None
+    trust_remote_code: bool = False
+    tokenizer_id: str | None = None
+    # request limits (TGI's names and defaults)
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    # scheduler
+    max_batch_prefill_tokens: int | None = None
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    enable_prefix_caching: bool = True
+    # backend and kernels
+    backend: str | None = None
+    disable_custom_kernels: bool = False
+    cuda_memory_fraction: float = 1.0
+    cuda_graphs: tuple[int, ...] | None = None  # None: the backend's default buckets; () disables
+    block_size: int | None = None  # None: the attention backend's choice
+    kv_cache_dtype: str | None = None
+    num_shard: int = 1
+    # server
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    api_key: str | None = None
+    payload_limit: int = 2_000_000
+    cors_allow_origin: tuple[str, ...] = ()
+    json_output: bool = False
+    disable_grammar_support: bool = False
+    extra: tuple[tuple[str, Any], ...] = field(default=())
+
+    def replace(self, **changes: Any) -> "LaunchConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ConfigAdjustment:
+    """What a plugin wants changed in the config, and why (shown in the startup log)."""
+
+    changes: dict[str, Any]
+    reason: str
+    plugin: str = ""
+
+
+def apply_adjustments(config: LaunchConfig, adjustments: list[ConfigAdjustment]) -> LaunchConfig:
+    """Apply plugin adjustments in order; an unknown field is a plugin bug and raises."""
+    names = {f.name for f in dataclasses.fields(LaunchConfig)}
+    for adj in adjustments:
+        unknown = set(adj.changes) - names
+        if unknown:
+            raise ValueError(f"plugin {adj.plugin or '?'} adjusts unknown settings {sorted(unknown)}")
+        config = dataclasses.replace(config, **adj.changes)
+    return config

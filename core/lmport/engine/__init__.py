@@ -1,0 +1,1 @@
+"""Scheduling, KV block management, sampling and the step loop."""

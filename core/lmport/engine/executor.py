@@ -1,0 +1,27 @@
+"""What runs the model for the engine: the core's paged runner or a backend's own."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+
+class ModelExecutor(ABC):
+    """Runs one scheduled step and returns sampled tokens.
+
+    The core's default is :class:`lmport.engine.model_runner.PagedModelRunner`; a backend
+    that compiles whole models (Neuron, Gaudi) returns its own through
+    ``lmport_model_executor``. The engine calls, in order: ``kv_cache_spec()``,
+    ``initialize_cache(num_blocks)`` once, then ``execute(step)`` per step.
+    """
+
+    @abstractmethod
+    def kv_cache_spec(self) -> Any:
+        """The :class:`~lmport.layers.attention.KVCacheSpec` this executor needs per block."""
+
+    @abstractmethod
+    def initialize_cache(self, num_blocks: int) -> None: ...
+
+    @abstractmethod
+    def execute(self, step: Any) -> Any:
+        """Run one :class:`~lmport.engine.batch.ScheduledStep`; return its sampler output."""

@@ -1,0 +1,190 @@
+"""Every hook lmport calls, grouped by the phase in which it is called.
+
+A plugin is a module (or object) of functions decorated with :data:`lmport.hookimpl` whose
+names match these specs. Backend plugins are published under the entry-point group
+``lmport.backends``; general extensions (a quantization format, a model family) under
+``lmport.plugins``. Only the *selected* backend plugin stays registered after detection, so a
+backend's implementations never have to ask "am I the active one?".
+
+The core registers its reference implementations (the built-in ``cpu`` backend) with
+``trylast=True``: a backend overrides one by implementing the hook; whatever it leaves out
+falls through to the reference. An implementation may accept fewer arguments than the spec
+(pluggy passes only what it names), so adding an argument here never breaks a plugin.
+
+The core never calls ``pm.hook.<name>`` itself; :class:`lmport.plugins.PluginHost` has one
+typed method per hook.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+    from lmport.capabilities import BackendInfo, Capabilities
+    from lmport.config import ConfigAdjustment, LaunchConfig
+    from lmport.detection import DetectionEnv
+    from lmport.engine.executor import ModelExecutor
+    from lmport.engine.graphs import DecodeGraphRunner
+    from lmport.layers.attention import AttentionBackend, AttentionSpec, KVCache, KVCacheSpec
+    from lmport.memory import MemoryInfo
+    from lmport.models.base import CausalLM, ModelInfo
+    from lmport.weights.quantization import QuantizationMethod, WeightsLoader
+
+PROJECT = "lmport"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 1: discovery and selection (before any device work)
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def lmport_detect_backend(env: DetectionEnv) -> BackendInfo | None:
+    """Say whether this plugin's hardware is present, cheaply.
+
+    Called once per process for every installed backend plugin, before selection.
+
+    :param env: the process environment and platform, passed in so that detection never
+        reads module globals; use ``env.module_available(name)`` to probe for a package.
+    :return: a :class:`~lmport.capabilities.BackendInfo` if the hardware is usable, else
+        ``None``. Detection must not create a device context (no ``torch.cuda.init()``, no
+        kernel launch): query drivers or package metadata only.
+
+    All results are collected; the host picks ``--backend``/``LMPORT_BACKEND`` if given, else
+    the detected backend of highest ``priority``, else ``cpu``.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_capabilities(backend: BackendInfo) -> Capabilities | None:
+    """Report the selected backend's feature flags.
+
+    Called once, right after selection, on the selected backend plugin (and the core).
+
+    :param backend: the info this plugin returned from detection.
+    :return: a frozen :class:`~lmport.capabilities.Capabilities`. First non-``None`` wins.
+    """
+
+
+@hookspec
+def lmport_adjust_config(config: LaunchConfig, capabilities: Capabilities) -> ConfigAdjustment | None:
+    """Ask for settings this backend needs (e.g. a fixed KV block size on Gaudi).
+
+    Called once after capabilities are known and before anything is loaded.
+
+    :return: a :class:`~lmport.config.ConfigAdjustment` with the changed fields and a reason,
+        or ``None``. Never mutate ``config`` (it is frozen). All results are applied in
+        order; each is logged with its reason.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 2: building the model
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def lmport_register_models(register: Callable[..., None]) -> None:
+    """Register model builders: ``register(architectures, builder, priority=0)``.
+
+    Called once when the model registry is first built. ``architectures`` is a string or a
+    list of Hugging Face architecture names (``"LlamaForCausalLM"``); ``builder(hf_config,
+    context)`` returns a :class:`~lmport.models.base.CausalLM`. The highest priority wins
+    per architecture, so a backend can register a faster builder for a family the core
+    already has. All implementations are called; nothing is returned.
+    """
+
+
+@hookspec
+def lmport_register_quantization(register: Callable[..., None]) -> None:
+    """Register quantization formats: ``register(QuantizationMethod(...))``.
+
+    Called once when the quantization registry is built. Each method names the capability
+    (a member of ``Capabilities.quantization``) that a backend must report to run it. All
+    implementations are called; nothing is returned.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_weights_loader(quant: QuantizationMethod | None, capabilities: Capabilities) -> WeightsLoader | None:
+    """Return the loader that reads checkpoint tensors for ``quant`` on this backend.
+
+    Called once per model load, after the capability check passed. ``quant`` is ``None``
+    for an unquantized checkpoint. First non-``None`` wins; the core's reference loader
+    (plain safetensors) answers last for ``None`` only, so a quantized format without a
+    loader is a clear startup error.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_model_executor(model: ModelInfo, config: LaunchConfig, capabilities: Capabilities) -> ModelExecutor | None:
+    """Take over execution of the whole model (stacks that compile whole graphs).
+
+    Called once per model load, before the core builds its own runner. Return a
+    :class:`~lmport.engine.executor.ModelExecutor` to run the model yourself (the core
+    still schedules, tokenizes and serves), or ``None`` to let the core's paged runner run
+    it with your fine-grained hooks. First non-``None`` wins.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 3: kernels and memory (while building the runner and at warm-up)
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def lmport_attention_backend(spec: AttentionSpec, capabilities: Capabilities) -> AttentionBackend | None:
+    """Return the attention implementation for one layer kind.
+
+    Called once per distinct :class:`~lmport.layers.attention.AttentionSpec` while the
+    model is built (the host caches the result per spec). Return ``None`` for a spec you
+    have no kernel for (a sliding window, say): the core's reference attention then runs
+    it and the host logs one warning. First non-``None`` wins.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_memory_info(device: torch.device) -> MemoryInfo | None:
+    """Report free and total device memory in bytes, to size the KV cache at warm-up.
+
+    Called at warm-up, after the model's weights are loaded. First non-``None`` wins.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[KVCache] | None:
+    """Allocate the paged KV cache: one ``(key_cache, value_cache)`` pair per layer.
+
+    Called once at warm-up. The logical layout the core and attention backends agree on is
+    ``[num_blocks, block_size, num_kv_heads, head_dim]`` per tensor; a backend that allocates
+    differently must also provide the attention that reads it. First non-``None`` wins.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_graph_runner(model: CausalLM, config: LaunchConfig, capabilities: Capabilities) -> DecodeGraphRunner | None:
+    """Return a runner that captures decode steps as device graphs (CUDA/HPU graphs).
+
+    Called once at warm-up when ``capabilities.graph_capture`` is set and graphs are not
+    disabled (``--cuda-graphs 0``). First non-``None`` wins; ``None`` runs decode eagerly.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 4: serving
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def lmport_server_info(capabilities: Capabilities) -> dict[str, Any] | None:
+    """Extra fields for ``GET /info`` (driver version, device name ...).
+
+    Called when the server starts. All results are merged in registration order, core first;
+    keys already set by the core are not overwritten.
+    """

@@ -1,0 +1,1 @@
+"""Building blocks of the native models: attention contract, rotary, norms, linear, MoE."""

@@ -1,0 +1,80 @@
+"""The reference attention: plain torch over the paged cache, correct on any device.
+
+It is what the CPU backend runs, what ``--disable-custom-kernels`` runs everywhere, and what
+a backend without a kernel for some spec (a sliding window on ROCm) falls back to. Other
+backends' kernels are tested against it. Scores are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmport.layers.attention import AttentionBackend, AttentionMetadata, KVCache
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
+    """Scatter this step's K/V rows into their cache slots; slots of -1 are skipped."""
+    key_cache, value_cache = kv_cache
+    num_kv_heads, head_dim = key_cache.shape[-2:]
+    flat_k = key_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = value_cache.view(-1, num_kv_heads, head_dim)
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    flat_k.index_copy_(0, slots, key[valid].to(flat_k.dtype))
+    flat_v.index_copy_(0, slots, value[valid].to(flat_v.dtype))
+
+
+def gather_sequence_kv(kv_cache: KVCache, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``seq_len`` cached K and V rows of one sequence, ``[seq_len, kv_heads, head_dim]``."""
+    key_cache, value_cache = kv_cache
+    block_size = key_cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    blocks = block_table[:num_blocks].long()
+    k = key_cache[blocks].flatten(0, 1)[:seq_len]
+    v = value_cache[blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+class ReferenceAttention(AttentionBackend):
+    name = "reference"
+    is_reference = True
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._slopes = None
+
+    def forward(self, query, key, value, kv_cache: KVCache, metadata: AttentionMetadata) -> torch.Tensor:
+        spec = self.spec
+        write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        out = torch.empty_like(query)
+        group = spec.num_heads // spec.num_kv_heads
+        starts = metadata.query_start_loc_host
+        for i, seq_len in enumerate(metadata.seq_lens_host):
+            q_start, q_end = starts[i], starts[i + 1]
+            q_len = q_end - q_start
+            if q_len == 0:
+                continue
+            k, v = gather_sequence_kv(kv_cache, metadata.block_tables[i], seq_len)
+            q = query[q_start:q_end].float().transpose(0, 1)  # [heads, q_len, d]
+            k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, seq_len, d]
+            v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+            scores = torch.matmul(q, k.transpose(1, 2)) * spec.scale
+            if spec.logits_soft_cap:
+                scores = spec.logits_soft_cap * torch.tanh(scores / spec.logits_soft_cap)
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
+            k_pos = torch.arange(seq_len, device=query.device)[None, :]
+            distance = q_pos - k_pos  # >= 0 for keys at or before the query
+            allowed = distance >= 0 if spec.causal else torch.ones_like(distance, dtype=torch.bool)
+            if spec.sliding_window:
+                allowed = allowed & (distance < spec.sliding_window)
+            if spec.alibi_slopes:
+                scores = scores - self._alibi_slopes(query.device)[:, None, None] * distance.float()
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)
+        return out
+
+    def _alibi_slopes(self, device: torch.device) -> torch.Tensor:
+        if self._slopes is None or self._slopes.device != device:
+            self._slopes = torch.tensor(self.spec.alibi_slopes, dtype=torch.float32, device=device)
+        return self._slopes

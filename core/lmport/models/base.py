@@ -1,0 +1,76 @@
+"""The contract every native model implements, and what it is built with."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from lmport.capabilities import Capabilities
+from lmport.layers.attention import Attention, AttentionBackend, AttentionMetadata, AttentionSpec, KVCache
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A resolved checkpoint: where it lies and what its config says."""
+
+    model_id: str
+    path: Path
+    hf_config: Any  # transformers.PretrainedConfig
+    architecture: str
+    gguf_file: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """Everything a builder needs besides the Hugging Face config."""
+
+    dtype: torch.dtype
+    device: torch.device
+    capabilities: Capabilities
+    attention_factory: Callable[[AttentionSpec], AttentionBackend]
+    quantization: str | None = None
+
+    def attention(self, spec: AttentionSpec, layer_index: int) -> Attention:
+        return Attention(spec, self.attention_factory(spec), layer_index)
+
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+class CausalLM(nn.Module, ABC):
+    """A decoder-only model on the paged KV cache.
+
+    ``forward`` takes the step's flat batch and returns hidden states for every token;
+    the runner then calls ``compute_logits`` only on the rows it needs (the last token of each
+    sequence, or every prompt token when prompt logprobs are asked for).
+    """
+
+    @abstractmethod
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # int64 [num_tokens]
+        positions: torch.Tensor,  # int64 [num_tokens]
+        kv_caches: list[KVCache],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        ...
+
+    @abstractmethod
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[n, hidden]`` -> float32 ``[n, vocab]``."""
+
+    @abstractmethod
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Consume checkpoint tensors by their Hugging Face names."""
+
+    @abstractmethod
+    def kv_cache_shape(self) -> tuple[int, int, int]:
+        """``(num_layers, num_kv_heads, head_dim)`` of the paged cache this model needs."""
+
+
+ModelBuilder = Callable[[Any, ModelContext], CausalLM]

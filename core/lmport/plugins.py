@@ -1,0 +1,336 @@
+"""PluginHost: the one owner of lmport's pluggy PluginManager.
+
+It loads plugins from entry points, isolates the ones that fail to import, detects and selects
+exactly one backend, and exposes one typed method per hook, so the rest of the core never
+calls ``pm.hook.<name>`` untyped. There is no module-global manager: whoever needs plugins
+builds a host (the CLI does it once per process) and passes it on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Mapping
+
+import pluggy
+
+from lmport import hookspecs
+from lmport.capabilities import BackendInfo, Capabilities, CapabilityError
+from lmport.config import ConfigAdjustment, LaunchConfig, apply_adjustments
+from lmport.detection import DetectionEnv
+
+log = logging.getLogger(__name__)
+
+BACKENDS_GROUP = "lmport.backends"
+PLUGINS_GROUP = "lmport.plugins"
+CORE_BACKEND = "cpu"
+# Core modules registered like any plugin; the cpu backend's hooks are all ``trylast``.
+CORE_PLUGINS = {
+    CORE_BACKEND: "lmport.backends.cpu.plugin",
+    "core-models": "lmport.models.plugin",
+    "core-weights": "lmport.weights.plugin",
+}
+
+
+class PluginError(RuntimeError):
+    """A plugin problem that stops startup (the selected backend is broken or missing)."""
+
+
+@dataclass
+class PluginRecord:
+    """One discovered plugin, loaded or not, as ``lmport backends`` shows it."""
+
+    name: str
+    group: str
+    module: str
+    distribution: str | None = None
+    version: str | None = None
+    error: str | None = None
+    disabled: bool = False
+    plugin: ModuleType | None = field(default=None, repr=False)
+
+    @property
+    def loaded(self) -> bool:
+        return self.plugin is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "group": self.group,
+            "module": self.module,
+            "distribution": self.distribution,
+            "version": self.version,
+            "loaded": self.loaded,
+            "disabled": self.disabled,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class Selection:
+    backend: BackendInfo
+    reason: str
+    detected: tuple[BackendInfo, ...]
+
+
+def _split_names(value: str | None) -> set[str] | None:
+    if value is None or not value.strip():
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+class PluginHost:
+    """Typed facade over pluggy for lmport's hooks.
+
+    Life cycle: ``load()`` -> ``select_backend()`` -> typed hook methods. ``environ`` defaults
+    to a snapshot of ``os.environ`` taken at construction.
+    """
+
+    def __init__(self, environ: Mapping[str, str] | None = None, *, load_entry_points: bool = True):
+        self.environ: Mapping[str, str] = dict(os.environ if environ is None else environ)
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self._pm.add_hookspecs(hookspecs)
+        self._load_entry_points = load_entry_points
+        self.records: dict[str, PluginRecord] = {}
+        self.selection: Selection | None = None
+        self._capabilities: Capabilities | None = None
+        self._custom_kernels = True
+        self._attention_cache: dict[Any, Any] = {}
+        self.fallbacks: list[str] = []
+        self._loaded = False
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self) -> "PluginHost":
+        """Register entry-point plugins (external first), then the core's own modules."""
+        if self._loaded:
+            return self
+        self._loaded = True
+        allow = _split_names(self.environ.get("LMPORT_PLUGINS"))
+        block = _split_names(self.environ.get("LMPORT_DISABLE_PLUGINS")) or set()
+        if self._load_entry_points:
+            for group in (BACKENDS_GROUP, PLUGINS_GROUP):
+                for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name):
+                    if ep.name in self.records:  # same name installed twice: first one wins
+                        continue
+                    record = PluginRecord(ep.name, group, ep.value)
+                    if ep.dist is not None:
+                        record.distribution, record.version = ep.dist.name, ep.dist.version
+                    if ep.name in block or (allow is not None and ep.name not in allow):
+                        record.disabled = True
+                    else:
+                        try:
+                            record.plugin = ep.load()
+                        except Exception as exc:  # a broken plugin is reported, not fatal
+                            record.error = f"{type(exc).__name__}: {exc}"
+                            log.debug("plugin %s failed to import:\n%s", ep.name, traceback.format_exc())
+                        else:
+                            self._register(record)
+                    self.records[ep.name] = record
+        for name, module in CORE_PLUGINS.items():
+            record = PluginRecord(name, BACKENDS_GROUP if name == CORE_BACKEND else PLUGINS_GROUP, module, "lmport")
+            record.version = _version("lmport")
+            record.plugin = importlib.import_module(module)
+            self._register(record)
+            self.records[name] = record
+        self._pm.check_pending()
+        return self
+
+    def register(self, plugin: Any, name: str, group: str = PLUGINS_GROUP) -> None:
+        """Register an in-process plugin object (tests, embedding applications)."""
+        record = PluginRecord(name, group, getattr(plugin, "__name__", type(plugin).__name__), plugin=plugin)
+        self._register(record)
+        self.records[name] = record
+        self._pm.check_pending()
+
+    def _register(self, record: PluginRecord) -> None:
+        try:
+            self._pm.register(record.plugin, name=record.name)
+        except Exception as exc:  # bad hookimpl signature and the like
+            record.error = f"{type(exc).__name__}: {exc}"
+            record.plugin = None
+
+    # ------------------------------------------------------------------ selection
+
+    def backend_records(self) -> list[PluginRecord]:
+        return [r for r in self.records.values() if r.group == BACKENDS_GROUP]
+
+    def detect(self) -> list[tuple[str, BackendInfo]]:
+        """Ask every loaded backend plugin, one by one, whether its hardware is here."""
+        env = DetectionEnv(environ=self.environ)
+        found: list[tuple[str, BackendInfo]] = []
+        for record in self.backend_records():
+            if not record.loaded:
+                continue
+            caller = self._only(record.name, "lmport_detect_backend")
+            try:
+                results = caller(env=env)
+            except Exception as exc:
+                record.error = f"detection failed: {type(exc).__name__}: {exc}"
+                continue
+            found.extend((record.name, info) for info in results if info is not None)
+        return found
+
+    def select_backend(self, requested: str | None = None) -> Selection:
+        """Pick exactly one backend and unregister the other backend plugins."""
+        self.load()
+        requested = requested or self.environ.get("LMPORT_BACKEND") or None
+        detected = self.detect()
+        by_name = {info.name: (plugin, info) for plugin, info in detected}
+        if requested:
+            if requested not in by_name:
+                raise PluginError(self._why_unavailable(requested, by_name))
+            plugin_name, info = by_name[requested]
+            source = "--backend" if requested != self.environ.get("LMPORT_BACKEND") else "LMPORT_BACKEND"
+            reason = f"requested with {source}"
+        else:
+            plugin_name, info = max(detected, key=lambda pair: (pair[1].priority, pair[1].name != CORE_BACKEND))
+            others = sorted(i.name for _, i in detected if i.name != info.name)
+            reason = (
+                f"highest priority ({info.priority}) among detected backends"
+                + (f" (also detected: {', '.join(others)})" if others else "")
+                if info.name != CORE_BACKEND
+                else "no accelerator backend detected"
+            )
+        for record in self.backend_records():
+            if record.loaded and record.name not in (plugin_name, CORE_BACKEND):
+                self._pm.unregister(name=record.name)
+        self.selection = Selection(info, reason, tuple(i for _, i in detected))
+        self._capabilities = None
+        return self.selection
+
+    def _why_unavailable(self, requested: str, by_name: dict[str, Any]) -> str:
+        record = next((r for r in self.backend_records() if r.name == requested), None)
+        known = sorted(r.name for r in self.backend_records())
+        if record is None:
+            return f"backend '{requested}' is not installed; installed backends: {', '.join(known)}"
+        if record.disabled:
+            return f"backend '{requested}' is disabled by LMPORT_PLUGINS/LMPORT_DISABLE_PLUGINS"
+        if record.error:
+            return f"backend '{requested}' ({record.distribution}) failed to load: {record.error}"
+        return f"backend '{requested}' is installed but found no usable device; detected: {', '.join(sorted(by_name))}"
+
+    @property
+    def backend(self) -> BackendInfo:
+        if self.selection is None:
+            raise PluginError("no backend selected yet: call select_backend() first")
+        return self.selection.backend
+
+    def set_custom_kernels(self, enabled: bool) -> None:
+        """``--disable-custom-kernels``: kernel hooks answer from the core's reference only."""
+        self._custom_kernels = enabled
+        self._attention_cache.clear()
+
+    # ------------------------------------------------------------------ typed hooks
+
+    def capabilities(self) -> Capabilities:
+        if self._capabilities is None:
+            caps = self._pm.hook.lmport_capabilities(backend=self.backend)
+            if caps is None:
+                raise PluginError(f"backend '{self.backend.name}' reported no capabilities")
+            self._capabilities = caps
+        return self._capabilities
+
+    def adjust_config(self, config: LaunchConfig) -> tuple[LaunchConfig, list[ConfigAdjustment]]:
+        results = self._pm.hook.lmport_adjust_config(config=config, capabilities=self.capabilities())
+        adjustments = [r for r in results if r is not None]
+        for adj in adjustments:
+            log.info("config adjusted by %s: %s (%s)", adj.plugin or self.backend.name, adj.changes, adj.reason)
+        return apply_adjustments(config, adjustments), adjustments
+
+    def register_models(self, registry: Any) -> None:
+        self._pm.hook.lmport_register_models(register=registry.register)
+
+    def register_quantization(self, registry: Any) -> None:
+        self._pm.hook.lmport_register_quantization(register=registry.register)
+
+    def weights_loader(self, quant: Any) -> Any:
+        return self._kernel_hook("lmport_weights_loader")(quant=quant, capabilities=self.capabilities())
+
+    def model_executor(self, model: Any, config: LaunchConfig) -> Any:
+        return self._kernel_hook("lmport_model_executor")(model=model, config=config, capabilities=self.capabilities())
+
+    def attention_backend(self, spec: Any) -> Any:
+        """The attention implementation for ``spec``, cached; warns once per reference fallback."""
+        if spec in self._attention_cache:
+            return self._attention_cache[spec]
+        impl = self._kernel_hook("lmport_attention_backend")(spec=spec, capabilities=self.capabilities())
+        if impl is None:
+            raise PluginError(f"no attention implementation for {spec}")
+        if self._custom_kernels and self.backend.name != CORE_BACKEND and getattr(impl, "is_reference", False):
+            message = f"backend '{self.backend.name}' has no attention kernel for {_describe(spec)}; using the reference path"
+            if message not in self.fallbacks:
+                self.fallbacks.append(message)
+                log.warning(message)
+        self._attention_cache[spec] = impl
+        return impl
+
+    def memory_info(self, device: Any) -> Any:
+        return self._pm.hook.lmport_memory_info(device=device)
+
+    def allocate_kv_cache(self, spec: Any, num_blocks: int, device: Any) -> Any:
+        return self._kernel_hook("lmport_allocate_kv_cache")(spec=spec, num_blocks=num_blocks, device=device)
+
+    def graph_runner(self, model: Any, config: LaunchConfig) -> Any:
+        if not self._custom_kernels:
+            return None
+        return self._pm.hook.lmport_graph_runner(model=model, config=config, capabilities=self.capabilities())
+
+    def server_info(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for extra in reversed(self._pm.hook.lmport_server_info(capabilities=self.capabilities())):
+            for key, value in (extra or {}).items():
+                merged.setdefault(key, value)
+        return merged
+
+    # ------------------------------------------------------------------ checks
+
+    def check_quantization(self, quantize: str | None, registry: Any) -> Any:
+        """Fail before loading weights if the backend cannot run ``quantize``."""
+        if quantize is None:
+            return None
+        caps = self.capabilities()
+        method = registry.get(quantize)
+        supported = ", ".join(sorted(caps.quantization)) or "none"
+        if method is None:
+            raise CapabilityError(caps.backend, f"quantization '{quantize}' (unknown format)", f"{supported}; known formats: {', '.join(registry.names())}")
+        if method.capability not in caps.quantization:
+            raise CapabilityError(caps.backend, f"'{quantize}' quantization (capability '{method.capability}')", supported)
+        return method
+
+    # ------------------------------------------------------------------ internals
+
+    def _only(self, plugin_name: str, hook: str) -> Any:
+        others = [p for name, p in self._pm.list_name_plugin() if name != plugin_name]
+        return self._pm.subset_hook_caller(hook, remove_plugins=others)
+
+    def _kernel_hook(self, hook: str) -> Any:
+        if self._custom_kernels:
+            return getattr(self._pm.hook, hook)
+        return self._only(CORE_BACKEND, hook)
+
+    def list_plugins(self) -> list[PluginRecord]:
+        return sorted(self.records.values(), key=lambda r: (r.group, r.name))
+
+
+def _describe(spec: Any) -> str:
+    parts = [f"head_dim={spec.head_dim}"]
+    if spec.sliding_window:
+        parts.append(f"sliding_window={spec.sliding_window}")
+    if spec.alibi_slopes:
+        parts.append("alibi")
+    if spec.logits_soft_cap:
+        parts.append(f"soft_cap={spec.logits_soft_cap}")
+    return ", ".join(parts)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,1 @@
+"""Checkpoint reading: safetensors, sharding, and the quantized formats' registry."""
