@@ -1,0 +1,160 @@
+"""Tiny random-weight checkpoints of every seed architecture, built from transformers configs.
+
+No hub exists on test machines: tests build these, save them as safetensors and compare the
+engine with ``transformers`` on them. The init is widened (normal, std 0.08 by default) so
+that greedy choices are not near-ties.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+VOCAB = 384
+COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _llama():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, **COMMON)
+
+
+def _llama_rope_scaled():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, max_position_embeddings=512,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                       **COMMON)
+
+
+def _mistral():
+    from transformers import MistralConfig
+
+    return MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, sliding_window=7, **COMMON)
+
+
+def _mixtral():
+    from transformers import MixtralConfig
+
+    return MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, num_local_experts=4,
+                         num_experts_per_tok=2, sliding_window=None, **COMMON)
+
+
+def _gpt2():
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **COMMON)
+
+
+def _gpt_neox():
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=512, **COMMON)
+
+
+def _opt():
+    from transformers import OPTConfig
+
+    return OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+                     max_position_embeddings=512, **COMMON)
+
+
+def _galactica():
+    from transformers import OPTConfig
+
+    # Galactica is OPT without biases-free quirks: learned positions, pre-LN, ReLU, no embed projection
+    return OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+                     max_position_embeddings=512, enable_bias=True, activation_function="gelu",
+                     **COMMON)
+
+
+def _bloom():
+    from transformers import BloomConfig
+
+    return BloomConfig(hidden_size=64, n_layer=2, n_head=4, **COMMON)
+
+
+def _falcon_7b():
+    from transformers import FalconConfig
+
+    return FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+                        parallel_attn=True, new_decoder_architecture=False, bias=False, alibi=False, **COMMON)
+
+
+def _falcon_40b():
+    from transformers import FalconConfig
+
+    return FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                        new_decoder_architecture=True, parallel_attn=True, bias=False, alibi=False, **COMMON)
+
+
+def _mpt():
+    from transformers import MptConfig
+
+    return MptConfig(d_model=64, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=512, **COMMON)
+
+
+def _gpt_bigcode():
+    from transformers import GPTBigCodeConfig
+
+    return GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, n_positions=512, multi_query=True, **COMMON)
+
+
+def _phi():
+    from transformers import PhiConfig
+
+    return PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     partial_rotary_factor=0.5, max_position_embeddings=512, **COMMON)
+
+
+# name -> (config factory, AutoModel class name)
+TINY_MODELS: dict[str, Callable] = {
+    "llama": _llama,
+    "llama-rope-scaled": _llama_rope_scaled,
+    "mistral": _mistral,
+    "mixtral": _mixtral,
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "opt": _opt,
+    "galactica": _galactica,
+    "bloom": _bloom,
+    "falcon-7b": _falcon_7b,
+    "falcon-40b": _falcon_40b,
+    "mpt": _mpt,
+    "gpt_bigcode": _gpt_bigcode,
+    "phi": _phi,
+}
+
+
+def widen_init(model: torch.nn.Module, std: float = 0.08, seed: int = 0) -> None:
+    """Re-draw every weight from N(0, std) (norm weights stay near 1) so greedy picks are clear."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and ("norm" in name or "ln" in name) and name.endswith("weight"):
+                param.copy_(1.0 + torch.randn(param.shape, generator=gen) * std)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def make_checkpoint(name: str, path: str | Path, *, std: float = 0.08, seed: int = 0, config=None):
+    """Build the tiny ``name`` model with random weights, save it to ``path``; return the HF model."""
+    from transformers import AutoModelForCausalLM
+
+    config = config or TINY_MODELS[name]()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    widen_init(model, std=std, seed=seed)
+    model.eval()
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
