@@ -77,10 +77,25 @@ def _galactica():
                      **COMMON)
 
 
+def _opt_350m():
+    from transformers import OPTConfig
+
+    # opt-350m's layout: post-LayerNorm blocks, no final norm, embeddings narrower than the model
+    return OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+                     max_position_embeddings=512, do_layer_norm_before=False, **COMMON)
+
+
 def _bloom():
     from transformers import BloomConfig
 
     return BloomConfig(hidden_size=64, n_layer=2, n_head=4, **COMMON)
+
+
+def _bloom_6_heads():
+    from transformers import BloomConfig
+
+    # a head count that is not a power of two takes ALiBi's interleaved extra slopes
+    return BloomConfig(hidden_size=48, n_layer=2, n_head=6, **COMMON)
 
 
 def _falcon_7b():
@@ -97,10 +112,24 @@ def _falcon_40b():
                         new_decoder_architecture=True, parallel_attn=True, bias=False, alibi=False, **COMMON)
 
 
+def _falcon_rw():
+    from transformers import FalconConfig
+
+    # falcon-rw-1b's layout: ALiBi instead of rotary, one KV head per query head, sequential blocks, biases
+    return FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=False,
+                        parallel_attn=False, new_decoder_architecture=False, bias=True, alibi=True, **COMMON)
+
+
 def _mpt():
     from transformers import MptConfig
 
     return MptConfig(d_model=64, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=512, **COMMON)
+
+
+def _mpt_6_heads():
+    from transformers import MptConfig
+
+    return MptConfig(d_model=48, n_layers=2, n_heads=6, expansion_ratio=4, max_seq_len=512, **COMMON)
 
 
 def _gpt_bigcode():
@@ -132,6 +161,10 @@ TINY_MODELS: dict[str, Callable] = {
     "mpt": _mpt,
     "gpt_bigcode": _gpt_bigcode,
     "phi": _phi,
+    "opt-350m": _opt_350m,
+    "bloom-6-heads": _bloom_6_heads,
+    "falcon-rw": _falcon_rw,
+    "mpt-6-heads": _mpt_6_heads,
 }
 
 
