@@ -8,6 +8,7 @@ builds a host (the CLI does it once per process) and passes it on.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import logging
@@ -73,9 +74,12 @@ class PluginRecord:
 
 @dataclass(frozen=True)
 class Selection:
+    """The active backend, why it was chosen, and everything that was detected."""
+
     backend: BackendInfo
     reason: str
     detected: tuple[BackendInfo, ...]
+    plugin: str = ""  # the registered plugin that detected it
 
 
 def _split_names(value: str | None) -> set[str] | None:
@@ -88,11 +92,21 @@ class PluginHost:
     """Typed facade over pluggy for lmport's hooks.
 
     Life cycle: ``load()`` -> ``select_backend()`` -> typed hook methods. ``environ`` defaults
-    to a snapshot of ``os.environ`` taken at construction.
+    to a snapshot of ``os.environ`` taken at construction; it is where ``LMPORT_BACKEND``,
+    ``LMPORT_PLUGINS`` and ``LMPORT_DISABLE_PLUGINS`` are read.
     """
 
-    def __init__(self, environ: Mapping[str, str] | None = None, *, load_entry_points: bool = True):
+    def __init__(
+        self,
+        environ: Mapping[str, str] | None = None,
+        *,
+        load_entry_points: bool = True,
+        detection_env: DetectionEnv | None = None,
+    ):
         self.environ: Mapping[str, str] = dict(os.environ if environ is None else environ)
+        # Tests pass a FakeMachine (lmport.testing.fake_machine) to run real detection code
+        # against hardware that isn't there; production always probes this machine.
+        self._detection_env = detection_env or DetectionEnv(environ=self.environ)
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
         self._load_entry_points = load_entry_points
@@ -161,47 +175,66 @@ class PluginHost:
         return [r for r in self.records.values() if r.group == BACKENDS_GROUP]
 
     def detect(self) -> list[tuple[str, BackendInfo]]:
-        """Ask every loaded backend plugin, one by one, whether its hardware is here."""
-        env = DetectionEnv(environ=self.environ)
+        """Ask every loaded backend plugin, one by one, whether its hardware is here.
+
+        A plugin whose detection raises is reported in its record and skipped, like one that
+        failed to import.
+        """
+        self.load()
         found: list[tuple[str, BackendInfo]] = []
         for record in self.backend_records():
             if not record.loaded:
                 continue
             caller = self._only(record.name, "lmport_detect_backend")
             try:
-                results = caller(env=env)
+                results = caller(env=self._detection_env)
             except Exception as exc:
                 record.error = f"detection failed: {type(exc).__name__}: {exc}"
+                log.debug("detection of %s failed:\n%s", record.name, traceback.format_exc())
                 continue
             found.extend((record.name, info) for info in results if info is not None)
         return found
 
     def select_backend(self, requested: str | None = None) -> Selection:
-        """Pick exactly one backend and unregister the other backend plugins."""
-        self.load()
-        requested = requested or self.environ.get("LMPORT_BACKEND") or None
+        """Pick exactly one backend and unregister the other backend plugins.
+
+        ``requested`` (``--backend``) wins, then ``LMPORT_BACKEND``, then the detected backend
+        of highest priority, then ``cpu``. A process selects once: a second call with a
+        different request is an error, since the other backends are gone by then.
+        """
+        if self.selection is not None:
+            if requested in (None, self.selection.backend.name):
+                return self.selection
+            raise PluginError(
+                f"backend '{self.selection.backend.name}' is already active; one backend per process"
+            )
+        if requested:
+            source = "--backend"
+        elif self.environ.get("LMPORT_BACKEND"):
+            requested, source = self.environ["LMPORT_BACKEND"], "LMPORT_BACKEND"
         detected = self.detect()
         by_name = {info.name: (plugin, info) for plugin, info in detected}
         if requested:
             if requested not in by_name:
                 raise PluginError(self._why_unavailable(requested, by_name))
             plugin_name, info = by_name[requested]
-            source = "--backend" if requested != self.environ.get("LMPORT_BACKEND") else "LMPORT_BACKEND"
-            reason = f"requested with {source}"
+            reason = f"requested with {source}={requested}"
         else:
             plugin_name, info = max(detected, key=lambda pair: (pair[1].priority, pair[1].name != CORE_BACKEND))
             others = sorted(i.name for _, i in detected if i.name != info.name)
-            reason = (
-                f"highest priority ({info.priority}) among detected backends"
-                + (f" (also detected: {', '.join(others)})" if others else "")
-                if info.name != CORE_BACKEND
-                else "no accelerator backend detected"
-            )
+            if info.name == CORE_BACKEND:
+                reason = "no accelerator backend detected"
+            else:
+                reason = f"highest priority ({info.priority}) among detected backends"
+                if others:
+                    reason += f"; also detected: {', '.join(others)}"
         for record in self.backend_records():
             if record.loaded and record.name not in (plugin_name, CORE_BACKEND):
                 self._pm.unregister(name=record.name)
-        self.selection = Selection(info, reason, tuple(i for _, i in detected))
+        self.selection = Selection(info, reason, tuple(i for _, i in detected), plugin_name)
         self._capabilities = None
+        self._attention_cache.clear()
+        log.info("backend %s selected: %s", info.name, reason)
         return self.selection
 
     def _why_unavailable(self, requested: str, by_name: dict[str, Any]) -> str:
@@ -213,7 +246,10 @@ class PluginHost:
             return f"backend '{requested}' is disabled by LMPORT_PLUGINS/LMPORT_DISABLE_PLUGINS"
         if record.error:
             return f"backend '{requested}' ({record.distribution}) failed to load: {record.error}"
-        return f"backend '{requested}' is installed but found no usable device; detected: {', '.join(sorted(by_name))}"
+        return (
+            f"backend '{requested}' is installed but found no usable device; "
+            f"detected: {', '.join(sorted(by_name)) or 'none'}"
+        )
 
     @property
     def backend(self) -> BackendInfo:
@@ -233,13 +269,18 @@ class PluginHost:
             caps = self._pm.hook.lmport_capabilities(backend=self.backend)
             if caps is None:
                 raise PluginError(f"backend '{self.backend.name}' reported no capabilities")
+            if not isinstance(caps, Capabilities):
+                raise PluginError(f"backend '{self.backend.name}' reported {type(caps).__name__}, not Capabilities")
             self._capabilities = caps
         return self._capabilities
 
     def adjust_config(self, config: LaunchConfig) -> tuple[LaunchConfig, list[ConfigAdjustment]]:
+        """The config with every plugin's adjustments applied in order, and the adjustments."""
         results = self._pm.hook.lmport_adjust_config(config=config, capabilities=self.capabilities())
         adjustments = [r for r in results if r is not None]
         for adj in adjustments:
+            if not isinstance(adj, ConfigAdjustment):
+                raise PluginError(f"lmport_adjust_config returned {type(adj).__name__}, not ConfigAdjustment")
             log.info("config adjusted by %s: %s (%s)", adj.plugin or self.backend.name, adj.changes, adj.reason)
         return apply_adjustments(config, adjustments), adjustments
 
@@ -250,23 +291,45 @@ class PluginHost:
         self._pm.hook.lmport_register_quantization(register=registry.register)
 
     def weights_loader(self, quant: Any) -> Any:
-        return self._kernel_hook("lmport_weights_loader")(quant=quant, capabilities=self.capabilities())
+        """The loader for ``quant`` (``None``: unquantized); a clear error when no plugin has one."""
+        loader = self._kernel_hook("lmport_weights_loader")(quant=quant, capabilities=self.capabilities())
+        if loader is None:
+            what = f"'{quant.name}' checkpoints" if quant is not None else "unquantized checkpoints"
+            raise PluginError(
+                f"no weights loader for {what} on backend '{self.backend.name}': "
+                "lmport has no loader for this quantization format yet"
+            )
+        return loader
 
     def model_executor(self, model: Any, config: LaunchConfig) -> Any:
         return self._kernel_hook("lmport_model_executor")(model=model, config=config, capabilities=self.capabilities())
 
     def attention_backend(self, spec: Any) -> Any:
-        """The attention implementation for ``spec``, cached; warns once per reference fallback."""
+        """The attention implementation for ``spec``, cached per spec.
+
+        When the active backend (and any ``lmport.plugins`` extension) answers ``None`` for a
+        spec, the core's reference answers instead and the host warns once per spec: that is
+        "a missing kernel falls back to the reference path", and :attr:`fallbacks` lists it
+        for ``/info``.
+        """
         if spec in self._attention_cache:
             return self._attention_cache[spec]
-        impl = self._kernel_hook("lmport_attention_backend")(spec=spec, capabilities=self.capabilities())
+        caps = self.capabilities()
+        impl = None
+        if self._custom_kernels:
+            impl = self._without(CORE_BACKEND, "lmport_attention_backend")(spec=spec, capabilities=caps)
+            if impl is None and self.backend.name != CORE_BACKEND:
+                message = (
+                    f"backend '{self.backend.name}' has no attention kernel for {_describe(spec)}; "
+                    "using the reference path"
+                )
+                if message not in self.fallbacks:
+                    self.fallbacks.append(message)
+                    log.warning(message)
         if impl is None:
-            raise PluginError(f"no attention implementation for {spec}")
-        if self._custom_kernels and self.backend.name != CORE_BACKEND and getattr(impl, "is_reference", False):
-            message = f"backend '{self.backend.name}' has no attention kernel for {_describe(spec)}; using the reference path"
-            if message not in self.fallbacks:
-                self.fallbacks.append(message)
-                log.warning(message)
+            impl = self._only(CORE_BACKEND, "lmport_attention_backend")(spec=spec, capabilities=caps)
+        if impl is None:
+            raise PluginError(f"no attention implementation for {_describe(spec)}")
         self._attention_cache[spec] = impl
         return impl
 
@@ -277,11 +340,14 @@ class PluginHost:
         return self._kernel_hook("lmport_allocate_kv_cache")(spec=spec, num_blocks=num_blocks, device=device)
 
     def graph_runner(self, model: Any, config: LaunchConfig) -> Any:
-        if not self._custom_kernels:
+        """A decode graph runner, or ``None`` when graphs are off, unsupported or not provided."""
+        caps = self.capabilities()
+        if not self._custom_kernels or not caps.graph_capture or config.cuda_graphs == ():
             return None
-        return self._pm.hook.lmport_graph_runner(model=model, config=config, capabilities=self.capabilities())
+        return self._pm.hook.lmport_graph_runner(model=model, config=config, capabilities=caps)
 
     def server_info(self) -> dict[str, Any]:
+        """Extra ``/info`` fields; the core's (registered last, called last) win a clash."""
         merged: dict[str, Any] = {}
         for extra in reversed(self._pm.hook.lmport_server_info(capabilities=self.capabilities())):
             for key, value in (extra or {}).items():
@@ -291,17 +357,44 @@ class PluginHost:
     # ------------------------------------------------------------------ checks
 
     def check_quantization(self, quantize: str | None, registry: Any) -> Any:
-        """Fail before loading weights if the backend cannot run ``quantize``."""
+        """Fail before loading weights if the backend cannot run ``quantize``.
+
+        Raises :class:`CapabilityError` naming the backend, the missing capability and the
+        formats the backend supports; returns the registry's method otherwise.
+        """
         if quantize is None:
             return None
         caps = self.capabilities()
         method = registry.get(quantize)
         supported = ", ".join(sorted(caps.quantization)) or "none"
         if method is None:
-            raise CapabilityError(caps.backend, f"quantization '{quantize}' (unknown format)", f"{supported}; known formats: {', '.join(registry.names())}")
+            raise CapabilityError(
+                caps.backend,
+                f"quantization '{quantize}' (unknown format)",
+                f"{supported}; known formats: {', '.join(registry.names())}",
+            )
         if method.capability not in caps.quantization:
             raise CapabilityError(caps.backend, f"'{quantize}' quantization (capability '{method.capability}')", supported)
         return method
+
+    # ------------------------------------------------------------------ reporting
+
+    def list_plugins(self) -> list[PluginRecord]:
+        return sorted(self.records.values(), key=lambda r: (r.group, r.name))
+
+    def report(self) -> dict[str, Any]:
+        """What ``lmport backends --json`` prints: plugins, the selection and its flags."""
+        out: dict[str, Any] = {"plugins": [r.to_dict() for r in self.list_plugins()]}
+        if self.selection is not None:
+            out["active"] = {
+                "backend": dataclasses.asdict(self.selection.backend),
+                "plugin": self.selection.plugin,
+                "reason": self.selection.reason,
+                "detected": [i.name for i in self.selection.detected],
+                "capabilities": self.capabilities().to_dict(),
+                "custom_kernels": self._custom_kernels,
+            }
+        return out
 
     # ------------------------------------------------------------------ internals
 
@@ -309,17 +402,18 @@ class PluginHost:
         others = [p for name, p in self._pm.list_name_plugin() if name != plugin_name]
         return self._pm.subset_hook_caller(hook, remove_plugins=others)
 
+    def _without(self, plugin_name: str, hook: str) -> Any:
+        plugin = self._pm.get_plugin(plugin_name)
+        return self._pm.subset_hook_caller(hook, remove_plugins=[plugin] if plugin is not None else [])
+
     def _kernel_hook(self, hook: str) -> Any:
         if self._custom_kernels:
             return getattr(self._pm.hook, hook)
         return self._only(CORE_BACKEND, hook)
 
-    def list_plugins(self) -> list[PluginRecord]:
-        return sorted(self.records.values(), key=lambda r: (r.group, r.name))
-
 
 def _describe(spec: Any) -> str:
-    parts = [f"head_dim={spec.head_dim}"]
+    parts = [f"head_dim={spec.head_dim}", f"dtype={spec.dtype}"]
     if spec.sliding_window:
         parts.append(f"sliding_window={spec.sliding_window}")
     if spec.alibi_slopes:

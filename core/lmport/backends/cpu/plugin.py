@@ -1,7 +1,10 @@
 """The CPU backend, and the core's reference implementation of every kernel hook.
 
-Every implementation here is ``trylast``: an active accelerator backend overrides whichever
-hooks it implements and falls through to these for the rest.
+The host registers this module like any entry-point plugin (under the name ``cpu``) and
+keeps it registered whichever backend is selected: every implementation here is
+``trylast``, so an active accelerator backend overrides whichever hooks it implements and
+falls through to these for the rest. Its attention and KV allocation are what every other
+backend is tested against (``lmport.testing.conformance``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def lmport_attention_backend(spec):
 
 @hookimpl(trylast=True)
 def lmport_allocate_kv_cache(spec, num_blocks, device):
+    """The logical layout every attention backend reads: ``[num_blocks, block_size, kv_heads, head_dim]``."""
     shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
     return [
         (torch.zeros(shape, dtype=spec.dtype, device=device), torch.zeros(shape, dtype=spec.dtype, device=device))
@@ -61,10 +65,9 @@ def lmport_allocate_kv_cache(spec, num_blocks, device):
 
 @hookimpl(trylast=True)
 def lmport_memory_info(device):
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return MemoryInfo(free_bytes=free, total_bytes=total)
+    # Accelerator memory is the accelerator plugin's to report; the core never touches torch.cuda.
+    if torch.device(device).type != "cpu":
+        return None
     page = os.sysconf("SC_PAGE_SIZE")
     return MemoryInfo(
         free_bytes=os.sysconf("SC_AVPHYS_PAGES") * page,
@@ -83,4 +86,4 @@ def lmport_weights_loader(quant):
 
 @hookimpl(trylast=True)
 def lmport_server_info(capabilities):
-    return {"torch_version": torch.__version__}
+    return {"torch_version": torch.__version__, "backend": capabilities.backend}
