@@ -1,0 +1,36 @@
+"""Feed-forward blocks: the gated (SwiGLU) MLP of Llama-like models and the plain two-layer MLP."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmport.layers.activations import get_activation
+from lmport.layers.merged_linear import MergedLinear
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with gate and up fused into one ``gate_up_proj``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = get_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(self.act(gate) * up)
+
+
+class PlainMLP(nn.Module):
+    """``fc_out(act(fc_in(x)))``: GPT-2, GPT-NeoX, Phi, StarCoder (names are mapped by each family)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = True):
+        super().__init__()
+        self.fc_in = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.fc_out = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = get_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.act(self.fc_in(x)))

@@ -1,0 +1,85 @@
+"""Strict loading of Hugging Face checkpoint tensors into a model with fused parameters.
+
+A family maps each checkpoint name to ``(parameter name, shard)``: ``shard`` is ``None`` for
+a whole parameter, or a key that the parameter's owning module resolves to a slice
+(:class:`~lmport.layers.merged_linear.MergedLinear` for q/k/v and gate/up,
+:class:`~lmport.layers.moe.FusedMoE` for per-expert matrices). Every tensor must land
+somewhere and every parameter (every shard of it) must be filled, else loading fails with
+the names: a checkpoint layout the model does not understand never loads silently.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Hashable, Iterable
+
+import torch
+from torch import nn
+
+# checkpoint name -> (parameter name, shard key or None), or None for "not a tensor of this model"
+NameMapper = Callable[[str], "tuple[str, Hashable | None] | None"]
+
+
+def _expected_units(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, nn.Module], set[tuple[str, Hashable | None]]]:
+    params = dict(model.named_parameters())  # a tied parameter appears once, under its first name
+    modules = dict(model.named_modules())
+    units: set[tuple[str, Hashable | None]] = set()
+    for name in params:
+        owner = modules[name.rpartition(".")[0]]
+        local = name.rpartition(".")[2]
+        keys = owner.shard_keys(local) if hasattr(owner, "shard_keys") else None
+        units.update(((name, key) for key in keys) if keys else [(name, None)])
+    return params, modules, units
+
+
+def load_checkpoint(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    mapper: NameMapper,
+    *,
+    ignore: Iterable[str] = (),
+) -> None:
+    """Copy ``weights`` into ``model`` through ``mapper``; raise on unexpected, misshapen or missing tensors.
+
+    ``ignore``: regular expressions of checkpoint names to skip (buffers some exporters save,
+    such as rotary ``inv_freq`` or GPT-2's causal ``attn.bias`` mask).
+    """
+    params, modules, expected = _expected_units(model)
+    ignore_patterns = [re.compile(p) for p in ignore]
+    loaded: set[tuple[str, Hashable | None]] = set()
+    label = type(model).__name__
+    for hf_name, tensor in weights:
+        if any(p.search(hf_name) for p in ignore_patterns):
+            continue
+        target = mapper(hf_name)
+        if target is None or target[0] not in params:
+            raise ValueError(f"{label}: unexpected checkpoint tensor '{hf_name}'")
+        name, key = target
+        owner = modules[name.rpartition(".")[0]]
+        local = name.rpartition(".")[2]
+        dest = owner.shard_view(local, key) if hasattr(owner, "shard_view") else params[name].data
+        if key is not None and not hasattr(owner, "shard_view"):
+            raise ValueError(f"{label}: '{hf_name}' maps to shard {key!r} of unsharded '{name}'")
+        if dest.shape != tensor.shape:
+            raise ValueError(f"{label}: '{hf_name}' has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+        with torch.no_grad():
+            dest.copy_(tensor)
+        if key is None:  # a whole parameter fills all of its shards
+            loaded.update(unit for unit in expected if unit[0] == name)
+        else:
+            loaded.add((name, key))
+    missing = sorted({f"{name}[{key}]" if key is not None else name for name, key in expected - loaded})
+    if missing:
+        raise ValueError(f"{label}: checkpoint lacks {len(missing)} tensors: {', '.join(missing[:8])}")
+
+
+def rename_rules(rules: Iterable[tuple[str, str]]) -> Callable[[str], str]:
+    """A renamer applying ``(regex, replacement)`` rules in order."""
+    compiled = [(re.compile(pattern), repl) for pattern, repl in rules]
+
+    def rename(name: str) -> str:
+        for pattern, repl in compiled:
+            name = pattern.sub(repl, name)
+        return name
+
+    return rename

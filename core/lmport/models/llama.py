@@ -1,0 +1,151 @@
+"""Llama 1/2/3 and Code Llama on the paged KV cache; the base of Mistral and Mixtral.
+
+Pre-norm decoder: RMSNorm -> attention with RoPE (any scaling variant, see
+:mod:`lmport.layers.rotary`) and grouped KV heads -> RMSNorm -> SwiGLU MLP. q/k/v and
+gate/up are fused into one projection each at load time; parameter names otherwise mirror
+the Hugging Face checkpoint, so loading is a short rename.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Hashable, Iterable
+
+import torch
+from torch import nn
+
+from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
+from lmport.layers.embedding import LMHead
+from lmport.layers.merged_linear import MergedLinear
+from lmport.layers.mlp import GatedMLP
+from lmport.layers.norms import RMSNorm
+from lmport.layers.rotary import RotaryEmbedding, apply_rotary
+from lmport.layers.weight_loading import load_checkpoint
+from lmport.models.base import CausalLM, ModelContext
+
+ARCHITECTURES = ["LlamaForCausalLM", "LLaMAForCausalLM"]
+
+_QKV = re.compile(r"^(.*)\.self_attn\.(q|k|v)_proj\.(weight|bias)$")
+_GATE_UP = re.compile(r"^(.*)\.mlp\.(gate|up)_proj\.(weight|bias)$")
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    """Self-attention with fused q/k/v, RoPE and grouped KV heads."""
+
+    def __init__(self, config: Any, ctx: ModelContext, layer_index: int, sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        bias = bool(getattr(config, "attention_bias", False))
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias)
+        spec = AttentionSpec(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            scale=self.head_dim**-0.5,
+            dtype=ctx.dtype_name(),
+            sliding_window=sliding_window,
+        )
+        self.attn = ctx.attention(spec, layer_index)
+
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q, k = apply_rotary(q, k, cos, sin, self.head_dim)
+        return self.o_proj(self.attn(q, k, v, kv_caches, metadata))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
+
+    def __init__(self, config: Any, ctx: ModelContext, layer_index: int, mlp: nn.Module, sliding_window: int | None):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, ctx, layer_index, sliding_window)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_caches, metadata)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaBackbone(nn.Module):
+    """The ``model.`` part of the checkpoint: embeddings, decoder layers, final norm."""
+
+    def __init__(self, config: Any, ctx: ModelContext, mlp_factory: Callable[[int], nn.Module], sliding_window: int | None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, ctx, i, mlp_factory(i), sliding_window) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama-architecture causal LM; ``mlp_factory`` and ``sliding_window`` let Mistral/Mixtral reuse it."""
+
+    def __init__(
+        self,
+        config: Any,
+        ctx: ModelContext,
+        *,
+        mlp_factory: Callable[[int], nn.Module] | None = None,
+        sliding_window: int | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        if mlp_factory is None:
+            mlp_bias = bool(getattr(config, "mlp_bias", False))
+            mlp_factory = lambda _: GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, mlp_bias)  # noqa: E731
+        self.model = LlamaBackbone(config, ctx, mlp_factory, sliding_window)
+        self.rotary = RotaryEmbedding(config, head_dim_of(config))
+        tied = self.model.embed_tokens if getattr(config, "tie_word_embeddings", False) else None
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied_to=tied)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        cos, sin = self.rotary.cos_sin(positions, metadata)
+        hidden = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            hidden = layer(hidden, cos, sin, kv_caches, metadata)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+    def kv_cache_shape(self) -> tuple[int, int, int]:
+        attn = self.model.layers[0].self_attn
+        return len(self.model.layers), attn.num_kv_heads, attn.head_dim
+
+    def map_weight_name(self, name: str) -> tuple[str, Hashable | None] | None:
+        """Checkpoint name -> (parameter, shard); subclasses extend it for their MLPs."""
+        if name == "lm_head.weight" and self.lm_head.tied:
+            return "model.embed_tokens.weight", None  # some exporters save the tied copy too
+        if m := _QKV.match(name):
+            return f"{m[1]}.self_attn.qkv_proj.{m[3]}", m[2]
+        if m := _GATE_UP.match(name):
+            return f"{m[1]}.mlp.gate_up_proj.{m[3]}", m[2]
+        return name, None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        load_checkpoint(self, weights, self.map_weight_name, ignore=[r"rotary_emb\.inv_freq$"])
+
+
+def build_llama(config: Any, ctx: ModelContext) -> LlamaForCausalLM:
+    return LlamaForCausalLM(config, ctx)
+
+
+def register_models(register) -> None:
+    register(ARCHITECTURES, build_llama)

@@ -1,0 +1,91 @@
+"""Native Llama against transformers: greedy tokens and logits over the paged cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmport.layers.rotary import RotaryEmbedding
+
+LENGTHS = [5, 11, 2, 16]
+
+
+def test_llama_matches_transformers(tiny_checkpoint, load_native, random_prompts, assert_matches_hf):
+    path, hf_model = tiny_checkpoint("llama")
+    model = load_native(path)
+    assert model.kv_cache_shape() == (2, 2, 16)
+    assert_matches_hf(hf_model, model, random_prompts(LENGTHS), max_new_tokens=8)
+
+
+def test_llama3_rope_scaling_matches_transformers(tiny_checkpoint, load_native, random_prompts, assert_matches_hf):
+    path, hf_model = tiny_checkpoint("llama-rope-scaled")
+    model = load_native(path)
+    assert model.rotary.rope_type == "llama3"
+    # positions past original_max_position_embeddings=64 exercise the scaled low frequencies
+    assert_matches_hf(hf_model, model, random_prompts([70, 9, 3]), max_new_tokens=6)
+
+
+@pytest.mark.parametrize(
+    "name, rope_scaling, max_positions",
+    [
+        ("llama-rope-linear", {"rope_type": "linear", "factor": 4.0}, 512),
+        ("llama-rope-yarn", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, 128),
+        # dynamic NTK changes frequencies once a sequence passes max_position_embeddings=16;
+        # HF derives them from the whole prompt, so prefill is not chunked here
+        ("llama-rope-dynamic", {"rope_type": "dynamic", "factor": 2.0}, 16),
+    ],
+)
+def test_llama_rope_variants_match_transformers(
+    name, rope_scaling, max_positions, tiny_checkpoint, load_native, random_prompts, assert_matches_hf
+):
+    from transformers import LlamaConfig
+
+    from lmport.testing.tiny_models import COMMON
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=max_positions, rope_scaling=rope_scaling,
+                         **COMMON)
+    path, hf_model = tiny_checkpoint(name, config=config)
+    model = load_native(path)
+    assert model.rotary.rope_type == rope_scaling["rope_type"]
+    chunks = (None,) if rope_scaling["rope_type"] == "dynamic" else (None, 3)
+    assert_matches_hf(hf_model, model, random_prompts([20, 6, 13]), max_new_tokens=6, prefill_chunks=chunks)
+
+
+def test_llama_tied_embeddings_and_strict_loading(tiny_checkpoint, load_native, random_prompts, assert_matches_hf):
+    from transformers import LlamaConfig
+
+    from lmport.testing.tiny_models import COMMON
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
+                         attention_bias=True, mlp_bias=True, **COMMON)
+    path, hf_model = tiny_checkpoint("llama-tied", config=config)
+    model = load_native(path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert_matches_hf(hf_model, model, random_prompts([7, 4]), max_new_tokens=5)
+
+    state = {name: t.clone() for name, t in hf_model.state_dict().items() if name != "lm_head.weight"}
+    with pytest.raises(ValueError, match="lacks 1 tensors: model.layers.0.self_attn.qkv_proj.weight\\[k\\]"):
+        model.load_weights((n, t) for n, t in state.items() if n != "model.layers.0.self_attn.k_proj.weight")
+    with pytest.raises(ValueError, match="unexpected checkpoint tensor 'model.layers.9.mlp.up_proj.weight'"):
+        model.load_weights([*state.items(), ("model.layers.9.mlp.up_proj.weight", torch.zeros(128, 64))])
+    with pytest.raises(ValueError, match="has shape"):
+        model.load_weights([(n, t[:-1] if n == "model.norm.weight" else t) for n, t in state.items()])
+
+
+def test_rotary_matches_transformers_cos_sin():
+    """Our cos/sin equal HF's rotary module for every scaling variant it supports statically."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    positions = torch.arange(0, 300, 7)
+    for scaling in (None, {"rope_type": "linear", "factor": 2.0},
+                    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 64},
+                    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}):
+        config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=256, rope_scaling=scaling)
+        cos, sin = RotaryEmbedding(config, head_dim=16).cos_sin(positions)
+        hf_cos, hf_sin = LlamaRotaryEmbedding(config)(torch.zeros(1), positions[None])
+        torch.testing.assert_close(cos, hf_cos[0], atol=0, rtol=0)
+        torch.testing.assert_close(sin, hf_sin[0], atol=0, rtol=0)
