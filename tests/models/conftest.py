@@ -55,19 +55,22 @@ def make_prompts(lengths: list[int], seed: int = 0, vocab: int = VOCAB) -> list[
 @torch.inference_mode()
 def hf_greedy(hf_model: Any, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """HF ``generate`` greedy tokens (no EOS stop) and the logits of the last prompt token."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=None,  # the native driver never stops early either
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    out = hf_model.generate(
-        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), generation_config=config
-    )
+    config = hf_model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = None  # the native driver never stops early either (None in a kwarg means "default")
+    try:
+        out = hf_model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    finally:
+        config.eos_token_id = saved
+    assert out.sequences.shape[1] == len(prompt) + max_new_tokens
     tokens = out.sequences[0, len(prompt) :].tolist()
     return tokens, out.logits[0][0].float()
 
