@@ -5,42 +5,62 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmport.testing.hf_parity import assert_native_matches_transformers, cpu_host, load_native
-from lmport.testing.tiny_models import TINY_MODELS, make_checkpoint
+from lmport.testing.cached_logits import native_last_logits
+from lmport.testing.tiny_models import TINY_MODELS
+
+LENGTHS = [5, 11, 1, 8]
+STD = 0.2  # at the default 0.08 these tiny OPTs repeat one token; wider weights give varied text
+
+
+@torch.inference_mode()
+def assert_stepwise_logits_match(hf_model, model, prompts, host) -> None:
+    """Each prompt fed one token per step (all decode steps over the cache) ends at HF's logits."""
+    reference = torch.stack([hf_model(torch.tensor([p])).logits[0, -1] for p in prompts])
+    torch.testing.assert_close(native_last_logits(model, prompts, host, chunk=1), reference, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["opt", "galactica", "opt-350m"])
-def test_greedy_and_logits_match_transformers(name, tmp_path):
-    hf_model = make_checkpoint(name, tmp_path, std=0.2)
-    assert_native_matches_transformers(hf_model, tmp_path)
+def test_opt_matches_transformers(name, tiny_checkpoint, load_native, random_prompts, assert_matches_hf, cpu_host):
+    path, hf_model = tiny_checkpoint(name, std=STD)
+    model = load_native(path)
+    prompts = random_prompts(LENGTHS)
+    assert_matches_hf(hf_model, model, prompts, max_new_tokens=8)
+    assert_stepwise_logits_match(hf_model, model, prompts, cpu_host)
 
 
-def test_untied_head_and_bias_free_variant(tmp_path):
+def test_opt_350m_layout_is_post_norm_with_projections(tiny_checkpoint, load_native):
+    path, _ = tiny_checkpoint("opt-350m", std=STD)
+    decoder = load_native(path).model.decoder
+    assert decoder.project_in is not None and decoder.project_out is not None
+    assert decoder.final_layer_norm is None and not decoder.layers[0].pre_norm
+
+
+def test_untied_head_without_biases(tiny_checkpoint, load_native, random_prompts, assert_matches_hf):
     config = TINY_MODELS["galactica"]()
     config.tie_word_embeddings = False
     config.enable_bias = False
-    hf_model = make_checkpoint("galactica", tmp_path, config=config, std=0.2)
+    path, hf_model = tiny_checkpoint("galactica-untied-nobias", config=config, std=STD)
     assert "lm_head.weight" in hf_model.state_dict()
-    assert_native_matches_transformers(hf_model, tmp_path, prompt_lengths=(7, 2))
+    model = load_native(path)
+    assert model.lm_head.weight is not model.model.decoder.embed_tokens.weight
+    assert_matches_hf(hf_model, model, random_prompts([7, 2]), max_new_tokens=6)
 
 
-def test_older_export_names_without_model_prefix_load(tmp_path):
-    """facebook/opt-* checkpoints name tensors "decoder.…"; they must load like "model.decoder.…"."""
-    make_checkpoint("opt", tmp_path)
-    model = load_native(tmp_path, cpu_host())
-    renamed = [(name.removeprefix("model."), p.detach().clone()) for name, p in model.named_parameters()]
-    fresh = load_native(tmp_path, cpu_host())
+def test_older_export_names_without_model_prefix_load(tiny_checkpoint, load_native):
+    """facebook/opt-* checkpoints name tensors "decoder.…"; they load like "model.decoder.…"."""
+    path, _ = tiny_checkpoint("opt", std=STD)
+    model, fresh = load_native(path), load_native(path)
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()
-    fresh.load_weights(renamed)
+    fresh.load_weights((name.removeprefix("model."), p.detach().clone()) for name, p in model.named_parameters())
     for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(a, b), name
 
 
-def test_unexpected_and_missing_tensors_are_errors(tmp_path):
-    make_checkpoint("opt", tmp_path)
-    model = load_native(tmp_path, cpu_host())
+def test_unexpected_and_missing_tensors_are_errors(tiny_checkpoint, load_native):
+    path, _ = tiny_checkpoint("opt", std=STD)
+    model = load_native(path)
     weights = [(name, p.detach().clone()) for name, p in model.named_parameters()]
     with pytest.raises(ValueError, match="unexpected"):
         model.load_weights(weights + [("model.decoder.layers.9.fc1.weight", torch.zeros(1))])

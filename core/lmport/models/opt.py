@@ -16,8 +16,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
+from lmport.layers.weight_loading import load_checkpoint, rename_rules
 from lmport.models.base import CausalLM, ModelContext
-from lmport.models.named_weights import ensure_prefix, load_named_weights
 
 # fairseq's learned positions start after the padding and an unused row
 POSITION_OFFSET = 2
@@ -133,11 +133,12 @@ class OPTForCausalLM(CausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # facebook/opt-* exports name the base model's tensors "decoder.…", newer ones "model.decoder.…"
-        load_named_weights(
+        rename = rename_rules([(r"^(?!model\.|lm_head\.)", "model.")])
+        load_checkpoint(
             self,
             weights,
-            rename=ensure_prefix("model.", "lm_head."),
-            tied=("lm_head.weight",) if self.tied else (),
+            lambda name: (rename(name), None),
+            ignore=[r"^lm_head\.weight$"] if self.tied else [],  # a tied head is the embedding, loaded by its own name
         )
 
     def kv_cache_shape(self) -> tuple[int, int, int]:
