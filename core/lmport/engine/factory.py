@@ -1,0 +1,222 @@
+"""``build_engine``: from a LaunchConfig and a PluginHost to a serving engine.
+
+Order: backend adjustments -> model folder -> tokenizer -> dtype -> quantization check
+(before any weight is read) -> executor (a backend's whole-model executor, else the native
+model on the core's paged runner, else the transformers fallback) -> KV cache sized from the
+memory left after the weights -> engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmport.config import LaunchConfig
+from lmport.engine.async_engine import AsyncEngine
+from lmport.engine.executor import ModelExecutor
+from lmport.engine.limits import model_max_positions, resolve_limits
+from lmport.engine.llm_engine import LLMEngine
+from lmport.engine.model_runner import PagedModelRunner
+from lmport.engine.stopping import eos_token_ids
+from lmport.layers.attention import KVCacheSpec
+from lmport.models.base import ModelInfo
+from lmport.models.loader import build_native_model, resolve_model_info
+
+log = logging.getLogger(__name__)
+
+KV_MEMORY_HEADROOM = 0.10  # of the memory left after the weights: activations, sampler, fragmentation
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_FP8_KV = {"fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+
+
+def build_engine(config: LaunchConfig, host: Any) -> tuple[AsyncEngine, Any, ModelInfo]:
+    """The async engine (not started: ``start()``, or the first ``generate``, starts it), tokenizer and model info."""
+    engine, tokenizer, info = build_llm_engine(config, host)
+    return AsyncEngine(engine), tokenizer, info
+
+
+def build_llm_engine(config: LaunchConfig, host: Any) -> tuple[LLMEngine, Any, ModelInfo]:
+    """The synchronous engine, tokenizer and model info for ``config`` on ``host``'s backend.
+
+    Applies the backend's config adjustments itself, so pass the config as the user gave it.
+    """
+    started = time.monotonic()
+    if host.selection is None:
+        host.select_backend(config.backend)
+    host.set_custom_kernels(not config.disable_custom_kernels)
+    config, _ = host.adjust_config(config)
+    caps = host.capabilities()
+    device = torch.device(caps.device_type)
+
+    path = resolve_model_path(config.model_id, config.revision)
+    info = dataclasses.replace(resolve_model_info(path, config.trust_remote_code), model_id=config.model_id or str(path))
+    log.info("model %s (%s) from %s on backend '%s'", info.model_id, info.architecture, path, caps.backend)
+    tokenizer = load_tokenizer(config, path)
+    dtype = pick_dtype(config.dtype, info.hf_config, device, caps)
+    log.info("dtype %s on %s", str(dtype).removeprefix("torch."), device)
+
+    method = check_quantization(config, info, host)
+    executor = build_executor(config, host, info, dtype, device, method)
+    spec: KVCacheSpec = executor.kv_cache_spec()
+    max_positions = model_max_positions(info.hf_config)
+    num_blocks = size_kv_cache(config, host, spec, device, max_positions)
+    limits = resolve_limits(
+        config,
+        max_positions=max_positions,
+        block_size=spec.block_size,
+        num_blocks=num_blocks,
+        backend_max_batch_size=caps.max_batch_size,
+    )
+    log.info(
+        "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB); max_input_tokens=%d max_total_tokens=%d "
+        "max_batch_prefill_tokens=%d",
+        num_blocks, spec.block_size, limits.max_batch_total_tokens, num_blocks * spec.bytes_per_block() / 2**20,
+        limits.max_input_tokens, limits.max_total_tokens, limits.max_batch_prefill_tokens,
+    )
+    engine = LLMEngine(executor, tokenizer, limits, eos_token_ids=eos_token_ids(info.path, tokenizer, info.hf_config))
+    log.info("engine ready in %.1f s", time.monotonic() - started)
+    return engine, tokenizer, info
+
+
+# ---------------------------------------------------------------------- steps
+
+
+def resolve_model_path(model_id: str, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub id, downloaded (or found in the hub cache)."""
+    if not model_id:
+        raise ValueError("no model given: set --model-id")
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, revision=revision))
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"model '{model_id}' is neither a local folder nor reachable on the hub ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def load_tokenizer(config: LaunchConfig, path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    source = config.tokenizer_id or str(path)
+    log.info("loading tokenizer from %s", source)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+
+
+def pick_dtype(requested: str | None, hf_config: Any, device: torch.device, caps: Any) -> torch.dtype:
+    """``--dtype`` if given; else the checkpoint's, except float32 on CPU."""
+    if requested:
+        name = _DTYPE_ALIASES.get(requested, requested)
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype '{requested}'; choose one of {', '.join(_DTYPES)}")
+        if not caps.supports_dtype(name):
+            raise ValueError(f"backend '{caps.backend}' does not support dtype {name}; supported: {', '.join(caps.dtypes)}")
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    declared = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    name = str(declared).removeprefix("torch.") if declared is not None else "float16"
+    if name not in _DTYPES or name == "float32":
+        name = "bfloat16" if caps.supports_dtype("bfloat16") else "float16"
+    if not caps.supports_dtype(name):
+        name = next((d for d in ("bfloat16", "float16", "float32") if caps.supports_dtype(d)), "float32")
+    return _DTYPES[name]
+
+
+def check_quantization(config: LaunchConfig, info: ModelInfo, host: Any) -> Any:
+    """The checkpoint's quantization method, checked against the backend before weights load."""
+    from lmport.weights.quantization import QuantizationRegistry
+
+    name = config.quantize
+    if name is None:
+        quant_config = getattr(info.hf_config, "quantization_config", None)
+        if quant_config is not None:
+            name = quant_config.get("quant_method") if isinstance(quant_config, dict) else getattr(quant_config, "quant_method", None)
+            name = str(name) if name is not None else None
+    registry = QuantizationRegistry()
+    host.register_quantization(registry)
+    method = host.check_quantization(name, registry)
+    if method is not None:
+        host.weights_loader(method)  # raises now, naming the backend, when no loader reads it
+    return method
+
+
+def build_executor(
+    config: LaunchConfig, host: Any, info: ModelInfo, dtype: torch.dtype, device: torch.device, method: Any
+) -> ModelExecutor:
+    """A backend's whole-model executor, else the native model or the transformers fallback on the paged runner."""
+    executor = host.model_executor(info, config)
+    if executor is not None:
+        log.info("backend '%s' runs the whole model (%s)", host.backend.name, type(executor).__name__)
+        return executor
+    caps = host.capabilities()
+    block_size = config.block_size or caps.default_block_size
+    if block_size not in caps.kv_block_sizes:
+        raise ValueError(f"block size {block_size} is not supported by backend '{caps.backend}': {caps.kv_block_sizes}")
+    model = build_native_model(info, host, dtype=dtype, device=device)
+    if model is not None:
+        log.info("native model for %s loaded", info.architecture)
+    else:
+        from lmport.models.hf_fallback import load_fallback
+
+        log.info("no native model for %s: using the transformers fallback", info.architecture)
+        model = load_fallback(info, host, dtype, device, config.trust_remote_code)
+        if isinstance(model, ModelExecutor):
+            return model
+    kv_dtype = pick_kv_cache_dtype(config.kv_cache_dtype, dtype, caps)
+    max_batch = config.max_batch_size or caps.max_batch_size
+    return PagedModelRunner(
+        model, block_size=block_size, device=device, kv_cache_dtype=kv_dtype, host=host, config=config, max_batch_size=max_batch
+    )
+
+
+def pick_kv_cache_dtype(requested: str | None, dtype: torch.dtype, caps: Any) -> torch.dtype:
+    """The model's dtype unless ``--kv-cache-dtype`` asks otherwise (fp8 needs the backend's flag)."""
+    if not requested:
+        return dtype
+    if requested in _FP8_KV:
+        if not caps.fp8_kv_cache:
+            raise ValueError(f"backend '{caps.backend}' has no fp8 KV cache (kv_cache_dtype={requested})")
+        return _FP8_KV[requested]
+    name = _DTYPE_ALIASES.get(requested, requested)
+    if name not in _DTYPES:
+        raise ValueError(f"unknown kv cache dtype '{requested}'; choose one of {', '.join([*_DTYPES, *_FP8_KV])}")
+    return _DTYPES[name]
+
+
+def size_kv_cache(config: LaunchConfig, host: Any, spec: KVCacheSpec, device: torch.device, max_positions: int) -> int:
+    """Blocks for the KV cache: ``max_batch_total_tokens`` if set, else what memory allows.
+
+    Memory: the free bytes reported after loading the weights, less the share
+    ``--cuda-memory-fraction`` keeps off-limits and a headroom, but never more than the
+    scheduler could fill (every concurrent request at ``max_total_tokens``).
+    """
+    block_tokens = spec.block_size
+    if config.max_batch_total_tokens:
+        return max(1, -(-config.max_batch_total_tokens // block_tokens))
+    info = host.memory_info(device)
+    max_total = config.max_total_tokens or min(4096, max_positions)
+    need_blocks = -(-(config.max_concurrent_requests * max_total) // block_tokens)
+    if info is None:
+        log.warning("backend reports no memory info: sizing the KV cache for the largest possible batch")
+        return need_blocks
+    reserved = (1.0 - config.cuda_memory_fraction) * info.total_bytes if device.type != "cpu" else 0
+    usable = max(0.0, info.free_bytes - reserved) * (1.0 - KV_MEMORY_HEADROOM)
+    mem_blocks = int(usable // spec.bytes_per_block())
+    blocks = min(mem_blocks, need_blocks)
+    if blocks * block_tokens < max_total:
+        raise MemoryError(
+            f"not enough memory for one sequence of {max_total} tokens: the KV cache fits {blocks * block_tokens} "
+            f"tokens ({info.free_bytes / 2**30:.1f} GiB free); lower --max-total-tokens or use a smaller model"
+        )
+    return blocks
+

@@ -1,0 +1,81 @@
+"""The engine's resolved limits: LaunchConfig's TGI knobs with the model's and KV cache's defaults filled in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmport.config import LaunchConfig
+
+DEFAULT_MAX_BATCH_SIZE = 256
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the scheduler plans with and what the server validates requests against.
+
+    ``max_batch_total_tokens`` is the KV cache's capacity in tokens
+    (``num_blocks * block_size``); a request whose prompt plus ``max_new_tokens`` exceeds
+    ``max_total_tokens`` is refused.
+    """
+
+    max_concurrent_requests: int
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_prefill_tokens: int
+    max_batch_total_tokens: int
+    max_batch_size: int
+    waiting_served_ratio: float
+    max_waiting_tokens: int
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool = True
+
+
+def model_max_positions(hf_config: Any, default: int = 4096) -> int:
+    """The longest sequence the model was built for (ALiBi models name none: ``default``)."""
+    for key in _POSITION_KEYS:
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def resolve_limits(
+    config: LaunchConfig,
+    *,
+    max_positions: int,
+    block_size: int,
+    num_blocks: int,
+    backend_max_batch_size: int | None = None,
+) -> EngineLimits:
+    """Fill TGI's defaults: total = min(4096, positions), input = total - 1, prefill = input + 50.
+
+    Settings the user gave that the KV cache cannot hold are an error; defaults are clamped.
+    """
+    capacity = num_blocks * block_size
+    max_total = config.max_total_tokens or min(4096, max_positions, capacity)
+    if config.max_total_tokens and max_total > capacity:
+        raise ValueError(
+            f"max_total_tokens ({max_total}) is larger than the KV cache holds ({capacity} tokens "
+            f"= {num_blocks} blocks of {block_size}); lower it or give the cache more memory"
+        )
+    max_input = config.max_input_tokens or max(1, max_total - 1)
+    if max_input >= max_total:
+        raise ValueError(f"max_input_tokens ({max_input}) must be smaller than max_total_tokens ({max_total})")
+    prefill = config.max_batch_prefill_tokens or max_input + 50
+    max_batch_size = config.max_batch_size or backend_max_batch_size or DEFAULT_MAX_BATCH_SIZE
+    return EngineLimits(
+        max_concurrent_requests=config.max_concurrent_requests,
+        max_input_tokens=max_input,
+        max_total_tokens=max_total,
+        max_batch_prefill_tokens=prefill,
+        max_batch_total_tokens=capacity,
+        max_batch_size=max_batch_size,
+        waiting_served_ratio=config.waiting_served_ratio,
+        max_waiting_tokens=config.max_waiting_tokens,
+        block_size=block_size,
+        num_blocks=num_blocks,
+        enable_prefix_caching=config.enable_prefix_caching,
+    )

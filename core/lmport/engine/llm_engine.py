@@ -1,0 +1,221 @@
+"""The synchronous engine: ``step()`` = schedule -> execute -> process outputs.
+
+It owns the scheduler, the block manager and the output processor, and drives one
+:class:`~lmport.engine.executor.ModelExecutor`. Nothing here is thread-safe: the
+:class:`~lmport.engine.async_engine.AsyncEngine` calls it from its one loop thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any, Callable, Iterable
+
+from lmport.engine.api import EngineStats, GenerationRequest, RequestOutput
+from lmport.engine.block_manager import BlockManager
+from lmport.engine.errors import RequestValidationError
+from lmport.engine.executor import ModelExecutor
+from lmport.engine.limits import EngineLimits
+from lmport.engine.outputs import OutputProcessor
+from lmport.engine.scheduler import Scheduler
+from lmport.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """Continuous batching over one executor; call :meth:`step` until nothing is unfinished.
+
+    Construction initialises the executor's KV cache with ``limits.num_blocks`` blocks.
+    """
+
+    def __init__(
+        self,
+        executor: ModelExecutor,
+        tokenizer: Any,
+        limits: EngineLimits,
+        *,
+        eos_token_ids: Iterable[int] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.clock = clock
+        executor.initialize_cache(limits.num_blocks)
+        self.block_manager = BlockManager(limits.num_blocks, limits.block_size, limits.enable_prefix_caching)
+        self.scheduler = Scheduler(limits, self.block_manager)
+        self.outputs = OutputProcessor(tokenizer, set(eos_token_ids))
+        self._requests: dict[str, list[Sequence]] = {}
+        self._seq_ids = itertools.count()
+        self._last_batch_size = 0
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise :class:`RequestValidationError` for a request that can never run; pure, thread-safe."""
+        n_prompt = len(request.prompt_token_ids)
+        params = request.params
+        lim = self.limits
+        if n_prompt == 0:
+            raise RequestValidationError("`inputs` must have at least one token")
+        if n_prompt > lim.max_input_tokens:
+            raise RequestValidationError(
+                f"`inputs` must have less than {lim.max_input_tokens} tokens. Given: {n_prompt}"
+            )
+        if params.max_new_tokens < 1:
+            raise RequestValidationError("`max_new_tokens` must be strictly positive")
+        if n_prompt + params.max_new_tokens > lim.max_total_tokens:
+            raise RequestValidationError(
+                f"`inputs` tokens + `max_new_tokens` must be <= {lim.max_total_tokens}. "
+                f"Given: {n_prompt} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`"
+            )
+        if params.n < 1:
+            raise RequestValidationError("`n` must be at least 1")
+
+    def add_request(self, request: GenerationRequest) -> None:
+        """Queue a request as ``params.n`` sequences (seeds ``seed + i`` when a seed is given)."""
+        self.validate(request)
+        if request.request_id in self._requests:
+            raise RequestValidationError(f"request id {request.request_id!r} is already in flight")
+        arrival = request.arrival_time if request.arrival_time is not None else self.clock()
+        params = request.params
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request.request_id,
+                index=index,
+                prompt_token_ids=list(request.prompt_token_ids),
+                params=params,
+                arrival_time=arrival,
+                seed=None if params.seed is None else params.seed + index,
+            )
+            self.outputs.add(seq)
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        self._requests[request.request_id] = seqs
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request now; its blocks are freed before this returns."""
+        seqs = self._requests.pop(request_id, [])
+        now = self.clock()
+        outputs = []
+        for seq in seqs:
+            if not seq.is_finished:
+                outputs.append(self.outputs.finished_output(seq, "abort", now))
+                self._release(seq)
+        return outputs
+
+    def abort_all(self, error: str | None = None) -> list[RequestOutput]:
+        """End every request (``error`` set: as failed rather than aborted)."""
+        outputs = []
+        now = self.clock()
+        for request_id in list(self._requests):
+            for seq in self._requests.pop(request_id):
+                if not seq.is_finished:
+                    outputs.append(self.outputs.finished_output(seq, None if error else "abort", now, error))
+                    self._release(seq)
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns one output per sequence that produced a token or ended."""
+        step = self.scheduler.schedule()
+        self._last_batch_size = len(step.entries)
+        if step.is_empty:
+            return []
+        self.num_steps += 1
+        now = self.clock()
+        for entry in step.entries:
+            if entry.seq.first_scheduled_time is None:
+                entry.seq.first_scheduled_time = now
+        try:
+            result = self.executor.execute(step)
+        except Exception as exc:  # fail this step's requests, keep serving the rest
+            log.exception("step failed; failing the %d sequences in it", len(step.entries))
+            return self._fail([e.seq for e in step.entries], f"{type(exc).__name__}: {exc}")
+        now = self.clock()
+        outputs: list[RequestOutput] = []
+        for entry, sampled, prompt in zip(step.entries, result.sampled, result.prompt_logprobs):
+            seq = entry.seq
+            seq.num_computed_tokens = entry.start + entry.num_new_tokens
+            if seq.num_computed_tokens >= seq.num_prompt_tokens - 1:
+                seq.wants_prompt_logprobs = False
+            self.block_manager.commit_computed(seq)
+            if sampled is not None:
+                seq.append_token(sampled.token_id)
+            try:
+                out = self.outputs.process(seq, sampled, prompt, now)
+            except Exception as exc:  # e.g. a detokenizer error: only this sequence fails
+                log.exception("output processing failed for request %s", seq.request_id)
+                outputs.extend(self._fail([seq], f"{type(exc).__name__}: {exc}"))
+                continue
+            if out is not None:
+                outputs.append(out)
+                if out.finished:
+                    self._release(seq)
+        return outputs
+
+    def _fail(self, seqs: list[Sequence], error: str) -> list[RequestOutput]:
+        now = self.clock()
+        outputs = []
+        for seq in seqs:
+            if seq.is_finished:
+                continue
+            seq.error = error
+            outputs.append(self.outputs.finished_output(seq, None, now, error))
+            self._release(seq)
+        return outputs
+
+    def _release(self, seq: Sequence) -> None:
+        """Free a finished sequence's blocks and state; forget its request once all siblings end."""
+        self.scheduler.finish(seq)
+        self.outputs.drop(seq)
+        siblings = self._requests.get(seq.request_id)
+        if siblings is not None and all(s.is_finished for s in siblings):
+            del self._requests[seq.request_id]
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        cache = bm.prefix_cache
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks,
+            prefix_cache_queries=cache.queried_tokens if cache else 0,
+            prefix_cache_hits=cache.hit_tokens if cache else 0,
+            batch_size=self._last_batch_size,
+            extra={
+                "requests": len(self._requests),
+                "preemptions": self.scheduler.num_preemptions,
+                "steps": self.num_steps,
+                "kv_blocks_cached": len(cache) if cache else 0,
+                "block_size": bm.block_size,
+            },
+        )
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> dict[str, list[RequestOutput]]:
+        """Run ``requests`` to completion (a convenience for tests and offline use)."""
+        collected: dict[str, list[RequestOutput]] = {}
+        for request in requests:
+            self.add_request(request)
+            collected[request.request_id] = []
+        while self.has_unfinished():
+            for out in self.step():
+                collected.setdefault(out.request_id, []).append(out)
+        return collected
+

@@ -1,0 +1,177 @@
+"""The core's paged executor: runs a native :class:`CausalLM` over the flat batch and samples.
+
+Per step: build the flat batch on the host and copy it over without blocking, run the model
+(or replay a captured decode graph), compute logits only for the rows that need them, sample
+on the device, and bring every result to the host in one copy at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from lmport.engine.batch import ExecutorOutput, FlatBatch, PromptLogprobs, SampledToken, ScheduledStep, build_flat_batch
+from lmport.engine.executor import ModelExecutor
+from lmport.engine.sampling.prompt_logprobs import compute_prompt_logprobs
+from lmport.engine.sampling.sampler import Sampler
+from lmport.engine.sampling.state import SamplingRow, make_generator
+from lmport.layers.attention import KVCache, KVCacheSpec
+from lmport.models.base import CausalLM
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32)  # TGI's default --cuda-graphs
+
+
+class PagedModelRunner(ModelExecutor):
+    """Runs one :class:`CausalLM` on the paged KV cache for the engine.
+
+    ``host`` (a :class:`~lmport.plugins.PluginHost`) allocates the cache and may supply a
+    decode graph runner; without one the cache is plain zeros in the logical layout.
+    The runner creates each seeded sequence's ``generator`` on first use, on its device.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        *,
+        block_size: int,
+        device: torch.device | str,
+        kv_cache_dtype: torch.dtype,
+        host: Any = None,
+        config: Any = None,
+        max_batch_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.host = host
+        self.config = config
+        self.max_batch_size = max_batch_size
+        self.sampler = Sampler()
+        self.kv_caches: list[KVCache] = []
+        self.graph_runner = None
+
+    # ------------------------------------------------------------------ setup
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        num_layers, num_kv_heads, head_dim = self.model.kv_cache_shape()
+        return KVCacheSpec(num_layers, num_kv_heads, head_dim, self.block_size, self.kv_cache_dtype)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        spec = self.kv_cache_spec()
+        caches = self.host.allocate_kv_cache(spec, num_blocks, self.device) if self.host is not None else None
+        if caches is None:
+            shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+            caches = [
+                (torch.zeros(shape, dtype=spec.dtype, device=self.device), torch.zeros(shape, dtype=spec.dtype, device=self.device))
+                for _ in range(spec.num_layers)
+            ]
+        self.kv_caches = caches
+        self._setup_graphs()
+
+    def _setup_graphs(self) -> None:
+        if self.host is None or self.config is None or self.config.cuda_graphs == ():
+            return
+        if not self.host.capabilities().graph_capture:
+            return
+        runner = self.host.graph_runner(self.model, self.config)
+        if runner is None:
+            return
+        sizes = list(self.config.cuda_graphs or DEFAULT_GRAPH_BATCH_SIZES)
+        if self.max_batch_size:
+            sizes = [s for s in sizes if s <= self.max_batch_size] or [min(sizes)]
+        log.info("capturing decode graphs for batch sizes %s", sizes)
+        runner.capture(self.kv_caches, sorted(sizes))
+        self.graph_runner = runner
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def execute(self, step: ScheduledStep) -> ExecutorOutput:
+        batch = build_flat_batch(step, self.block_size, self.device)
+        hidden = self._forward(batch)
+        sampled_pos = [i for i, r in enumerate(batch.sample_rows) if r is not None]
+        prompt_pos = [i for i, r in enumerate(batch.prompt_rows) if len(r)]
+        if not sampled_pos and not prompt_pos:  # only prompt chunks that sample nothing
+            none = [None] * len(step.entries)
+            return ExecutorOutput(sampled=list(none), prompt_logprobs=list(none))
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        results: list[torch.Tensor | None] = []
+        if sampled_pos:
+            rows = [self._sampling_row(step.entries[i].seq) for i in sampled_pos]
+            out = self.sampler.sample(logits[batch.sample_index], rows)
+            results += [out.token_ids, out.logprobs, out.top_ids, out.top_logprobs]
+        prompt_top_n = 0
+        if prompt_pos:
+            prompt_top_n = max(step.entries[i].seq.params.top_n_tokens for i in prompt_pos)
+            prompt_logits = logits[batch.prompt_index]
+            results += list(compute_prompt_logprobs(prompt_logits, batch.prompt_targets, prompt_top_n))
+        host = _to_host(results)  # the step's one device -> host sync
+        return self._unpack(step, batch, sampled_pos, prompt_pos, prompt_top_n, host)
+
+    def _forward(self, batch: FlatBatch) -> torch.Tensor:
+        meta = batch.metadata
+        if self.graph_runner is not None and meta.is_decode_only and self.graph_runner.can_run(meta):
+            return self.graph_runner.run(batch.input_ids, batch.positions, self.kv_caches, meta)
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
+
+    def _sampling_row(self, seq) -> SamplingRow:
+        if seq.generator is None and seq.seed is not None and seq.params.do_sample:
+            seq.generator = make_generator(seq.seed, self.device)
+        return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator)
+
+    def _unpack(self, step, batch, sampled_pos, prompt_pos, prompt_top_n, host) -> ExecutorOutput:
+        sampled: list[SampledToken | None] = [None] * len(step.entries)
+        prompt: list[PromptLogprobs | None] = [None] * len(step.entries)
+        if sampled_pos:
+            token_ids, logprobs, top_ids, top_lps = host[:4]
+            host = host[4:]
+            for j, i in enumerate(sampled_pos):
+                n = step.entries[i].seq.params.top_n_tokens
+                top = list(zip(map(int, top_ids[j][:n]), top_lps[j][:n])) if n and top_ids is not None else []
+                sampled[i] = SampledToken(int(token_ids[j]), logprobs[j], top)
+        if prompt_pos:
+            logprobs, top_ids, top_lps = host
+            k = 0
+            for i in prompt_pos:
+                entry, rows = step.entries[i], batch.prompt_rows[i]
+                n = entry.seq.params.top_n_tokens
+                tops = [
+                    list(zip(map(int, top_ids[k + r][:n]), top_lps[k + r][:n])) if n and top_ids is not None else []
+                    for r in range(len(rows))
+                ]
+                positions = list(entry.prompt_rows())
+                prompt[i] = PromptLogprobs(positions, logprobs[k : k + len(rows)], tops)
+                k += len(rows)
+        return ExecutorOutput(sampled=sampled, prompt_logprobs=prompt)
+
+
+def _to_host(tensors: list[torch.Tensor | None]) -> list[list | None]:
+    """Bring several small device tensors to the host with one copy (one sync).
+
+    Everything is packed into one float64 buffer (token ids stay exact below 2**53) and split
+    back into nested lists.
+    """
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return [None] * len(tensors)
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in present])
+    values = flat.cpu().tolist()
+    out: list[list | None] = []
+    offset = 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        size = t.numel()
+        chunk = values[offset : offset + size]
+        offset += size
+        if t.dim() == 2:
+            width = t.shape[1]
+            chunk = [chunk[r * width : (r + 1) * width] for r in range(t.shape[0])]
+        out.append(chunk)
+    return out

@@ -1,0 +1,157 @@
+"""Continuous batching over the paged KV cache, planned with TGI's knobs.
+
+Every step the scheduler first serves the running sequences (one decode token each, or the
+next chunk of a prompt that did not fit the prefill budget), then admits waiting ones:
+
+* ``max_batch_prefill_tokens`` bounds the prompt tokens fed per step; a longer prompt is
+  prefilled in chunks over several steps (chunked prefill).
+* ``max_batch_total_tokens`` is the KV cache itself: admission needs free blocks.
+* ``waiting_served_ratio``: while sequences are running, waiting ones are admitted only if at
+  least ``floor(running * ratio)`` of them fit, unless they have waited
+  ``max_waiting_tokens`` steps (TGI's rule: don't stall a big batch for one newcomer).
+* ``max_batch_size`` bounds the running sequences.
+
+When a running sequence needs a block and none is left, the newest running sequence is
+preempted: its blocks are freed and it goes back to the head of the queue, to be recomputed
+(prefix-cache hits make that cheap). Nothing fails for lack of memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from lmport.engine.batch import ScheduledSequence, ScheduledStep
+from lmport.engine.block_manager import BlockManager
+from lmport.engine.limits import EngineLimits
+from lmport.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    """Decides, each step, which sequences run and how many of their tokens are fed."""
+
+    def __init__(self, limits: EngineLimits, block_manager: BlockManager) -> None:
+        self.limits = limits
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.steps_since_admission = 0
+        self.num_preemptions = 0
+        self._released: list[int] = []
+
+    # ------------------------------------------------------------------ queue changes
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove ``seq`` (finished, aborted or failed) and free its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free(seq)
+        self._released.append(seq.seq_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ planning
+
+    def schedule(self) -> ScheduledStep:
+        budget = self.limits.max_batch_prefill_tokens
+        entries: list[ScheduledSequence] = []
+        preempted = False
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            n = seq.num_uncomputed_tokens
+            decoding = seq.is_decoding
+            if not decoding:
+                n = min(n, budget)
+                if n == 0:
+                    i += 1
+                    continue
+            while not self.block_manager.allocate(seq, n):
+                victim = self.running.pop()  # the newest running sequence
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                entries.append(self._entry(seq, n))
+                if not decoding:
+                    budget -= n
+                i += 1
+                continue
+            break  # ``seq`` preempted itself: it was the last running sequence
+        admitted = 0
+        if not preempted and self.waiting and self._should_admit(budget):
+            admitted = self._admit(budget, entries)
+        if admitted or not self.running:
+            self.steps_since_admission = 0
+        else:
+            self.steps_since_admission += 1
+        released, self._released = self._released, []
+        return ScheduledStep(entries=entries, released_seq_ids=released)
+
+    def _admit(self, budget: int, entries: list[ScheduledSequence]) -> int:
+        """Admit waiting sequences in arrival order (preempted ones first) while they fit."""
+        bm = self.block_manager
+        admitted = 0
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_batch_size:
+            seq = self.waiting[0]
+            prefix = [] if seq.wants_prompt_logprobs else bm.peek_prefix(seq)
+            cached = len(prefix) * bm.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if not bm.allocate(seq, n, prefix):
+                break  # no skipping ahead: the head of the queue would starve
+            if bm.prefix_cache is not None:
+                bm.prefix_cache.record_query(seq.num_tokens, cached)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            entries.append(self._entry(seq, n))
+            budget -= n
+            admitted += 1
+        return admitted
+
+    def _should_admit(self, budget: int) -> bool:
+        if not self.running or self.steps_since_admission >= self.limits.max_waiting_tokens:
+            return True
+        min_size = int(len(self.running) * self.limits.waiting_served_ratio)
+        return self._count_admissible(budget) >= max(min_size, 1)
+
+    def _count_admissible(self, budget: int) -> int:
+        """How many waiting sequences would be admitted now (prefix hits ignored: a lower bound)."""
+        bm = self.block_manager
+        blocks = bm.num_available_blocks
+        seats = self.limits.max_batch_size - len(self.running)
+        count = 0
+        for seq in self.waiting:
+            if seats <= 0 or budget <= 0:
+                break
+            n = min(seq.num_tokens, budget)
+            need = bm.blocks_for(n)
+            if need > blocks:
+                break
+            blocks -= need
+            budget -= n
+            seats -= 1
+            count += 1
+        return count
+
+    def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
+        start = seq.num_computed_tokens
+        sample = start + n == seq.num_tokens
+        return ScheduledSequence(seq, start, n, sample, prompt_logprobs=seq.wants_prompt_logprobs)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks and queue it first, to be recomputed from its tokens."""
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self._released.append(seq.seq_id)

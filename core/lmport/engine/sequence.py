@@ -1,0 +1,87 @@
+"""One sequence's state as the scheduler, block manager and output processor see it.
+
+A request with ``SamplingParams.n == k`` becomes ``k`` sequences that share a request id and
+differ by ``index``. Prompt and output tokens are one list (``token_ids``), so that a
+preempted sequence is recomputed the same way a prompt is prefilled.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmport.engine.api import FinishReason, SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A prompt and what was generated from it, plus its place in the paged KV cache.
+
+    Tokens ``[0, num_computed_tokens)`` have K/V in the cache (in ``block_table``); the
+    tokens after that are fed on the next steps. A sequence in decode has exactly one
+    uncomputed token: the one sampled last.
+    """
+
+    seq_id: int
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    seed: int | None = None
+    generator: Any = None  # torch.Generator for sampling, made by the runner's device
+    token_ids: list[int] = field(default_factory=list)  # prompt + output
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of token_ids
+    num_committed_blocks: int = 0  # leading blocks of block_table that are in the prefix cache
+    num_preemptions: int = 0
+    wants_prompt_logprobs: bool = False  # cleared once the prompt's logprobs were computed
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+        self.wants_prompt_logprobs = self.params.prompt_logprobs
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Only the last sampled token is left to feed (as opposed to a prompt or a recompute)."""
+        return self.num_output_tokens > 0 and self.num_computed_tokens == len(self.token_ids) - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.output_token_ids.append(token_id)

@@ -1,0 +1,119 @@
+"""Fixtures for engine tests: tiny checkpoints with a real (trained) tokenizer, the HF oracle.
+
+- ``cpu_host``: a PluginHost with the CPU backend selected (no entry points loaded).
+- ``tiny_model_dir(name)``: ``(path, hf_model)`` of a tiny random checkpoint of ``name``
+  (from ``lmport.testing.tiny_models``) with a byte-level BPE tokenizer saved next to it;
+  built once per session.
+- ``make_engine(name, **config)``: a synchronous LLMEngine through ``build_llm_engine``.
+- ``hf_greedy(hf_model, prompt, max_new_tokens)``: transformers ``generate`` tokens (no EOS stop)
+  and the log-softmax of each step's logits.
+- ``random_prompts(lengths, seed)``: token-id prompts (ids 3.. so no special token appears).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lmport.config import LaunchConfig
+from lmport.engine.factory import build_llm_engine
+from lmport.plugins import PluginHost
+from lmport.testing.tiny_models import VOCAB, make_checkpoint
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paged attention keeps the KV cache in fixed-size blocks.",
+    "Continuous batching lets requests join and leave every step.",
+    "héllo wörld, ünïcode text ☃ and emoji 🙂 split over byte tokens",
+] * 20
+
+
+def train_tokenizer(vocab_size: int = VOCAB):
+    """A byte-level BPE with <pad>, <s>, </s> at ids 0, 1, 2 (the tiny configs' special ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def make_cpu_host() -> PluginHost:
+    host = PluginHost(environ={}, load_entry_points=False).load()
+    assert host.select_backend().backend.name == "cpu"
+    return host
+
+
+@pytest.fixture
+def cpu_host() -> PluginHost:
+    return make_cpu_host()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    built: dict[str, tuple[Path, Any]] = {}
+    tokenizer = train_tokenizer()
+
+    def get(name: str) -> tuple[Path, Any]:
+        if name not in built:
+            path = tmp_path_factory.mktemp(f"tiny-{name}")
+            hf_model = make_checkpoint(name, path)
+            tokenizer.save_pretrained(path)
+            built[name] = (path, hf_model)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture
+def make_engine(tiny_model_dir):
+    def make(name: str = "llama", **settings: Any):
+        path, hf_model = tiny_model_dir(name)
+        settings.setdefault("block_size", 4)
+        settings.setdefault("max_batch_total_tokens", 2048)
+        config = LaunchConfig(model_id=str(path), **settings)
+        engine, tokenizer, info = build_llm_engine(config, make_cpu_host())
+        return engine, hf_model
+
+    return make
+
+
+def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+@torch.inference_mode()
+def hf_greedy(hf_model: Any, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens from transformers ``generate`` (EOS ignored) and each step's log-softmax."""
+    config = hf_model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = None
+    try:
+        out = hf_model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    finally:
+        config.eos_token_id = saved
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    assert len(tokens) == max_new_tokens
+    return tokens, [torch.log_softmax(step[0].float(), dim=-1) for step in out.logits]
