@@ -7,7 +7,7 @@ import importlib
 from lmport.hookspecs import hookimpl
 
 # One module per family; each has ``register_models(register)``.
-FAMILIES: tuple[str, ...] = ("opt", "llama", "mistral", "bloom", "mixtral")
+FAMILIES: tuple[str, ...] = ("opt", "llama", "mistral", "bloom", "mixtral", "mpt")
 
 
 @hookimpl
