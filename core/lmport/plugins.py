@@ -384,7 +384,9 @@ class PluginHost:
 
     def report(self) -> dict[str, Any]:
         """What ``lmport backends --json`` prints: plugins, the selection and its flags."""
-        out: dict[str, Any] = {"plugins": [r.to_dict() for r in self.list_plugins()]}
+        active = self.selection.plugin if self.selection is not None else None
+        plugins = [{**r.to_dict(), "active": r.name == active} for r in self.list_plugins()]
+        out: dict[str, Any] = {"plugins": plugins}
         if self.selection is not None:
             out["active"] = {
                 "backend": dataclasses.asdict(self.selection.backend),
