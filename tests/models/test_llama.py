@@ -25,31 +25,32 @@ def test_llama3_rope_scaling_matches_transformers(tiny_checkpoint, load_native, 
     assert_matches_hf(hf_model, model, random_prompts([70, 9, 3]), max_new_tokens=6)
 
 
-@pytest.mark.parametrize(
-    "name, rope_scaling, max_positions",
-    [
-        ("llama-rope-linear", {"rope_type": "linear", "factor": 4.0}, 512),
-        ("llama-rope-yarn", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, 128),
-        # dynamic NTK changes frequencies once a sequence passes max_position_embeddings=16;
-        # HF derives them from the whole prompt, so prefill is not chunked here
-        ("llama-rope-dynamic", {"rope_type": "dynamic", "factor": 2.0}, 16),
-    ],
-)
+@pytest.mark.parametrize("name, rope_type", [("llama-rope-linear", "linear"), ("llama-rope-dynamic", "dynamic")])
 def test_llama_rope_variants_match_transformers(
-    name, rope_scaling, max_positions, tiny_checkpoint, load_native, random_prompts, assert_matches_hf
+    name, rope_type, tiny_checkpoint, load_native, random_prompts, assert_matches_hf
 ):
+    path, hf_model = tiny_checkpoint(name)
+    model = load_native(path)
+    assert model.rotary.rope_type == rope_type
+    # dynamic NTK frequencies follow the sequence length (past max_position_embeddings=16);
+    # HF derives them from the whole prompt at once, so that prefill is not chunked
+    chunks = (None,) if rope_type == "dynamic" else (None, 3)
+    assert_matches_hf(hf_model, model, random_prompts([20, 6, 13]), max_new_tokens=6, prefill_chunks=chunks)
+
+
+def test_llama_yarn_rope_matches_transformers(tiny_checkpoint, load_native, random_prompts, assert_matches_hf):
     from transformers import LlamaConfig
 
     from lmport.testing.tiny_models import COMMON
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=max_positions, rope_scaling=rope_scaling,
+                         num_key_value_heads=2, max_position_embeddings=128,
+                         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
                          **COMMON)
-    path, hf_model = tiny_checkpoint(name, config=config)
+    path, hf_model = tiny_checkpoint("llama-rope-yarn", config=config)
     model = load_native(path)
-    assert model.rotary.rope_type == rope_scaling["rope_type"]
-    chunks = (None,) if rope_scaling["rope_type"] == "dynamic" else (None, 3)
-    assert_matches_hf(hf_model, model, random_prompts([20, 6, 13]), max_new_tokens=6, prefill_chunks=chunks)
+    assert model.rotary.attention_scaling != 1.0  # yarn scales cos/sin
+    assert_matches_hf(hf_model, model, random_prompts([40, 6, 13]), max_new_tokens=6)
 
 
 def test_llama_tied_embeddings_and_strict_loading(tiny_checkpoint, load_native, random_prompts, assert_matches_hf):

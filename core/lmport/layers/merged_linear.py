@@ -35,3 +35,10 @@ class MergedLinear(nn.Linear):
     def split(self, output: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The forward output cut back into its shards (views, no copy)."""
         return output.split(list(self.shard_sizes.values()), dim=-1)
+
+
+def per_head_qkv_to_stacked(tensor: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder a fused QKV weight/bias laid out per head (``[h0: q k v, h1: q k v, ...]``, GPT-NeoX,
+    multi-head StarCoder) into ``[all q | all k | all v]``, so the forward is a plain split."""
+    rest = tensor.shape[1:]
+    return tensor.reshape(num_heads, 3, head_dim, *rest).transpose(0, 1).reshape(3 * num_heads * head_dim, *rest)

@@ -24,13 +24,26 @@ class GatedMLP(nn.Module):
 
 
 class PlainMLP(nn.Module):
-    """``fc_out(act(fc_in(x)))``: GPT-2, GPT-NeoX, Phi, StarCoder (names are mapped by each family)."""
+    """``out(act(in(x)))``: GPT-2, GPT-NeoX, Phi, StarCoder.
 
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = True):
+    ``names`` gives the two projections the checkpoint's own attribute names (``c_fc``/``c_proj``,
+    ``fc1``/``fc2`` ...), so parameter names mirror the checkpoint and load without mapping.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str,
+        bias: bool = True,
+        names: tuple[str, str] = ("fc_in", "fc_out"),
+    ):
         super().__init__()
-        self.fc_in = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.fc_out = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self._names = names
+        setattr(self, names[0], nn.Linear(hidden_size, intermediate_size, bias=bias))
+        setattr(self, names[1], nn.Linear(intermediate_size, hidden_size, bias=bias))
         self.act = get_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(self.act(self.fc_in(x)))
+        fc_in, fc_out = (getattr(self, name) for name in self._names)
+        return fc_out(self.act(fc_in(x)))

@@ -146,6 +146,38 @@ def _phi():
                      partial_rotary_factor=0.5, max_position_embeddings=512, **COMMON)
 
 
+def _gpt_neox_serial():
+    from transformers import GPTNeoXConfig
+
+    # Pythia-style blocks without the parallel residual (attention output feeds the MLP's norm)
+    return GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         rotary_pct=0.25, use_parallel_residual=False, max_position_embeddings=512, **COMMON)
+
+
+def _gpt_bigcode_mha():
+    from transformers import GPTBigCodeConfig
+
+    # multi-head StarCoder variant: per-head K/V, c_attn laid out per head
+    return GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, n_positions=512, multi_query=False, **COMMON)
+
+
+def _llama_rope_linear():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512,
+                       rope_scaling={"rope_type": "linear", "factor": 4.0}, **COMMON)
+
+
+def _llama_rope_dynamic():
+    from transformers import LlamaConfig
+
+    # dynamic NTK changes the frequencies once a sequence passes max_position_embeddings=16
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=16,
+                       rope_scaling={"rope_type": "dynamic", "factor": 2.0}, **COMMON)
+
+
 # name -> (config factory, AutoModel class name)
 TINY_MODELS: dict[str, Callable] = {
     "llama": _llama,
@@ -166,6 +198,10 @@ TINY_MODELS: dict[str, Callable] = {
     "bloom-6-heads": _bloom_6_heads,
     "falcon-rw": _falcon_rw,
     "mpt-12-heads": _mpt_12_heads,
+    "gpt_neox-serial": _gpt_neox_serial,
+    "gpt_bigcode-mha": _gpt_bigcode_mha,
+    "llama-rope-linear": _llama_rope_linear,
+    "llama-rope-dynamic": _llama_rope_dynamic,
 }
 
 
