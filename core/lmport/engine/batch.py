@@ -31,9 +31,10 @@ class ScheduledSequence:
     def token_ids(self) -> list[int]:
         return self.seq.token_ids[self.start : self.start + self.num_new_tokens]
 
-    @property
-    def is_prefill(self) -> bool:
-        return not (self.num_new_tokens == 1 and self.seq.is_decoding)
+    is_prefill: bool = field(init=False)  # fixed when scheduled: the engine moves ``seq`` on after the step
+
+    def __post_init__(self) -> None:
+        self.is_prefill = not (self.num_new_tokens == 1 and self.seq.is_decoding)
 
     def prompt_rows(self) -> range:
         """Positions in this chunk whose next token is a prompt token (prompt logprob rows)."""

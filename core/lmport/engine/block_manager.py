@@ -100,6 +100,8 @@ class BlockManager:
         needed = self.blocks_for(computed + num_new_tokens) - have
         if needed + reclaimed > self.num_available_blocks:
             return False
+        if not seq.block_table and self.prefix_cache is not None:  # an admission: count the lookup
+            self.prefix_cache.record_query(seq.num_tokens, len(prefix) * self.block_size)
         if prefix:
             for block in prefix:
                 self._take(block)

@@ -107,8 +107,6 @@ class Scheduler:
             n = min(seq.num_tokens - cached, budget)
             if not bm.allocate(seq, n, prefix):
                 break  # no skipping ahead: the head of the queue would starve
-            if bm.prefix_cache is not None:
-                bm.prefix_cache.record_query(seq.num_tokens, cached)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
