@@ -13,8 +13,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
+from lmport.layers.activations import get_activation
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
 from lmport.layers.weight_loading import load_checkpoint, rename_rules
 from lmport.models.base import CausalLM, ModelContext
@@ -57,7 +57,7 @@ class OPTDecoderLayer(nn.Module):
         self.fc1 = nn.Linear(hidden, config.ffn_dim, bias=config.enable_bias)
         self.fc2 = nn.Linear(config.ffn_dim, hidden, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
-        self.activation = ACT2FN[config.activation_function]
+        self.activation = get_activation(config.activation_function)
 
     def forward(self, hidden: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata) -> torch.Tensor:
         residual = hidden
