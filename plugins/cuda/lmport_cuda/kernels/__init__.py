@@ -1,0 +1,1 @@
+"""Triton kernels of the CUDA backend; they need only torch and triton."""
