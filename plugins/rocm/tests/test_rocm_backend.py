@@ -1,0 +1,93 @@
+"""The ROCm backend on a pretend MI250: detection, flags, the AWQ startup error, and the
+sliding-window fallback. No AMD GPU is needed: FakeMachine answers the detection probes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+
+from lmport.capabilities import CapabilityError
+from lmport.layers.attention import AttentionSpec
+from lmport.layers.reference_attention import ReferenceAttention
+from lmport.plugins import PluginError, PluginHost
+from lmport.testing.fake_machine import CUDA_TORCH, FakeMachine
+from lmport.testing.installed import require_distribution
+from lmport.weights.quantization import QuantizationRegistry
+
+require_distribution("lmport-rocm", "pip install -e plugins/rocm")
+
+WINDOWED = AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=128, scale=0.088, dtype="bfloat16", sliding_window=4096)
+PLAIN = AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=128, scale=0.088, dtype="bfloat16")
+
+
+@pytest.fixture
+def host() -> PluginHost:
+    host = PluginHost(environ={}, detection_env=FakeMachine.amd(count=2))
+    host.select_backend()
+    return host
+
+
+@pytest.fixture
+def registry(host) -> QuantizationRegistry:
+    registry = QuantizationRegistry()
+    host.register_quantization(registry)
+    return registry
+
+
+def test_mi250_is_detected_from_the_kfd_topology(host):
+    assert host.backend.name == "rocm" and host.backend.device_type == "cuda"
+    assert host.backend.description == "2 x MI210/MI250 (gfx90a) (HIP 6.4.43482)"
+    assert host.backend.detail("gfx_target_versions") == (90010, 90010)
+
+
+def test_rocm_smi_names_are_preferred_when_it_answers():
+    smi = '{"card0": {"Card Series": "AMD Instinct MI210"}}'
+    machine = dataclasses.replace(FakeMachine.amd(), commands={"rocm-smi": smi})
+    host = PluginHost(environ={}, detection_env=machine)
+    assert host.select_backend().backend.detail("gpus") == ("AMD Instinct MI210",)
+
+
+def test_a_cuda_build_of_torch_cannot_drive_amd_gpus():
+    host = PluginHost(environ={}, detection_env=dataclasses.replace(FakeMachine.amd(), torch=CUDA_TORCH))
+    assert host.select_backend().backend.name == "cpu"
+    with pytest.raises(PluginError, match="'rocm' is installed but found no usable device"):
+        PluginHost(environ={}, detection_env=dataclasses.replace(FakeMachine.amd(), torch=CUDA_TORCH)).select_backend("rocm")
+
+
+def test_flags_follow_the_seed(host):
+    caps = host.capabilities()
+    assert caps.paged_attention and caps.flash_attention
+    assert caps.quantization == {"gptq"}
+    assert not caps.flash_layer_norm and not caps.sliding_window_attention
+    assert "in this release the ROCm plugin runs lmport's reference attention path on the GPU" in caps.notes
+
+
+def test_awq_is_refused_before_loading_with_backend_capability_and_supported_formats(host, registry):
+    with pytest.raises(CapabilityError) as err:
+        host.check_quantization("awq", registry)
+    assert str(err.value) == "backend 'rocm' does not support 'awq' quantization (capability 'awq'); supported: gptq"
+    assert (err.value.backend, err.value.supported) == ("rocm", "gptq")
+
+
+def test_gptq_passes_the_check_then_stops_at_the_missing_loader(host, registry):
+    method = host.check_quantization("gptq", registry)
+    assert method.capability == "gptq"
+    with pytest.raises(PluginError, match="no weights loader for 'gptq' checkpoints on backend 'rocm'"):
+        host.weights_loader(method)
+
+
+def test_sliding_window_falls_back_to_the_reference_with_one_warning(host, caplog):
+    with caplog.at_level(logging.WARNING, logger="lmport.plugins"):
+        first = host.attention_backend(WINDOWED)
+        second = host.attention_backend(WINDOWED)
+        plain = host.attention_backend(PLAIN)
+    assert type(first) is ReferenceAttention and second is first
+    assert type(plain) is ReferenceAttention  # this release's stand-in, chosen by the plugin itself
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        "backend 'rocm' has no attention kernel for head_dim=128, dtype=bfloat16, sliding_window=4096; "
+        "using the reference path"
+    ]
+    assert host.fallbacks == warnings
