@@ -1,0 +1,108 @@
+"""Tiny checkpoints of architectures without a native module, and transformers as the oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from lmport.plugins import PluginHost
+from lmport.testing.tiny_models import widen_init
+
+VOCAB = 256
+COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=256)
+
+
+def gemma3_config():
+    from transformers import Gemma3TextConfig
+
+    # explicit head_dim (32, not hidden/heads = 16), GQA, sliding and full layers, a window of 5
+    return Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, sliding_window=5, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"], **COMMON,
+    )
+
+
+def qwen2_config():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, **COMMON)
+
+
+def gemma2_config():
+    from transformers import Gemma2Config
+
+    # attention soft-cap and final logit soft-cap low enough to bite on these logits
+    return Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=16, sliding_window=4, attn_logit_softcapping=2.0,
+                        final_logit_softcapping=3.0, **COMMON)
+
+
+def granite_config():
+    from transformers import GraniteConfig
+
+    # Granite divides logits by logits_scaling and scales attention by attention_multiplier
+    return GraniteConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, logits_scaling=0.5, attention_multiplier=0.2,
+                         embedding_multiplier=2.0, residual_multiplier=0.5, **COMMON)
+
+
+CONFIGS: dict[str, Callable] = {
+    "gemma3": gemma3_config,
+    "qwen2": qwen2_config,
+    "gemma2": gemma2_config,
+    "granite": granite_config,
+}
+
+
+@pytest.fixture(scope="session")
+def cpu_host() -> PluginHost:
+    host = PluginHost(environ={}, load_entry_points=False).load()
+    host.select_backend()
+    return host
+
+
+@pytest.fixture(scope="session")
+def fallback_checkpoint(tmp_path_factory) -> Callable[[str], tuple[Path, Any]]:
+    """``(path, transformers model with eager attention)`` of a tiny random checkpoint, built once."""
+    built: dict[str, tuple[Path, Any]] = {}
+
+    def build(name: str) -> tuple[Path, Any]:
+        if name not in built:
+            from transformers import AutoModelForCausalLM
+
+            path = tmp_path_factory.mktemp(f"fallback-{name}")
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(CONFIGS[name]())
+            widen_init(model, std=0.08)
+            model.save_pretrained(path)
+            oracle = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+            built[name] = (path, oracle)
+        return built[name]
+
+    return build
+
+
+@torch.inference_mode()
+def hf_greedy(hf_model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' ``generate``, greedy, exactly ``max_new_tokens`` (no EOS stop)."""
+    config = hf_model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = None
+    try:
+        out = hf_model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0,
+        )
+    finally:
+        config.eos_token_id = saved
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture
+def oracle_greedy() -> Callable[[Any, list[int], int], list[int]]:
+    return hf_greedy
