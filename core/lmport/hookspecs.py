@@ -50,14 +50,20 @@ def lmport_detect_backend(env: DetectionEnv) -> BackendInfo | None:
 
     Called once per process for every installed backend plugin, before selection.
 
-    :param env: the process environment and platform, passed in so that detection never
-        reads module globals; use ``env.module_available(name)`` to probe for a package.
+    :param env: the process environment and the probes detection may use, passed in so that
+        detection never reads module globals: ``env.environ``, ``env.module_available(name)``
+        (``find_spec``, no import), ``env.run(argv)`` (a driver tool's stdout, short timeout),
+        ``env.path_exists``/``env.glob``/``env.read_text`` (``/sys``, ``/dev``),
+        ``env.distribution_version(name)`` and ``env.torch_build()`` (torch's CUDA/HIP version,
+        read without importing torch). Tests pass a ``FakeMachine`` with the same methods.
     :return: a :class:`~lmport.capabilities.BackendInfo` if the hardware is usable, else
         ``None``. Detection must not create a device context (no ``torch.cuda.init()``, no
         kernel launch): query drivers or package metadata only.
 
-    All results are collected; the host picks ``--backend``/``LMPORT_BACKEND`` if given, else
-    the detected backend of highest ``priority``, else ``cpu``.
+    The host calls each backend plugin's implementation on its own (a plugin that raises is
+    reported and skipped) and picks ``--backend`` if given, else ``LMPORT_BACKEND``, else the
+    detected backend of highest ``priority``, else ``cpu``. The other backend plugins are then
+    unregistered: exactly one backend is active per process.
     """
 
 
@@ -65,10 +71,14 @@ def lmport_detect_backend(env: DetectionEnv) -> BackendInfo | None:
 def lmport_capabilities(backend: BackendInfo) -> Capabilities | None:
     """Report the selected backend's feature flags.
 
-    Called once, right after selection, on the selected backend plugin (and the core).
+    Called once, right after selection, when only the selected backend plugin (and the core's
+    ``cpu`` plugin, ``trylast``) are registered. Flags are checked before anything is loaded
+    (``--quantize awq`` on a backend without ``awq`` is a startup error) and shown by
+    ``lmport backends`` and ``/info``.
 
     :param backend: the info this plugin returned from detection.
-    :return: a frozen :class:`~lmport.capabilities.Capabilities`. First non-``None`` wins.
+    :return: a frozen, picklable :class:`~lmport.capabilities.Capabilities`, or ``None`` if
+        ``backend`` is not this plugin's. First non-``None`` wins.
     """
 
 
@@ -145,7 +155,9 @@ def lmport_attention_backend(spec: AttentionSpec, capabilities: Capabilities) ->
     Called once per distinct :class:`~lmport.layers.attention.AttentionSpec` while the
     model is built (the host caches the result per spec). Return ``None`` for a spec you
     have no kernel for (a sliding window, say): the core's reference attention then runs
-    it and the host logs one warning. First non-``None`` wins.
+    it, the host logs one warning and lists the fallback for ``/info``. Returning the
+    reference yourself means "this backend runs it so", without a warning. First
+    non-``None`` wins; with ``--disable-custom-kernels`` only the core's reference answers.
     """
 
 
@@ -153,7 +165,8 @@ def lmport_attention_backend(spec: AttentionSpec, capabilities: Capabilities) ->
 def lmport_memory_info(device: torch.device) -> MemoryInfo | None:
     """Report free and total device memory in bytes, to size the KV cache at warm-up.
 
-    Called at warm-up, after the model's weights are loaded. First non-``None`` wins.
+    Called at warm-up, after the model's weights are loaded. Return ``None`` for a device
+    that is not yours; the core answers for ``cpu`` only. First non-``None`` wins.
     """
 
 
@@ -171,8 +184,9 @@ def lmport_allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.d
 def lmport_graph_runner(model: CausalLM, config: LaunchConfig, capabilities: Capabilities) -> DecodeGraphRunner | None:
     """Return a runner that captures decode steps as device graphs (CUDA/HPU graphs).
 
-    Called once at warm-up when ``capabilities.graph_capture`` is set and graphs are not
-    disabled (``--cuda-graphs 0``). First non-``None`` wins; ``None`` runs decode eagerly.
+    Called once at warm-up, and only when ``capabilities.graph_capture`` is set, custom
+    kernels are enabled and ``config.cuda_graphs`` is not ``()`` (``--cuda-graphs 0``); the
+    host returns ``None`` otherwise. First non-``None`` wins; ``None`` runs decode eagerly.
     """
 
 
