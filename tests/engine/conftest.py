@@ -50,6 +50,15 @@ def train_tokenizer(vocab_size: int = VOCAB):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is ~10x faster than oversubscribed ones."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def make_cpu_host() -> PluginHost:
     host = PluginHost(environ={}, load_entry_points=False).load()
     assert host.select_backend().backend.name == "cpu"
@@ -88,6 +97,16 @@ def make_engine(tiny_model_dir):
         return engine, hf_model
 
     return make
+
+
+@pytest.fixture(name="random_prompts")
+def random_prompts_fixture():
+    return random_prompts
+
+
+@pytest.fixture(name="hf_greedy")
+def hf_greedy_fixture():
+    return hf_greedy
 
 
 def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
