@@ -4,7 +4,7 @@ Attention backends add ``-slope * (query_pos - key_pos)`` to each score. Checkpo
 ``slope * key_pos`` (BLOOM, Falcon) or ``slope * (key_pos - last_pos)`` (MPT) instead; both
 differ from ours by a constant per query row, which softmax ignores. What differs between
 families is only the slopes, so each family's formula lives here, computed exactly as
-``transformers`` computes it (float32 ``torch.pow``), so the scores match bit for bit.
+``transformers`` computes it (float32 ``torch.pow``), so the slopes are identical to its own.
 """
 
 from __future__ import annotations
