@@ -12,6 +12,8 @@ Tests run with ``--import-mode=importlib``, so helpers reach test modules as fix
 - ``assert_matches_hf(hf_model, model, prompts, max_new_tokens, ...)``: greedy tokens equal
   ``transformers`` ``generate`` token for token (one batch over the paged cache, HF per prompt
   unpadded) and last-prompt-token logits within ``atol``.
+- ``native_last_logits(model, prompts)``: float32 logits at each prompt's last token, all prompts
+  prefilled as one flat batch over the paged cache.
 - ``random_prompts(lengths, seed=0)``: token-id prompts of the given lengths.
 """
 
@@ -157,6 +159,12 @@ def tiny_checkpoint(tmp_path_factory) -> Callable[..., tuple[Path, Any]]:
 def load_native_fixture(cpu_host) -> Callable[..., CausalLM]:
     """``load_native(path, host=None, dtype=float32)``; ``host`` defaults to ``cpu_host``."""
     return lambda path, host=None, dtype=torch.float32: load_native(path, host or cpu_host, dtype)
+
+
+@pytest.fixture
+def native_last_logits(cpu_host) -> Callable[..., torch.Tensor]:
+    """``native_last_logits(model, prompts, block_size=4)``: last-token logits of one flat prefill."""
+    return lambda model, prompts, block_size=4: native_prefill_logits(model, prompts, cpu_host, block_size)
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ def test_gpt2_inverse_layer_scaling_matches_transformers(tiny_checkpoint, load_n
     config.scale_attn_by_inverse_layer_idx = True
     config.activation_function = "gelu"
     path, hf_model = tiny_checkpoint("gpt2-inverse-layer-scale", config=config)
+    # transformers 4.55's SDPA path ignores scale_attn_by_inverse_layer_idx (only eager applies it)
+    hf_model.config._attn_implementation = "eager"
     assert_matches_hf(hf_model, load_native(path), random_prompts([7, 3]), max_new_tokens=6)
 
 

@@ -38,19 +38,48 @@ def test_llama_rope_variants_match_transformers(
     assert_matches_hf(hf_model, model, random_prompts([20, 6, 13]), max_new_tokens=6, prefill_chunks=chunks)
 
 
-def test_llama_yarn_rope_matches_transformers(tiny_checkpoint, load_native, random_prompts, assert_matches_hf):
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+        # longrope switches from short to long factors once a sequence passes 32 tokens
+        {"rope_type": "longrope", "factor": 4.0, "short_factor": [1.0 + i / 8 for i in range(8)],
+         "long_factor": [2.0 + i for i in range(8)], "original_max_position_embeddings": 32},
+    ],
+    ids=lambda scaling: scaling["rope_type"],
+)
+def test_llama_yarn_and_longrope_match_transformers(
+    rope_scaling, tiny_checkpoint, load_native, random_prompts, assert_matches_hf
+):
     from transformers import LlamaConfig
 
     from lmport.testing.tiny_models import COMMON
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=128,
-                         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-                         **COMMON)
-    path, hf_model = tiny_checkpoint("llama-rope-yarn", config=config)
+                         num_key_value_heads=2, max_position_embeddings=128, rope_scaling=rope_scaling, **COMMON)
+    path, hf_model = tiny_checkpoint(f"llama-rope-{rope_scaling['rope_type']}", config=config)
     model = load_native(path)
-    assert model.rotary.attention_scaling != 1.0  # yarn scales cos/sin
-    assert_matches_hf(hf_model, model, random_prompts([40, 6, 13]), max_new_tokens=6)
+    assert model.rotary.attention_scaling != 1.0  # both scale cos/sin
+    # longrope, like dynamic, picks its factors from the whole prompt's length in HF: no chunking
+    chunks = (None,) if rope_scaling["rope_type"] == "longrope" else (None, 3)
+    assert_matches_hf(hf_model, model, random_prompts([40, 6, 29]), max_new_tokens=6, prefill_chunks=chunks)
+
+
+def test_llama_bfloat16_close_to_transformers(tiny_checkpoint, load_native, random_prompts, native_last_logits):
+    """bf16 runs end to end; its logits stay within bf16 rounding of HF's own bf16 forward."""
+    import copy
+
+    path, hf_model = tiny_checkpoint("llama")
+    model = load_native(path, dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.rotary.inv_freq.dtype == torch.float32  # frequencies are not rounded to bf16
+    prompts = random_prompts([9, 4])
+    hf_bf16 = copy.deepcopy(hf_model).to(torch.bfloat16)
+    with torch.no_grad():
+        want = torch.stack([hf_bf16(torch.tensor([p])).logits[0, -1].float() for p in prompts])
+    got = native_last_logits(model, prompts)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0)
 
 
 def test_llama_tied_embeddings_and_strict_loading(tiny_checkpoint, load_native, random_prompts, assert_matches_hf):
