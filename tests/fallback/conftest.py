@@ -51,12 +51,43 @@ def granite_config():
                          embedding_multiplier=2.0, residual_multiplier=0.5, **COMMON)
 
 
+def t5_config():
+    from transformers import T5Config
+
+    return T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+
+
 CONFIGS: dict[str, Callable] = {
     "gemma3": gemma3_config,
     "qwen2": qwen2_config,
     "gemma2": gemma2_config,
     "granite": granite_config,
+    "t5": t5_config,
 }
+
+
+def train_tokenizer():
+    """A byte-level BPE with <pad>, <s>, </s> at ids 0, 1, 2 (the configs' special ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. 😀 你好"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core box run faster on one intra-op thread."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")
@@ -68,19 +99,23 @@ def cpu_host() -> PluginHost:
 
 @pytest.fixture(scope="session")
 def fallback_checkpoint(tmp_path_factory) -> Callable[[str], tuple[Path, Any]]:
-    """``(path, transformers model with eager attention)`` of a tiny random checkpoint, built once."""
+    """``(path, transformers model with eager attention)`` of a tiny random checkpoint (with a
+    trained tokenizer saved next to it), built once."""
     built: dict[str, tuple[Path, Any]] = {}
 
     def build(name: str) -> tuple[Path, Any]:
         if name not in built:
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+            config = CONFIGS[name]()
+            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
             path = tmp_path_factory.mktemp(f"fallback-{name}")
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(CONFIGS[name]())
+            model = auto.from_config(config)
             widen_init(model, std=0.08)
             model.save_pretrained(path)
-            oracle = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+            train_tokenizer().save_pretrained(path)
+            oracle = auto.from_pretrained(path, attn_implementation="eager").eval()
             built[name] = (path, oracle)
         return built[name]
 

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 import torch
 
+from lmport.engine.executor import ModelExecutor
 from lmport.layers.attention import AttentionBackend, AttentionMetadata, AttentionSpec, KVCache, KVCacheSpec
 from lmport.models.base import CausalLM, ModelInfo
 from lmport.models.hf_attention import LayerProbe, LayerShape, PagedStep, register_paged_attention
@@ -39,7 +40,7 @@ def _transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     # transformers 5 renamed ``torch_dtype`` to ``dtype`` (4.56+ takes both)
     return {"dtype": dtype} if _transformers_major() >= 5 else {"torch_dtype": dtype}
 
@@ -188,20 +189,22 @@ def check_against_transformers(adapter: HFCausalLMAdapter, host: Any, dtype: tor
 
 def load_fallback(
     info: ModelInfo, host: Any, dtype: torch.dtype, device: torch.device, trust_remote_code: bool
-) -> CausalLM:
-    """Load ``info``'s checkpoint with transformers and adapt it to the paged cache.
+) -> CausalLM | ModelExecutor:
+    """Load ``info``'s checkpoint with transformers.
 
-    Decoder-only models only (``AutoModelForCausalLM``); GGUF checkpoints load dequantized
-    through ``gguf_file``. Raises when the model cannot run on the paged cache.
+    A decoder-only model (``AutoModelForCausalLM``) comes back as a :class:`CausalLM` on the
+    paged cache; an encoder-decoder one as :class:`~lmport.models.hf_seq2seq.HFSeq2SeqExecutor`.
+    GGUF checkpoints load dequantized through ``gguf_file``. Raises when a decoder-only model
+    cannot run on the paged cache.
     """
     from transformers import AutoModelForCausalLM
 
     if getattr(info.hf_config, "is_encoder_decoder", False):
-        raise NotImplementedError(
-            f"{info.architecture} is an encoder-decoder model: the transformers fallback serves decoder-only models"
-        )
+        from lmport.models.hf_seq2seq import load_seq2seq
+
+        return load_seq2seq(info, host, dtype, device, trust_remote_code)
     attn = register_paged_attention()
-    kwargs: dict[str, Any] = {"attn_implementation": attn, "trust_remote_code": trust_remote_code, **_dtype_kwarg(dtype)}
+    kwargs: dict[str, Any] = {"attn_implementation": attn, "trust_remote_code": trust_remote_code, **dtype_kwarg(dtype)}
     if info.gguf_file:
         kwargs["gguf_file"] = info.gguf_file
     if device.type != "cpu" and (_transformers_major() >= 5 or importlib.util.find_spec("accelerate")):

@@ -1,0 +1,49 @@
+"""The whole engine on fallback models, built by ``build_llm_engine`` like the launcher does:
+continuous batching, chunked prefill and streaming text, against transformers' ``generate``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmport.config import LaunchConfig
+from lmport.engine.api import GenerationRequest, SamplingParams
+from lmport.engine.factory import build_llm_engine
+from lmport.models.hf_fallback import HFCausalLMAdapter
+from lmport.models.hf_seq2seq import HFSeq2SeqExecutor
+from lmport.plugins import PluginHost
+
+PROMPTS = [[5, 9, 33, 4, 80, 81, 82, 90, 91, 92, 7, 8, 9, 10], [100, 7], [8, 8, 8, 120, 43, 19]]
+MAX_NEW = 6
+
+
+@torch.inference_mode()
+def hf_generate(oracle, prompt: list[int], max_new_tokens: int) -> list[int]:
+    config = oracle.generation_config
+    saved, config.eos_token_id = config.eos_token_id, None
+    try:
+        out = oracle.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
+    finally:
+        config.eos_token_id = saved
+    return out[0, -max_new_tokens:].tolist()
+
+
+@pytest.mark.parametrize("name, runner", [("gemma3", HFCausalLMAdapter), ("t5", HFSeq2SeqExecutor)])
+def test_engine_serves_fallback_models(name, runner, fallback_checkpoint):
+    path, oracle = fallback_checkpoint(name)
+    host = PluginHost(environ={}, load_entry_points=False).load()
+    config = LaunchConfig(model_id=str(path), block_size=4, max_batch_total_tokens=512, max_batch_prefill_tokens=8)
+    engine, tokenizer, _ = build_llm_engine(config, host)
+    executor = engine.executor
+    assert isinstance(executor if runner is HFSeq2SeqExecutor else executor.model, runner)
+    requests = [
+        GenerationRequest(f"r{i}", tuple(p), SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
+        for i, p in enumerate(PROMPTS)
+    ]
+    outputs = engine.generate(requests)
+    for request in requests:
+        steps = outputs[request.request_id]
+        tokens = [t.token_id for out in steps for t in out.tokens]
+        assert tokens == hf_generate(oracle, list(request.prompt_token_ids), MAX_NEW)
+        assert steps[-1].finished and steps[-1].finish_reason == "length"
+        assert "".join(out.text for out in steps) == tokenizer.decode(tokens, skip_special_tokens=True)
