@@ -1,0 +1,143 @@
+"""Prometheus metrics under TGI's names, on a registry per app (tests build several apps).
+
+TGI's exporter writes counters without prometheus_client's ``_total`` suffix
+(``tgi_request_count 3``), and dashboards query those names, so counters here are exposed by
+a small collector that keeps the exact names. Histograms use TGI's bucket layouts. Engine
+gauges (batch size, queue size, KV blocks, prefix-cache hit rate) are read from
+``engine.stats()`` at scrape time, so they are never stale.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from lmport.engine.api import EngineStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _duration_buckets() -> list[float]:
+    value, buckets = 0.0001, []
+    for _ in range(35):  # TGI: a geometric sequence from 0.15 ms, ratio 1.5
+        value *= 1.5
+        buckets.append(value)
+    return buckets
+
+
+def _linear_buckets(maximum: int) -> list[float]:
+    return [maximum / 100.0 * (i + 1) for i in range(100)]
+
+
+class _Counters(Collector):
+    """Monotonic counters exposed under their exact names (no ``_total``), with labels."""
+
+    def __init__(self, docs: dict[str, str]):
+        self._docs = docs
+        self._values: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
+        self._lock = threading.Lock()
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            series = self._values[name]
+            series[key] = series.get(key, 0.0) + amount
+
+    def value(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self._values[name].get(tuple(sorted(labels.items())), 0.0)
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            snapshot = {name: dict(series) for name, series in self._values.items()}
+        for name, doc in self._docs.items():
+            metric = Metric(name, doc, "counter")
+            for key, value in snapshot.get(name, {}).items():
+                metric.add_sample(name, dict(key), value)
+            yield metric
+
+
+class _EngineGauges(Collector):
+    def __init__(self, stats: Callable[[], EngineStats | None], in_flight: Callable[[], int], block_size: int | None):
+        self._stats = stats
+        self._in_flight = in_flight
+        self._block_size = block_size
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily("lmport_requests_in_flight", "Requests holding a concurrency permit", value=self._in_flight())
+        try:
+            stats = self._stats()
+        except Exception:  # a dead engine must not break the scrape
+            stats = None
+        if stats is None:
+            return
+        yield GaugeMetricFamily("tgi_batch_current_size", "Current batch size", value=stats.batch_size or stats.running)
+        yield GaugeMetricFamily("tgi_queue_size", "Current queue size", value=stats.waiting)
+        if self._block_size:
+            yield GaugeMetricFamily("tgi_batch_total_tokens", "Maximum amount of tokens in total.", value=stats.kv_blocks_total * self._block_size)
+        yield GaugeMetricFamily("lmport_kv_blocks_total", "KV cache blocks in the pool", value=stats.kv_blocks_total)
+        yield GaugeMetricFamily("lmport_kv_blocks_used", "KV cache blocks in use", value=stats.kv_blocks_used)
+        yield GaugeMetricFamily("lmport_kv_blocks_free", "KV cache blocks free", value=stats.kv_blocks_total - stats.kv_blocks_used)
+        yield GaugeMetricFamily("lmport_prefix_cache_queries", "Prefix-cache lookups (blocks)", value=stats.prefix_cache_queries)
+        yield GaugeMetricFamily("lmport_prefix_cache_hits", "Prefix-cache hits (blocks)", value=stats.prefix_cache_hits)
+        rate = stats.prefix_cache_hits / stats.prefix_cache_queries if stats.prefix_cache_queries else 0.0
+        yield GaugeMetricFamily("lmport_prefix_cache_hit_rate", "Prefix-cache hits / lookups since start", value=rate)
+
+
+class ServerMetrics:
+    """Everything ``/metrics`` shows; one instance per app."""
+
+    def __init__(
+        self,
+        *,
+        max_input_tokens: int,
+        max_total_tokens: int,
+        engine_stats: Callable[[], EngineStats | None],
+        in_flight: Callable[[], int],
+        block_size: int | None = None,
+    ):
+        disable_created_metrics()  # TGI exposes no *_created series
+        self.registry = CollectorRegistry()
+        self.counters = _Counters({
+            "tgi_request_count": "Total number of requests",
+            "tgi_request_success": "Number of successful requests",
+            "tgi_request_failure": "Number of failed requests",
+        })
+        self.registry.register(self.counters)
+        self.registry.register(_EngineGauges(engine_stats, in_flight, block_size))
+        durations = _duration_buckets()
+
+        def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
+            return Histogram(name, doc, registry=self.registry, buckets=buckets)
+
+        self.duration = histogram("tgi_request_duration", "Total time spent processing the request", durations)
+        self.validation_duration = histogram("tgi_request_validation_duration", "Time spent validating the request", durations)
+        self.queue_duration = histogram("tgi_request_queue_duration", "Time spent in the queue per request", durations)
+        self.inference_duration = histogram("tgi_request_inference_duration", "Request inference duration", durations)
+        self.time_per_token = histogram("tgi_request_mean_time_per_token_duration", "Mean time per token per request", durations)
+        self.input_length = histogram("tgi_request_input_length", "Input token length per request", _linear_buckets(max_input_tokens))
+        self.generated_tokens = histogram("tgi_request_generated_tokens", "Generated tokens per request", _linear_buckets(max_total_tokens))
+        self.max_new_tokens = histogram("tgi_request_max_new_tokens", "Maximum new tokens per request", _linear_buckets(max_total_tokens))
+
+    def request(self) -> None:
+        self.counters.inc("tgi_request_count")
+
+    def failure(self, kind: str) -> None:
+        self.counters.inc("tgi_request_failure", err=kind)
+
+    def success(self, *, total: float, validation: float, queue: float, inference: float, generated: int) -> None:
+        self.counters.inc("tgi_request_success")
+        self.duration.observe(total)
+        self.validation_duration.observe(validation)
+        self.queue_duration.observe(queue)
+        self.inference_duration.observe(inference)
+        self.time_per_token.observe(inference / max(generated, 1))
+        self.generated_tokens.observe(generated)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,445 @@
+"""OpenAI-compatible routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+
+Parameters map onto TGI's (and so go through TGI's validation and error JSON): temperature 0
+means greedy, no temperature means sampling at 1.0 (OpenAI's default), ``top_p`` 1.0 means
+off, ``top_logprobs`` is ``top_n_tokens``. Stop sequences are cut from the returned text.
+``response_format`` and ``tools`` need constrained decoding, which lmport lacks: 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from contextlib import ExitStack
+from typing import Any, AsyncIterator, Sequence
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from lmport.engine.api import RequestOutput, TokenInfo
+from lmport.server.auth import require_api_key
+from lmport.server.chat import render_chat
+from lmport.server.errors import ApiError, ValidationFailed
+from lmport.server.generation import ClientDisconnected, GenerationResult, SequenceResult, Timings, collect, stream_outputs, until_disconnect
+from lmport.server.routes_tgi import ERRORS, record_failure, record_success, release_on_error, simple_tokens, state_of
+from lmport.server.schemas_openai import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatRequest,
+    ChoiceLogprobs,
+    AssistantMessage,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from lmport.server.schemas_tgi import ChatTokenizeResponse, GenerateParameters
+from lmport.server.state import Permit, ServerState
+from lmport.server.streaming import EventStreamResponse, finite_or_none, sse_data, token_texts
+from lmport.server.validation import ValidRequest
+
+router = APIRouter(tags=["OpenAI compatible"])
+
+FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length", "abort": "stop", None: "stop"}
+
+
+def openai_parameters(
+    *, temperature: float | None, top_p: float | None, max_tokens: int | None, stop: str | list[str] | None,
+    seed: int | None, frequency_penalty: float | None, repetition_penalty: float | None, top_logprobs: int | None,
+) -> GenerateParameters:
+    greedy = temperature == 0.0
+    return GenerateParameters(
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_p=None if top_p is None or top_p >= 1.0 else top_p,
+        max_new_tokens=max_tokens,
+        stop=[stop] if isinstance(stop, str) else list(stop or []),
+        seed=seed,
+        frequency_penalty=frequency_penalty or None,
+        repetition_penalty=repetition_penalty,
+        top_n_tokens=top_logprobs or None,
+        details=True,
+    )
+
+
+def cut_stop(text: str, stops: Sequence[str], finish_reason: str | None) -> str:
+    """OpenAI leaves out the stop sequence that ended the text (and anything after it)."""
+    if finish_reason != "stop_sequence":
+        return text
+    found = [at for at in (text.find(stop) for stop in stops if stop) if at >= 0]
+    return text[: min(found)] if found else text
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+def chat_request_to_valid(state: ServerState, body: ChatRequest) -> tuple[ValidRequest, str]:
+    if body.tools and body.tool_choice != "none":
+        raise ValidationFailed("`tools` are not supported: tool calling needs constrained decoding (grammars), which lmport does not implement yet")
+    if body.response_format is not None and (getattr(body.response_format, "get", None) is None or body.response_format.get("type") != "text"):
+        raise ValidationFailed("`response_format` is not supported: constrained decoding (grammars) is not implemented in lmport yet")
+    if body.top_logprobs and not body.logprobs:
+        raise ValidationFailed("`top_logprobs` needs `logprobs` set to true")
+    prompt = render_chat(state.tokenizer, body.messages, state.model.chat_template)
+    params = openai_parameters(
+        temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_completion_tokens or body.max_tokens,
+        stop=body.stop, seed=body.seed, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, top_logprobs=body.top_logprobs if body.logprobs else None,
+    )
+    valid = state.validator.validate(
+        params, inputs=prompt, add_special_tokens=False, n=body.n or 1, presence_penalty=body.presence_penalty or None,
+        extra_stop_token_ids=state.model.chat_stop_token_ids,
+    )
+    return valid, prompt
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS, dependencies=[Depends(require_api_key)])
+async def chat_completions(body: ChatRequest, request: Request) -> Response:
+    """Chat completion through the model's chat template; ``stream`` gives OpenAI's chunks."""
+    state = state_of(request)
+    timings = Timings(start=time.monotonic())
+    state.metrics.request()
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    try:
+        permit = state.limiter.acquire()
+        with release_on_error(permit):
+            valid, _ = chat_request_to_valid(state, body)
+    except ApiError as exc:
+        record_failure(state, exc)
+        raise
+    state.metrics.input_length.observe(valid.input_length)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = chat_events(state, valid, timings, completion_id, include_usage, bool(body.logprobs), body.top_logprobs or 0, permit)
+        return EventStreamResponse(events)
+    try:
+        with permit:
+            result = await until_disconnect(request, collect(state.engine, valid, timings))
+    except ApiError as exc:
+        record_failure(state, exc)
+        raise
+    record_success(state, timings, result.generated_tokens)
+    stops = valid.params.stop
+    choices = [
+        ChatChoice(
+            index=seq.index,
+            message=AssistantMessage(content=cut_stop(seq.text, stops, seq.finish_reason)),
+            logprobs=chat_logprobs(seq.tokens, seq.token_texts, body.top_logprobs or 0) if body.logprobs else None,
+            finish_reason=FINISH.get(seq.finish_reason, "stop"),
+        )
+        for seq in result.sequences
+    ]
+    completion = ChatCompletion(
+        id=completion_id, created=now(), model=state.model.model_id, system_fingerprint=state.system_fingerprint,
+        choices=choices, usage=usage(result),
+    )
+    return JSONResponse(completion.model_dump())
+
+
+def usage(result: GenerationResult | None, prompt_tokens: int = 0, completion_tokens: int = 0) -> Usage:
+    if result is not None:
+        prompt_tokens, completion_tokens = result.input_length, result.generated_tokens
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+
+
+def chat_logprobs(tokens: list[TokenInfo], texts: list[str], top: int) -> ChoiceLogprobs:
+    content = []
+    for token, text in zip(tokens, texts):
+        shown = token.text if token.special else text
+        content.append(TokenLogprob(
+            token=shown,
+            logprob=finite_or_none(token.logprob) or 0.0,
+            bytes=list(shown.encode()),
+            top_logprobs=[
+                TopLogprob(token=t_text, logprob=finite_or_none(lp) or 0.0, bytes=list(t_text.encode()))
+                for _, lp, t_text in token.top_tokens[:top]
+            ],
+        ))
+    return ChoiceLogprobs(content=content)
+
+
+async def chat_events(
+    state: ServerState, valid: ValidRequest, timings: Timings, completion_id: str,
+    include_usage: bool, logprobs: bool, top: int, permit: Permit,
+) -> AsyncIterator[bytes]:
+    created, model = now(), state.model.model_id
+    started: set[int] = set()
+    generated = 0
+    stop_cutter = StopCutter(valid.params.stop)
+    try:
+        async for output in stream_outputs(state.engine, valid, timings):
+            generated += len(output.tokens)
+            texts = token_texts(output)
+            content = stop_cutter.feed(output.index, "".join(t for t, tok in zip(texts, output.tokens) if not tok.special), output)
+            delta = ChatDelta(content=content)
+            if output.index not in started:
+                started.add(output.index)
+                delta.role = "assistant"
+            choice = ChatChunkChoice(
+                index=output.index,
+                delta=delta,
+                logprobs=chat_logprobs(output.tokens, texts, top) if logprobs and output.tokens else None,
+                finish_reason=FINISH.get(output.finish_reason, "stop") if output.finished else None,
+            )
+            chunk = ChatCompletionChunk(id=completion_id, created=created, model=model, system_fingerprint=state.system_fingerprint, choices=[choice])
+            yield sse_data(chunk)
+        record_success(state, timings, generated)
+        if include_usage:
+            chunk = ChatCompletionChunk(
+                id=completion_id, created=created, model=model, system_fingerprint=state.system_fingerprint,
+                choices=[], usage=usage(None, valid.input_length, generated),
+            )
+            yield sse_data(chunk)
+        yield sse_data("[DONE]")
+    except ApiError as exc:
+        record_failure(state, exc)
+        yield sse_data(exc.body())
+    finally:
+        permit.release()
+
+
+class StopCutter:
+    """Streams text without the stop sequence: holds back the last ``len(longest stop) - 1``
+    characters of each sequence until it is clear they do not start the stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending: dict[int, str] = {}
+
+    def feed(self, index: int, text: str, output: RequestOutput) -> str:
+        if not self.stops:
+            return text
+        pending = self.pending.get(index, "") + text
+        if output.finished:
+            self.pending.pop(index, None)
+            return cut_stop(pending, self.stops, output.finish_reason)
+        cut = len(pending) - self.hold
+        if cut <= 0:
+            self.pending[index] = pending
+            return ""
+        self.pending[index] = pending[cut:]
+        return pending[:cut]
+
+
+@router.post("/chat_tokenize", response_model=ChatTokenizeResponse, responses=ERRORS, tags=["Text Generation Inference"], dependencies=[Depends(require_api_key)])
+async def chat_tokenize(body: ChatRequest, request: Request) -> ChatTokenizeResponse:
+    """The chat request's templated prompt and its tokens."""
+    state = state_of(request)
+    state.metrics.request()
+    prompt = render_chat(state.tokenizer, body.messages, state.model.chat_template)
+    return ChatTokenizeResponse(tokenize_response=simple_tokens(state.tokenizer, prompt, False), templated_text=prompt)
+
+
+# ---------------------------------------------------------------------------- completions
+
+
+def completion_prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str, list[int] | None]]:
+    """(text, ids) per prompt: text prompts are tokenized later, id prompts are decoded for echo."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [(prompt, None)]
+    if not prompt:
+        raise ValidationFailed("`prompt` cannot be empty")
+    if all(isinstance(p, str) for p in prompt):
+        return [(p, None) for p in prompt]  # type: ignore[misc]
+    if all(isinstance(p, int) for p in prompt):
+        ids = list(prompt)  # type: ignore[arg-type]
+        return [(state.tokenizer.decode(ids), ids)]
+    return [(state.tokenizer.decode(list(p)), list(p)) for p in prompt]  # type: ignore[arg-type]
+
+
+def completion_requests(state: ServerState, body: CompletionRequest) -> list[tuple[str, ValidRequest]]:
+    if body.suffix is not None:
+        raise ApiError("Suffix is not supported and can be achieved by preprocessing the prompt.", status_code=422, error_type="suffix not supported")
+    if body.best_of is not None and body.best_of > 1:
+        raise ValidationFailed("`best_of` is not supported on /v1/completions; use `n` or /generate's best_of")
+    prompts = completion_prompts(state, body)
+    if len(prompts) > state.limits.max_client_batch_size:
+        raise ApiError(
+            f"Number of prompts exceeds the maximum allowed batch size of {state.limits.max_client_batch_size}",
+            status_code=422, error_type="batch size exceeded",
+        )
+    if body.logprobs is not None and body.logprobs > state.limits.max_top_n_tokens:
+        raise ValidationFailed(f"`logprobs` must be >= 0 and <= {state.limits.max_top_n_tokens}. Given: {body.logprobs}")
+    params = openai_parameters(
+        temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_tokens if body.max_tokens is not None else 100,
+        stop=body.stop, seed=body.seed, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, top_logprobs=body.logprobs,
+    )
+    want_prompt_logprobs = body.echo and body.logprobs is not None
+    out = []
+    for text, ids in prompts:
+        valid = state.validator.validate(
+            params, inputs=text if ids is None else None, prompt_ids=ids, add_special_tokens=True,
+            n=body.n or 1, presence_penalty=body.presence_penalty or None, prompt_logprobs=want_prompt_logprobs,
+        )
+        out.append((text, valid))
+    return out
+
+
+@router.post("/v1/completions", response_model=Completion, responses=ERRORS, dependencies=[Depends(require_api_key)])
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    """Text completion for one prompt or several (strings or token ids); ``echo`` and ``logprobs``."""
+    state = state_of(request)
+    state.metrics.request()
+    try:
+        requests = completion_requests(state, body)
+        permits = state.limiter.acquire_many(len(requests))
+    except ApiError as exc:
+        record_failure(state, exc)
+        raise
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    n = body.n or 1
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStreamResponse(completion_events(state, requests, n, completion_id, include_usage, body, permits))
+    timings = [Timings(start=time.monotonic()) for _ in requests]
+    try:
+        with ExitStack() as stack:
+            for permit in permits:
+                stack.enter_context(permit)
+            results = await until_disconnect(
+                request, asyncio.gather(*(collect(state.engine, valid, t) for (_, valid), t in zip(requests, timings)))
+            )
+    except ApiError as exc:
+        record_failure(state, exc)
+        raise
+    choices = []
+    for prompt_index, ((text, valid), result, t) in enumerate(zip(requests, results, timings)):
+        record_success(state, t, result.generated_tokens)
+        for seq in result.sequences:
+            choices.append(completion_choice(state, body, prompt_index * n + seq.index, text, valid, result, seq))
+    total_prompt = sum(r.input_length for r in results)
+    total_generated = sum(r.generated_tokens for r in results)
+    completion = Completion(
+        id=completion_id, created=now(), model=state.model.model_id, system_fingerprint=state.system_fingerprint,
+        choices=choices, usage=usage(None, total_prompt, total_generated),
+    )
+    return JSONResponse(completion.model_dump())
+
+
+def completion_choice(
+    state: ServerState, body: CompletionRequest, index: int, prompt_text: str, valid: ValidRequest,
+    result: GenerationResult, seq: SequenceResult,
+) -> CompletionChoice:
+    text = cut_stop(seq.text, valid.params.stop, seq.finish_reason)
+    logprobs = None
+    if body.logprobs is not None:
+        tokens, texts = list(seq.tokens), list(seq.token_texts)
+        first_is_prompt = False
+        if body.echo:
+            prompt_tokens = result.prompt_tokens or [
+                TokenInfo(token_id=i, logprob=float("nan"), text=state.tokenizer.decode([i])) for i in valid.prompt_ids
+            ]
+            tokens = list(prompt_tokens) + tokens
+            texts = [t.text for t in prompt_tokens] + texts
+            first_is_prompt = True
+        logprobs = completion_logprobs(tokens, texts, body.logprobs, first_is_prompt, prompt_text if body.echo else "")
+    return CompletionChoice(
+        index=index,
+        text=(prompt_text if body.echo else "") + text,
+        logprobs=logprobs,
+        finish_reason=FINISH.get(seq.finish_reason, "stop"),
+    )
+
+
+def completion_logprobs(tokens: list[TokenInfo], texts: list[str], top: int, first_is_prompt: bool, _prefix: str) -> CompletionLogprobs:
+    offsets, position = [], 0
+    for text in texts:
+        offsets.append(position)
+        position += len(text)
+    return CompletionLogprobs(
+        tokens=texts,
+        token_logprobs=[None if (first_is_prompt and i == 0) else finite_or_none(t.logprob) for i, t in enumerate(tokens)],
+        top_logprobs=[
+            None if (first_is_prompt and i == 0) else {tt: finite_or_none(lp) or 0.0 for _, lp, tt in t.top_tokens[:top]}
+            for i, t in enumerate(tokens)
+        ],
+        text_offset=offsets,
+    )
+
+
+async def completion_events(
+    state: ServerState, requests: list[tuple[str, ValidRequest]], n: int, completion_id: str,
+    include_usage: bool, body: CompletionRequest, permits: list[Permit],
+) -> AsyncIterator[bytes]:
+    created, model = now(), state.model.model_id
+    queue: asyncio.Queue[tuple[int, RequestOutput | ApiError | None]] = asyncio.Queue()
+    generated = [0] * len(requests)
+
+    async def pump(prompt_index: int, valid: ValidRequest) -> None:
+        timings = Timings(start=time.monotonic())
+        try:
+            async for output in stream_outputs(state.engine, valid, timings):
+                await queue.put((prompt_index, output))
+            record_success(state, timings, generated[prompt_index])
+        except ApiError as exc:
+            await queue.put((prompt_index, exc))
+        finally:
+            await queue.put((prompt_index, None))
+
+    tasks = [asyncio.create_task(pump(i, valid)) for i, (_, valid) in enumerate(requests)]
+    cutters = [StopCutter(valid.params.stop) for _, valid in requests]
+    try:
+        if body.echo:
+            for i, (text, _) in enumerate(requests):
+                for seq_index in range(n):
+                    choice = CompletionChoice(index=i * n + seq_index, text=text, finish_reason=None)
+                    yield sse_data(Completion(id=completion_id, created=created, model=model, system_fingerprint=state.system_fingerprint, choices=[choice]))
+        running = len(tasks)
+        while running:
+            prompt_index, item = await queue.get()
+            if item is None:
+                running -= 1
+                continue
+            if isinstance(item, ApiError):
+                record_failure(state, item)
+                yield sse_data(item.body())
+                continue
+            generated[prompt_index] += len(item.tokens)
+            texts = token_texts(item)
+            plain = "".join(t for t, tok in zip(texts, item.tokens) if not tok.special)
+            text = cutters[prompt_index].feed(item.index, plain, item)
+            choice = CompletionChoice(
+                index=prompt_index * n + item.index, text=text,
+                logprobs=completion_logprobs(item.tokens, texts, body.logprobs, False, "") if body.logprobs is not None and item.tokens else None,
+                finish_reason=FINISH.get(item.finish_reason, "stop") if item.finished else None,
+            )
+            yield sse_data(Completion(id=completion_id, created=created, model=model, system_fingerprint=state.system_fingerprint, choices=[choice]))
+        if include_usage:
+            prompt_tokens = sum(valid.input_length for _, valid in requests)
+            yield sse_data(Completion(
+                id=completion_id, created=created, model=model, system_fingerprint=state.system_fingerprint,
+                choices=[], usage=usage(None, prompt_tokens, sum(generated)),
+            ))
+        yield sse_data("[DONE]")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for permit in permits:
+            permit.release()
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(request: Request) -> ModelList:
+    """The one model this server serves."""
+    state = state_of(request)
+    return ModelList(data=[ModelCard(id=state.model.model_id, created=int(state.started_at))])

@@ -1,0 +1,295 @@
+"""TGI's generation routes: ``/``, ``/generate``, ``/generate_stream``, ``/tokenize``.
+
+Bodies, headers, SSE events and errors follow TGI's router (router/src/server.rs). One
+deliberate difference: a request that fails validation before any token is produced gets its
+HTTP status (422, 429 ...) even on the streaming route, where TGI sends a 200 followed by an
+error event; clients handle both, and a status is easier to act on.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, AsyncIterator, Iterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from lmport.engine.api import TokenInfo
+from lmport.server.auth import require_api_key
+from lmport.server.errors import ApiError
+from lmport.server.generation import (
+    ClientDisconnected,
+    GenerationResult,
+    SequenceResult,
+    Timings,
+    collect,
+    stream_outputs,
+    until_disconnect,
+)
+from lmport.server.schemas_tgi import (
+    BestOfSequence,
+    CompatGenerateRequest,
+    Details,
+    GenerateRequest,
+    GenerateResponse,
+    ErrorResponse,
+    PrefillToken,
+    SimpleToken,
+    StreamDetails,
+    StreamResponse,
+    Token,
+)
+from lmport.server.state import Permit, ServerState
+from lmport.server.streaming import EventStreamResponse, finite_or_none, sse_data, token_json, token_texts, top_tokens_json
+from lmport.server.validation import ValidRequest
+
+router = APIRouter(tags=["Text Generation Inference"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorResponse, "description": "Input validation error"},
+    424: {"model": ErrorResponse, "description": "Generation Error"},
+    429: {"model": ErrorResponse, "description": "Model is overloaded"},
+    500: {"model": ErrorResponse, "description": "Incomplete generation"},
+}
+FAILURE_KIND = {"incomplete_generation": "incomplete"}
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.lmport
+
+
+def record_failure(state: ServerState, exc: ApiError) -> None:
+    state.metrics.failure(FAILURE_KIND.get(exc.error_type, exc.error_type))
+
+
+# ---------------------------------------------------------------------------- routes
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=ERRORS, dependencies=[Depends(require_api_key)])
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    """Generate tokens; TGI's timing headers (``x-*-time``) come with the answer."""
+    response, headers = await generate_one(state_of(request), body, request)
+    return JSONResponse(response.model_dump(), headers=headers)
+
+
+@router.post(
+    "/generate_stream",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events of StreamResponse"}, **ERRORS},
+    dependencies=[Depends(require_api_key)],
+)
+async def generate_stream(body: GenerateRequest, request: Request) -> Response:
+    """Generate a stream of tokens as server-sent events (``data:{StreamResponse}``)."""
+    return await start_stream(state_of(request), body)
+
+
+@router.post(
+    "/",
+    responses={200: {"model": list[GenerateResponse], "description": "Generated text (a list of one)"}, **ERRORS},
+    dependencies=[Depends(require_api_key)],
+)
+async def compat_generate(body: CompatGenerateRequest, request: Request) -> Response:
+    """``/generate`` (answer wrapped in a list) or ``/generate_stream`` when ``stream`` is true.
+
+    Like TGI for a model without a hub pipeline tag, ``return_full_text`` defaults to true here.
+    """
+    if body.parameters.return_full_text is None:
+        body.parameters.return_full_text = True
+    state = state_of(request)
+    if body.stream:
+        return await start_stream(state, body)
+    response, headers = await generate_one(state, body, request)
+    return JSONResponse([response.model_dump()], headers=headers)
+
+
+@router.post("/tokenize", response_model=list[SimpleToken], dependencies=[Depends(require_api_key)])
+async def tokenize(body: GenerateRequest, request: Request) -> list[SimpleToken]:
+    """Token ids of ``inputs`` with each token's text and character offsets."""
+    return simple_tokens(state_of(request).tokenizer, body.inputs, body.add_special_tokens)
+
+
+def simple_tokens(tokenizer: Any, text: str, add_special_tokens: bool) -> list[SimpleToken]:
+    encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return [
+        SimpleToken(id=token_id, text=text[start:stop], start=start, stop=stop)
+        for token_id, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"])
+    ]
+
+
+# ---------------------------------------------------------------------------- /generate
+
+
+async def generate_one(state: ServerState, body: GenerateRequest, request: Request) -> tuple[GenerateResponse, dict[str, str]]:
+    timings = Timings(start=time.monotonic())
+    state.metrics.request()
+    try:
+        with state.limiter.acquire():
+            valid = state.validator.validate(body.parameters, inputs=body.inputs, add_special_tokens=body.add_special_tokens)
+            state.metrics.input_length.observe(valid.input_length)
+            state.metrics.max_new_tokens.observe(valid.params.max_new_tokens)
+            result = await until_disconnect(request, collect(state.engine, valid, timings))
+    except ApiError as exc:
+        record_failure(state, exc)
+        raise
+    except ClientDisconnected:
+        state.metrics.failure("disconnected")
+        raise
+    prefix = body.inputs if body.parameters.return_full_text else ""
+    response = build_generate_response(state, valid, result, prefix)
+    best = result.best() if valid.best_of > 1 else result.sequences[0]
+    split = record_success(state, timings, best.generated_tokens)
+    return response, timing_headers(state, body.inputs, split, valid.input_length, best.generated_tokens)
+
+
+def build_generate_response(state: ServerState, valid: ValidRequest, result: GenerationResult, prefix: str) -> GenerateResponse:
+    best = result.best() if valid.best_of > 1 else result.sequences[0]
+    text = prefix + best.text
+    if not valid.details:
+        return GenerateResponse(generated_text=text)
+    prefill = prefill_tokens(state, valid, result) if valid.decoder_input_details else []
+    others = [s for s in result.sequences if s is not best] if valid.best_of > 1 else None
+    return GenerateResponse(
+        generated_text=text,
+        details=Details(
+            finish_reason=tgi_finish_reason(best.finish_reason),
+            generated_tokens=best.generated_tokens,
+            seed=best.seed if best.seed is not None else valid.params.seed,
+            prefill=prefill,
+            tokens=sequence_tokens(best),
+            top_tokens=sequence_top_tokens(state, best) if valid.top_n_tokens else [],
+            best_of_sequences=[
+                BestOfSequence(
+                    generated_text=prefix + s.text,
+                    finish_reason=tgi_finish_reason(s.finish_reason),
+                    generated_tokens=s.generated_tokens,
+                    seed=s.seed,
+                    prefill=prefill,
+                    tokens=sequence_tokens(s),
+                    top_tokens=sequence_top_tokens(state, s) if valid.top_n_tokens else [],
+                )
+                for s in others
+            ] if others is not None else None,
+        ),
+    )
+
+
+def tgi_finish_reason(reason: str | None) -> str:
+    # "abort" only happens when the client left; anything unknown reads as "length"
+    return reason if reason in ("length", "eos_token", "stop_sequence") else "length"
+
+
+def sequence_tokens(seq: SequenceResult) -> list[Token]:
+    return [Token(**token_json(t, text)) for t, text in zip(seq.tokens, seq.token_texts)]
+
+
+def sequence_top_tokens(state: ServerState, seq: SequenceResult) -> list[list[Token]]:
+    special = state.special_ids
+    return [[Token(**t) for t in top_tokens_json(token, special)] for token in seq.tokens]
+
+
+def prefill_tokens(state: ServerState, valid: ValidRequest, result: GenerationResult) -> list[PrefillToken]:
+    tokenizer = state.tokenizer
+    if result.prompt_tokens:
+        tokens: list[TokenInfo] = result.prompt_tokens
+        return [
+            PrefillToken(id=t.token_id, text=t.text or tokenizer.decode([t.token_id]), logprob=None if i == 0 else finite_or_none(t.logprob))
+            for i, t in enumerate(tokens)
+        ]
+    # The engine gave no prompt logprobs: ids and texts are still known.
+    return [PrefillToken(id=i, text=tokenizer.decode([i]), logprob=None) for i in valid.prompt_ids]
+
+
+def timing_headers(state: ServerState, inputs: str, split: dict[str, float], input_length: int, generated: int) -> dict[str, str]:
+    def ms(seconds: float) -> str:
+        return str(int(seconds * 1000))
+
+    return {
+        "x-compute-type": state.compute_type,
+        "x-compute-time": repr(split["total"]),
+        "x-compute-characters": str(len(inputs)),
+        "x-total-time": ms(split["total"]),
+        "x-validation-time": ms(split["validation"]),
+        "x-queue-time": ms(split["queue"]),
+        "x-inference-time": ms(split["inference"]),
+        "x-time-per-token": ms(split["inference"] / max(generated, 1)),
+        "x-prompt-tokens": str(input_length),
+        "x-generated-tokens": str(generated),
+    }
+
+
+# ---------------------------------------------------------------------------- /generate_stream
+
+
+async def start_stream(state: ServerState, body: GenerateRequest) -> Response:
+    """Validate now (so errors get their status), then stream; the permit lives with the stream."""
+    timings = Timings(start=time.monotonic())
+    state.metrics.request()
+    try:
+        permit = state.limiter.acquire()
+        with release_on_error(permit):
+            state.validator.check_stream(body.parameters)
+            valid = state.validator.validate(body.parameters, inputs=body.inputs, add_special_tokens=body.add_special_tokens)
+    except ApiError as exc:
+        record_failure(state, exc)
+        raise
+    state.metrics.input_length.observe(valid.input_length)
+    state.metrics.max_new_tokens.observe(valid.params.max_new_tokens)
+    prefix = body.inputs if body.parameters.return_full_text else ""
+    headers = {"x-compute-type": state.compute_type, "x-compute-characters": str(len(body.inputs))}
+    return EventStreamResponse(tgi_events(state, valid, timings, prefix, body.parameters.details, permit), headers=headers)
+
+
+async def tgi_events(
+    state: ServerState, valid: ValidRequest, timings: Timings, prefix: str, details: bool, permit: Permit
+) -> AsyncIterator[bytes]:
+    index = 0
+    text_parts: list[str] = []
+    last_id = 0
+    try:
+        async for output in stream_outputs(state.engine, valid, timings):
+            text_parts.append(output.text)
+            tokens = list(zip(output.tokens, token_texts(output)))
+            if output.finished and not tokens:  # finished without a new token: close with an empty one
+                tokens = [(TokenInfo(token_id=last_id, logprob=0.0, text="", special=True), "")]
+            for position, (token, text) in enumerate(tokens):
+                index += 1
+                last_id = token.token_id
+                event = StreamResponse(
+                    index=index,
+                    token=Token(**token_json(token, text)),
+                    top_tokens=[Token(**t) for t in top_tokens_json(token, state.special_ids)] if valid.top_n_tokens else [],
+                )
+                if output.finished and position == len(tokens) - 1:
+                    event.generated_text = prefix + "".join(text_parts)
+                    if details:
+                        event.details = StreamDetails(
+                            finish_reason=tgi_finish_reason(output.finish_reason),
+                            generated_tokens=output.num_generated_tokens or index,
+                            seed=output.seed if output.seed is not None else valid.params.seed,
+                            input_length=valid.input_length,
+                        )
+                    record_success(state, timings, output.num_generated_tokens or index)
+                yield sse_data(event)
+    except ApiError as exc:
+        record_failure(state, exc)
+        yield sse_data(exc.body())
+    finally:
+        permit.release()
+
+
+@contextmanager
+def release_on_error(permit: Permit) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        permit.release()
+        raise
+
+
+def record_success(state: ServerState, timings: Timings, generated: int) -> dict[str, float]:
+    split = timings.split()
+    state.metrics.success(
+        total=split["total"], validation=split["validation"], queue=split["queue"],
+        inference=split["inference"], generated=generated,
+    )
+    return split

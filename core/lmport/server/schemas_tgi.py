@@ -1,0 +1,163 @@
+"""TGI's request and response bodies (router/src/lib.rs), as pydantic models.
+
+Field names, defaults and what is omitted when empty follow TGI, so TGI's own clients
+(``text-generation``, ``huggingface_hub.InferenceClient``) parse our answers unchanged.
+Range checks live in :mod:`lmport.server.validation` so their messages can match TGI's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+
+class OmitEmpty(BaseModel):
+    """Drops the fields named in ``omit_if_empty`` from the JSON when they are None or []."""
+
+    omit_if_empty: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_empty(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for name in self.omit_if_empty:
+            if data.get(name) is None or data.get(name) == []:
+                data.pop(name, None)
+        return data
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+class Grammar(BaseModel):
+    type: Literal["json", "regex", "json_schema"]
+    value: Any
+
+
+class GenerateParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    best_of: int | None = Field(None, ge=0, description="Generate best_of sequences and return the one with the highest log probability")
+    temperature: float | None = Field(None, examples=[0.5])
+    repetition_penalty: float | None = Field(None, examples=[1.03])
+    frequency_penalty: float | None = Field(None, examples=[0.1])
+    top_k: int | None = Field(None, examples=[10])
+    top_p: float | None = Field(None, examples=[0.95])
+    typical_p: float | None = Field(None, examples=[0.95])
+    do_sample: bool = False
+    max_new_tokens: int | None = Field(None, ge=0, examples=[20], description="None: up to max_total_tokens, at most 1024")
+    return_full_text: bool | None = None
+    stop: list[str] = Field(default_factory=list, examples=[["photographer"]])
+    truncate: int | None = Field(None, ge=0)
+    watermark: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    top_n_tokens: int | None = Field(None, ge=0, examples=[5])
+    grammar: Grammar | None = None
+    adapter_id: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str = Field(examples=["My name is Olivier and I"])
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    add_special_tokens: bool = True
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _parameters_none_is_default(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class CompatGenerateRequest(GenerateRequest):
+    stream: bool = False
+
+
+# ---------------------------------------------------------------------------- responses
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class BestOfSequence(OmitEmpty):
+    omit_if_empty: ClassVar[tuple[str, ...]] = ("top_tokens",)
+
+    generated_text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] = Field(default_factory=list)
+
+
+class Details(OmitEmpty):
+    omit_if_empty: ClassVar[tuple[str, ...]] = ("top_tokens", "best_of_sequences")
+
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] = Field(default_factory=list)
+    best_of_sequences: list[BestOfSequence] | None = None
+
+
+class GenerateResponse(OmitEmpty):
+    omit_if_empty: ClassVar[tuple[str, ...]] = ("details",)
+
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    input_length: int
+
+
+class StreamResponse(OmitEmpty):
+    omit_if_empty: ClassVar[tuple[str, ...]] = ("top_tokens",)
+
+    index: int
+    token: Token
+    top_tokens: list[Token] = Field(default_factory=list)
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+
+
+class SimpleToken(BaseModel):
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
+class ChatTokenizeResponse(BaseModel):
+    tokenize_response: list[SimpleToken]
+    templated_text: str
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    error_type: str

@@ -1,0 +1,198 @@
+"""Request validation with TGI's rules, order and messages (router/src/validation.rs).
+
+Every check answers 422 ``error_type: "validation"`` with TGI's exact wording, so clients
+that match on messages keep working. The result is a :class:`ValidRequest`: prompt token ids
+and the engine's :class:`SamplingParams`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from lmport.engine.api import SamplingParams
+from lmport.server.errors import ValidationFailed
+from lmport.server.schemas_tgi import GenerateParameters
+
+DEFAULT_GENERATION_LENGTH = 1024  # TGI: max_new_tokens when the client sets none
+MAX_SEQUENCES_PER_REQUEST = 128  # OpenAI's upper bound for n
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The launcher's request limits (TGI's names)."""
+
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int = 1023
+    max_total_tokens: int = 1024
+    max_client_batch_size: int = 4
+    disable_grammar_support: bool = False
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    input_length: int
+    best_of: int = 1
+    details: bool = False
+    decoder_input_details: bool = False
+    top_n_tokens: int = 0
+
+
+class Validator:
+    def __init__(self, limits: Limits, tokenizer: Any, eos_token_ids: Sequence[int] = ()):
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(eos_token_ids)
+
+    # ------------------------------------------------------------------ parameters
+
+    def check_stream(self, p: GenerateParameters) -> None:
+        if (p.best_of or 1) != 1:
+            raise ValidationFailed("`best_of` != 1 is not supported when streaming tokens")
+        if p.decoder_input_details:
+            raise ValidationFailed("`decoder_input_details` == true is not supported when streaming tokens")
+
+    def check_best_of(self, best_of: int) -> None:
+        if self.limits.max_best_of == 1 and best_of != 1:
+            raise ValidationFailed("`best_of` != 1 is not allowed for this endpoint")
+        if best_of < 1 or best_of > self.limits.max_best_of:
+            raise ValidationFailed(f"`best_of` must be > 0 and <= {self.limits.max_best_of}. Given: {best_of}")
+
+    @staticmethod
+    def wants_sampling(p: GenerateParameters) -> bool:
+        # TGI samples when any warper is set, even with do_sample false
+        return p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
+
+    def check_parameters(self, p: GenerateParameters, *, presence_penalty: float | None = None) -> None:
+        """Every range TGI validates before tokenizing, in TGI's order."""
+        limits = self.limits
+        best_of = p.best_of if p.best_of is not None else 1
+        if best_of != 1:
+            self.check_best_of(best_of)
+        if best_of > 1 and not self.wants_sampling(p):
+            raise ValidationFailed("you must use sampling when `best_of` is > 1")
+        if p.temperature is not None and p.temperature <= 0.0:
+            raise ValidationFailed("`temperature` must be strictly positive")
+        if p.repetition_penalty is not None and p.repetition_penalty <= 0.0:
+            raise ValidationFailed("`repetition_penalty` must be strictly positive")
+        if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
+            raise ValidationFailed("`frequency_penalty` must be >= -2.0 and <= 2.0")
+        if presence_penalty is not None and not -2.0 <= presence_penalty <= 2.0:
+            raise ValidationFailed("`presence_penalty` must be >= -2.0 and <= 2.0")
+        if p.top_p is not None and not 0.0 < p.top_p < 1.0:
+            raise ValidationFailed("`top_p` must be > 0.0 and < 1.0")
+        if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
+            raise ValidationFailed("`typical_p` must be > 0.0 and < 1.0")
+        if p.top_k is not None and p.top_k <= 0:
+            raise ValidationFailed("`top_k` must be strictly positive")
+        if p.max_new_tokens == 0:
+            raise ValidationFailed("`max_new_tokens` must be strictly positive")
+        if len(p.stop) > limits.max_stop_sequences:
+            raise ValidationFailed(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}")
+        if p.seed is not None and best_of > 1:
+            raise ValidationFailed("`seed` must not be set when `best_of` > 1")
+        if p.top_n_tokens is not None and p.top_n_tokens > limits.max_top_n_tokens:
+            raise ValidationFailed(f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {p.top_n_tokens}")
+
+    def check_truncate(self, p: GenerateParameters) -> None:
+        if p.truncate is not None and (p.truncate == 0 or p.truncate > self.limits.max_input_tokens):
+            raise ValidationFailed(
+                f"`truncate` must be strictly positive and less than {self.limits.max_input_tokens}. Given: {p.truncate}"
+            )
+
+    def check_grammar(self, p: GenerateParameters) -> None:
+        if p.grammar is None:
+            return
+        if self.limits.disable_grammar_support:
+            raise ValidationFailed("grammar is not supported")
+        raise ValidationFailed("grammar is not supported: constrained decoding is not implemented in lmport yet")
+
+    # ------------------------------------------------------------------ tokens
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        except Exception as exc:  # a tokenizer that chokes on the input is the client's 422
+            raise ValidationFailed(f"tokenizer error {exc}") from exc
+
+    def validate(
+        self,
+        p: GenerateParameters,
+        *,
+        inputs: str | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        add_special_tokens: bool = True,
+        n: int = 1,
+        presence_penalty: float | None = None,
+        prompt_logprobs: bool | None = None,
+        extra_stop_token_ids: Sequence[int] = (),
+    ) -> ValidRequest:
+        """Check ``p`` and the prompt (text or ids) and build the engine request."""
+        self.check_parameters(p, presence_penalty=presence_penalty)
+        if prompt_ids is None:
+            if not inputs:
+                raise ValidationFailed("`inputs` cannot be empty")
+        elif not prompt_ids:
+            raise ValidationFailed("`inputs` cannot be empty")
+        self.check_truncate(p)
+        if prompt_ids is None:
+            prompt_ids = self.tokenize(inputs or "", add_special_tokens)
+        ids = list(prompt_ids)
+        if p.truncate is not None:
+            ids = ids[-p.truncate:]  # TGI keeps the end of the prompt
+        input_length = len(ids)
+        max_new_tokens = p.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = min(max(self.limits.max_total_tokens - input_length, 0), DEFAULT_GENERATION_LENGTH)
+        if input_length + max_new_tokens > self.limits.max_total_tokens:
+            raise ValidationFailed(
+                f"`inputs` tokens + `max_new_tokens` must be <= {self.limits.max_total_tokens}. "
+                f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+            )
+        if input_length > self.limits.max_input_tokens:
+            raise ValidationFailed(f"`inputs` must have less than {self.limits.max_input_tokens} tokens. Given: {input_length}")
+        if max_new_tokens == 0:  # the prompt fills the whole budget
+            raise ValidationFailed("`max_new_tokens` must be strictly positive")
+        self.check_grammar(p)
+        if not 1 <= n <= MAX_SEQUENCES_PER_REQUEST:
+            raise ValidationFailed(f"`n` must be >= 1 and <= {MAX_SEQUENCES_PER_REQUEST}. Given: {n}")
+
+        best_of = p.best_of if p.best_of is not None else 1
+        sampling = self.wants_sampling(p)
+        seed = p.seed
+        if sampling and seed is None and best_of == 1 and n == 1:
+            seed = random.getrandbits(63)  # TGI reports the seed it drew in `details.seed`
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            typical_p=p.typical_p,
+            repetition_penalty=p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=presence_penalty,
+            seed=seed,
+            watermark=p.watermark,
+            stop=tuple(p.stop),
+            stop_token_ids=tuple(dict.fromkeys((*self.eos_token_ids, *extra_stop_token_ids))),
+            logprobs=True,
+            top_n_tokens=p.top_n_tokens or 0,
+            prompt_logprobs=p.decoder_input_details if prompt_logprobs is None else prompt_logprobs,
+            n=max(best_of, n),
+        )
+        return ValidRequest(
+            prompt_ids=tuple(ids),
+            params=params,
+            input_length=input_length,
+            best_of=best_of,
+            details=p.details or p.decoder_input_details,
+            decoder_input_details=p.decoder_input_details,
+            top_n_tokens=p.top_n_tokens or 0,
+        )

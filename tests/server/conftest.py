@@ -1,0 +1,120 @@
+"""Fixtures for server tests: a tiny llama with a trained tokenizer and a chat template, served
+by the real engine over a real socket (uvicorn on 127.0.0.1, port 0, in a thread).
+
+- ``tiny_llama``: ``(path, hf_model, tokenizer)``, built once per session.
+- ``start_server(**settings)``: a running :class:`ServerThread` for a ``LaunchConfig`` with those
+  settings (cached per settings for the session); ``.url``, ``.state`` (the ServerState).
+- ``server``: the default one.
+- ``hf_reference(prompt_ids, max_new_tokens)``: transformers' greedy continuation (token ids,
+  stopping at EOS as the server does) and its text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from lmport.config import LaunchConfig
+from lmport.engine.factory import build_engine
+from lmport.plugins import PluginHost
+from lmport.server.app import build_app
+from lmport.server.assemble import build_state
+from lmport.server.serve import ServerThread
+from lmport.testing.tiny_models import VOCAB, make_checkpoint
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Servers stream tokens to their clients as server-sent events.",
+    "A chat template turns messages into one prompt for the model.",
+    "héllo wörld, ünïcode text ☃ and emoji 🙂 split over byte tokens",
+] * 20
+
+
+def train_chat_tokenizer(vocab_size: int = VOCAB) -> Any:
+    """A byte-level BPE: <pad>, <s>, </s> at ids 0-2 (the tiny configs' ids), ChatML turn tokens, a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> tuple[Path, Any, Any]:
+    path = tmp_path_factory.mktemp("tiny-llama-chat")
+    hf_model = make_checkpoint("llama", path)
+    tokenizer = train_chat_tokenizer()
+    tokenizer.save_pretrained(path)
+    return path, hf_model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def start_server(tiny_llama) -> Callable[..., ServerThread]:
+    running: dict[tuple, ServerThread] = {}
+
+    def start(**settings: Any) -> ServerThread:
+        key = tuple(sorted(settings.items()))
+        if key not in running:
+            settings.setdefault("max_batch_total_tokens", 16384)
+            settings.setdefault("max_total_tokens", 512)
+            config = LaunchConfig(model_id=str(tiny_llama[0]), **settings)
+            host = PluginHost(environ={}, load_entry_points=False).load()
+            engine, tokenizer, info = build_engine(config, host)
+            state = build_state(config, engine, tokenizer, info, host=host, model_id="tiny-llama")
+            thread = ServerThread(build_app(state)).start()
+            thread.state = state  # type: ignore[attr-defined]
+            running[key] = thread
+        return running[key]
+
+    torch.set_num_threads(1)  # tiny models on a shared 2-core box
+    yield start
+    for thread in running.values():
+        thread.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> ServerThread:
+    return start_server()
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tiny_llama) -> Callable[[list[int], int], tuple[list[int], str]]:
+    _, hf_model, tokenizer = tiny_llama
+
+    @torch.inference_mode()
+    def reference(prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], str]:
+        out = hf_model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=0,
+        )
+        tokens = out[0, len(prompt_ids):].tolist()
+        return tokens, tokenizer.decode(tokens, skip_special_tokens=True)
+
+    return reference
