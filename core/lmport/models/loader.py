@@ -25,7 +25,19 @@ def resolve_model_info(path: str | Path, trust_remote_code: bool = False) -> Mod
     hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     architectures = getattr(hf_config, "architectures", None) or []
     architecture = architectures[0] if architectures else type(hf_config).__name__
-    return ModelInfo(model_id=str(path), path=Path(path), hf_config=hf_config, architecture=architecture)
+    return ModelInfo(
+        model_id=str(path), path=Path(path), hf_config=hf_config, architecture=architecture, gguf_file=_folder_gguf(path)
+    )
+
+
+def _folder_gguf(path: str | Path) -> str | None:
+    """The folder's one ``.gguf`` when it has no safetensors/bin weights (lmport.models.resolve
+    prepares such folders for GGUF checkpoints: config + tokenizer + a link to the file)."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+        return None
+    ggufs = sorted(folder.glob("*.gguf"))
+    return ggufs[0].name if len(ggufs) == 1 else None
 
 
 def build_native_model(
