@@ -1,0 +1,198 @@
+"""What the fallback refuses or needs: remote code only when trusted, models whose attention
+bypasses transformers' interface, logits it would get wrong (caught by the load-time probe)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmport.models import hf_fallback
+from lmport.models.base import ModelInfo
+from lmport.models.hf_fallback import load_fallback
+from lmport.models.loader import resolve_model_info
+from lmport.testing.model_driver import greedy_generate
+
+REMOTE_CONFIG = """
+from transformers import PretrainedConfig, Qwen2Config
+
+
+class TinyRemoteConfig(Qwen2Config):
+    model_type = "lmport_tiny_remote"
+
+
+class TinyOwnAttentionConfig(PretrainedConfig):
+    model_type = "lmport_tiny_own_attention"
+
+    def __init__(self, vocab_size=64, hidden_size=32, num_attention_heads=2, num_hidden_layers=1, **kwargs):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.num_attention_heads, self.num_hidden_layers = num_attention_heads, num_hidden_layers
+        super().__init__(**kwargs)
+"""
+
+REMOTE_MODELING = """
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Qwen2ForCausalLM
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+
+from .configuration_tiny import TinyOwnAttentionConfig, TinyRemoteConfig
+
+
+class TinyRemoteForCausalLM(Qwen2ForCausalLM):
+    # remote code built on a transformers model: its attention goes through the interface
+    config_class = TinyRemoteConfig
+
+
+class TinyOwnAttentionModel(PreTrainedModel):
+    # remote code with attention of its own: transformers' attention interface is never called
+    config_class = TinyOwnAttentionConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.attn = nn.MultiheadAttention(config.hidden_size, config.num_attention_heads, batch_first=True)
+        self.post_init()
+
+    def forward(self, input_ids=None, position_ids=None, **kwargs):
+        h = self.embed(input_ids)
+        mask = torch.triu(torch.ones(h.shape[1], h.shape[1], dtype=torch.bool), 1)
+        return BaseModelOutput(last_hidden_state=h + self.attn(h, h, h, attn_mask=mask)[0])
+
+
+class TinyOwnAttentionForCausalLM(PreTrainedModel):
+    config_class = TinyOwnAttentionConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = TinyOwnAttentionModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, position_ids=None, **kwargs):
+        return CausalLMOutput(logits=self.lm_head(self.model(input_ids).last_hidden_state))
+"""
+
+
+def write_remote_checkpoint(path: Path, kind: str) -> Path:
+    """A checkpoint whose config.json points at modeling code in the folder (``auto_map``)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "configuration_tiny.py").write_text(textwrap.dedent(REMOTE_CONFIG))
+    (path / "modeling_tiny.py").write_text(textwrap.dedent(REMOTE_MODELING))
+    import importlib.util
+    import sys
+
+    # build the weights with the same code, imported from the folder as a package
+    package = f"lmport_remote_{kind}_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(package, path / "__init__.py", submodule_search_locations=[str(path)])
+    (path / "__init__.py").write_text("")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[package] = module
+    spec.loader.exec_module(module)
+    configuration = importlib.import_module(f"{package}.configuration_tiny")
+    modeling = importlib.import_module(f"{package}.modeling_tiny")
+    if kind == "remote":
+        config = configuration.TinyRemoteConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128,
+        )
+        model = modeling.TinyRemoteForCausalLM(config)
+        names = ("TinyRemoteConfig", "TinyRemoteForCausalLM")
+    else:
+        config = configuration.TinyOwnAttentionConfig()
+        model = modeling.TinyOwnAttentionForCausalLM(config)
+        names = ("TinyOwnAttentionConfig", "TinyOwnAttentionForCausalLM")
+    model.save_pretrained(path)
+    saved = json.loads((path / "config.json").read_text())
+    saved["auto_map"] = {"AutoConfig": f"configuration_tiny.{names[0]}", "AutoModelForCausalLM": f"modeling_tiny.{names[1]}"}
+    saved["architectures"] = [names[1]]
+    (path / "config.json").write_text(json.dumps(saved))
+    return path
+
+
+def test_remote_code_runs_only_when_trusted(tmp_path, cpu_host):
+    path = write_remote_checkpoint(tmp_path / "remote", "remote")
+    info = resolve_model_info(path, trust_remote_code=True)
+    assert info.architecture == "TinyRemoteForCausalLM"
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_fallback(info, cpu_host, torch.float32, torch.device("cpu"), trust_remote_code=False)
+    model = load_fallback(info, cpu_host, torch.float32, torch.device("cpu"), trust_remote_code=True)
+    from transformers import AutoModelForCausalLM
+
+    oracle = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, attn_implementation="eager").eval()
+    prompt = [5, 6, 7, 8, 9]
+    expected = oracle.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=4, eos_token_id=None, pad_token_id=0)
+    assert greedy_generate(model, [prompt], 4, host=cpu_host) == [expected[0, len(prompt) :].tolist()]
+
+
+def test_model_with_its_own_attention_is_refused(tmp_path, cpu_host):
+    path = write_remote_checkpoint(tmp_path / "own", "own")
+    info = resolve_model_info(path, trust_remote_code=True)
+    with pytest.raises(RuntimeError, match="attention interface"):
+        load_fallback(info, cpu_host, torch.float32, torch.device("cpu"), trust_remote_code=True)
+
+
+def test_probe_catches_logits_the_adapter_gets_wrong(fallback_checkpoint, cpu_host, monkeypatch):
+    """Granite divides its logits by ``logits_scaling``; an adapter that forgot would fail at load."""
+    path, _ = fallback_checkpoint("granite")
+    monkeypatch.setattr(hf_fallback, "postprocess_logits", lambda logits, config: logits)
+    with pytest.raises(RuntimeError, match="disagrees with transformers"):
+        load_fallback(resolve_model_info(path), cpu_host, torch.float32, torch.device("cpu"), False)
+
+
+def write_tiny_gguf(hf_model, path: Path) -> None:
+    """The Qwen2 model as an F32 GGUF file, tensor names from gguf-py's map (what llama.cpp writes)."""
+    import gguf
+    import numpy as np
+
+    config = hf_model.config
+    rope_theta = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
+    writer.add_token_types([1] * config.vocab_size)
+    writer.add_token_merges([])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
+    for name, tensor in hf_model.state_dict().items():
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_checkpoint_loads_through_gguf_file(tmp_path, cpu_host):
+    pytest.importorskip("gguf")
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
+
+    from lmport.testing.tiny_models import widen_init
+
+    config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    oracle = AutoModelForCausalLM.from_config(config).eval()
+    widen_init(oracle)
+    write_tiny_gguf(oracle, tmp_path / "tiny-f32.gguf")
+    hf_config = AutoConfig.from_pretrained(tmp_path, gguf_file="tiny-f32.gguf")
+    info = ModelInfo("tiny-gguf", tmp_path, hf_config, "Qwen2ForCausalLM", gguf_file="tiny-f32.gguf")
+    model = load_fallback(info, cpu_host, torch.float32, torch.device("cpu"), False)
+    prompts = [[5, 6, 7, 8, 9, 10], [40, 41]]
+    got = greedy_generate(model, prompts, 5, host=cpu_host, prefill_chunk=4)
+    for prompt, tokens in zip(prompts, got):
+        expected = oracle.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=5, eos_token_id=None, pad_token_id=0)
+        assert tokens == expected[0, len(prompt) :].tolist()
