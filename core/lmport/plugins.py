@@ -135,7 +135,9 @@ class PluginHost:
                     record = PluginRecord(ep.name, group, ep.value)
                     if ep.dist is not None:
                         record.distribution, record.version = ep.dist.name, ep.dist.version
-                    if ep.name in block or (allow is not None and ep.name not in allow):
+                    if ep.name in CORE_PLUGINS:
+                        record.error = f"the name '{ep.name}' is reserved for the core's own plugin"
+                    elif ep.name in block or (allow is not None and ep.name not in allow):
                         record.disabled = True
                     else:
                         try:
@@ -152,7 +154,6 @@ class PluginHost:
             record.plugin = importlib.import_module(module)
             self._register(record)
             self.records[name] = record
-        self._pm.check_pending()
         return self
 
     def register(self, plugin: Any, name: str, group: str = PLUGINS_GROUP) -> None:
@@ -160,13 +161,20 @@ class PluginHost:
         record = PluginRecord(name, group, getattr(plugin, "__name__", type(plugin).__name__), plugin=plugin)
         self._register(record)
         self.records[name] = record
-        self._pm.check_pending()
 
     def _register(self, record: PluginRecord) -> None:
+        """Register one plugin; a bad hookimpl (wrong arguments, unknown hook) disables only it."""
         try:
             self._pm.register(record.plugin, name=record.name)
-        except Exception as exc:  # bad hookimpl signature and the like
+        except Exception as exc:  # a hookimpl argument the spec doesn't have, a duplicate name
             record.error = f"{type(exc).__name__}: {exc}"
+            record.plugin = None
+            return
+        try:
+            self._pm.check_pending()  # only this plugin can be pending: each is checked on arrival
+        except pluggy.PluginValidationError as exc:
+            self._pm.unregister(name=record.name)
+            record.error = f"PluginValidationError: {exc}"
             record.plugin = None
 
     # ------------------------------------------------------------------ selection

@@ -196,3 +196,23 @@ def test_report_marks_the_active_plugin_and_carries_the_flags():
     assert report["active"]["capabilities"] == host.capabilities().to_dict()
     assert report["active"]["reason"] == "no accelerator backend detected"
     assert isinstance(host.capabilities(), Capabilities)
+
+
+def test_a_plugin_with_an_unknown_hook_is_isolated_not_fatal(dist_dir):
+    typo = "from lmport import hookimpl\n\n@hookimpl\ndef lmport_detect_backends(env):\n    return None\n"
+    install_backend(dist_dir, "lmport-test-typo", "typo", "lmport_test_typo", typo)
+    bad_args = "from lmport import hookimpl\n\n@hookimpl\ndef lmport_capabilities(backend, extra):\n    return None\n"
+    install_backend(dist_dir, "lmport-test-args", "args", "lmport_test_args", bad_args)
+    host = PluginHost(environ={}, detection_env=FakeMachine.bare())
+    assert host.select_backend().backend.name == "cpu"
+    assert "unknown hook 'lmport_detect_backends'" in host.records["typo"].error
+    assert not host.records["typo"].loaded
+    assert "extra" in host.records["args"].error and not host.records["args"].loaded
+
+
+def test_an_entry_point_cannot_take_the_core_backends_name(dist_dir):
+    install_backend(dist_dir, "lmport-test-cpu", "cpu", "lmport_test_cpu", GOOD_BACKEND)
+    host = PluginHost(environ={}, detection_env=FakeMachine.bare())
+    host.load()
+    assert host.records["cpu"].distribution == "lmport"
+    assert host.select_backend().backend.name == "cpu"
