@@ -41,7 +41,7 @@ class TritonPagedAttention(AttentionBackend):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         from lmport_cuda.kernels.kv_cache_write import write_kv_cache
-        from lmport_cuda.kernels.unified_attention import unified_attention
+        from lmport_cuda.kernels.paged_attention import unified_attention
 
         key_cache, value_cache = kv_cache
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)

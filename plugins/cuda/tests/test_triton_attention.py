@@ -115,7 +115,7 @@ def run_both(case: Case, device: torch.device, seed: int = 0) -> None:
     """Triton and the reference on identical copies; outputs close, caches identical."""
     from lmport_cuda.attention import TritonPagedAttention
     from lmport_cuda.kernels.kv_cache_write import write_kv_cache as triton_write
-    from lmport_cuda.kernels.unified_attention import unified_attention
+    from lmport_cuda.kernels.paged_attention import unified_attention
 
     batch = make_batch(case, device, seed)
     spec = case.spec()
@@ -243,7 +243,7 @@ def test_strided_query_from_a_fused_projection(device: torch.device) -> None:
 
 def test_same_grid_for_any_context_length(device: torch.device) -> None:
     """A decode graph captured once must stay right as contexts grow: only shapes pick the launch."""
-    from lmport_cuda.kernels.unified_attention import choose_tile_config
+    from lmport_cuda.kernels.paged_attention import choose_tile_config
 
     short = choose_tile_config(8, 8, 4, 128, 1, torch.bfloat16)
     assert short == choose_tile_config(8, 8, 4, 128, 1, torch.bfloat16)

@@ -20,9 +20,6 @@ reduce kernel merges them. That fills the GPU when a decode batch has few sequen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 import triton
 import triton.language as tl
 
@@ -48,7 +45,8 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
-@triton.jit
+# num_seqs stays a runtime value: specialising 1 into a constant would break the search loop's types
+@triton.jit(do_not_specialize=["num_seqs"])
 def unified_attention_kernel(
     out_ptr,
     query_ptr,
@@ -225,137 +223,3 @@ def merge_splits_kernel(
     total = tl.sum(l * weight, axis=0)
     out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + token * stride_o_token + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    block_m: int  # query rows per program (query positions x heads of a group)
-    tile_n: int  # keys per loop iteration
-    num_splits: int
-    num_warps: int
-    num_stages: int
-
-    def block_q(self, queries_per_kv: int) -> int:
-        return max(1, self.block_m // queries_per_kv)
-
-
-# A decode batch with fewer (sequence, KV head) pairs than this is split along the keys.
-SPLIT_KV_BELOW_PROGRAMS = 256
-MAX_SPLITS = 32
-
-
-def choose_tile_config(
-    num_seqs: int, num_kv_heads: int, queries_per_kv: int, head_dim_pad: int, max_query_len: int, dtype: torch.dtype
-) -> TileConfig:
-    """Tile sizes from shapes and host ints only (so a captured decode graph never goes stale)."""
-    group = triton.next_power_of_2(queries_per_kv)
-    wide = head_dim_pad > 128 or dtype == torch.float32  # keep registers and shared memory in budget
-    if max_query_len <= 1:
-        block_m = max(16, group)
-        pairs = num_seqs * num_kv_heads
-        splits = 1
-        if pairs < SPLIT_KV_BELOW_PROGRAMS:
-            splits = min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(2 * SPLIT_KV_BELOW_PROGRAMS, max(pairs, 1))))
-        return TileConfig(block_m, 32 if wide else 64, splits, 4, 2 if wide else 3)
-    rows = triton.next_power_of_2(max_query_len * queries_per_kv)
-    block_m = max(group, min(64 if wide else 128, max(16, rows)))
-    return TileConfig(block_m, 32 if wide else 64, 1, 8 if block_m >= 128 else 4, 2)
-
-
-def unified_attention(
-    out: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # int32 [num_seqs, max_blocks]
-    seq_lens: torch.Tensor,  # int32 [num_seqs]
-    query_start_loc: torch.Tensor,  # int32 [num_seqs + 1]
-    *,
-    max_query_len: int,
-    scale: float,
-    causal: bool = True,
-    sliding_window: int | None = None,
-    alibi_slopes: torch.Tensor | None = None,  # float32 [num_heads]
-    soft_cap: float | None = None,
-    num_splits: int | None = None,  # None: chosen from shapes
-) -> torch.Tensor:
-    num_tokens, num_heads, head_dim = query.shape
-    num_seqs = seq_lens.shape[0]
-    _, block_size, num_kv_heads, _ = key_cache.shape
-    if num_tokens == 0 or num_seqs == 0:
-        return out
-    for t in (query, out, key_cache, value_cache):
-        if t.stride(-1) != 1:
-            raise ValueError("attention operands need a contiguous last (head_dim) dimension")
-    queries_per_kv = num_heads // num_kv_heads
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    config = choose_tile_config(num_seqs, num_kv_heads, queries_per_kv, head_dim_pad, max_query_len, key_cache.dtype)
-    splits = config.num_splits if num_splits is None else num_splits
-    block_q = config.block_q(queries_per_kv)
-    # Triton runs CPU tensors only in interpreter mode, whose tl.dot mishandles bf16: use fp32 there.
-    dot_fp32 = query.device.type != "cuda" or query.dtype == torch.float32
-    if splits > 1:
-        partial_acc = torch.empty((num_tokens, num_heads, splits, head_dim_pad), dtype=torch.float32, device=query.device)
-        partial_max = torch.empty((num_tokens, num_heads, splits), dtype=torch.float32, device=query.device)
-        partial_sum = torch.empty_like(partial_max)
-    else:
-        partial_acc = partial_max = partial_sum = out  # placeholders: the kernel writes `out` directly
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
-    unified_attention_kernel[grid](
-        out,
-        query,
-        key_cache,
-        value_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        alibi_slopes if alibi_slopes is not None else query,
-        partial_acc,
-        partial_max,
-        partial_sum,
-        scale,
-        soft_cap or 0.0,
-        num_seqs,
-        query.stride(0),
-        query.stride(1),
-        out.stride(0),
-        out.stride(1),
-        key_cache.stride(0),
-        key_cache.stride(1),
-        key_cache.stride(2),
-        value_cache.stride(0),
-        value_cache.stride(1),
-        value_cache.stride(2),
-        block_tables.stride(0),
-        NUM_HEADS=num_heads,
-        QUERIES_PER_KV=queries_per_kv,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=block_size,
-        TILE_N=config.tile_n,
-        BLOCK_M=config.block_m,
-        BLOCK_Q=block_q,
-        IS_CAUSAL=causal,
-        SLIDING_WINDOW=sliding_window or 0,
-        USE_ALIBI=alibi_slopes is not None,
-        USE_SOFT_CAP=bool(soft_cap),
-        NUM_SPLITS=splits,
-        DOT_FP32=dot_fp32,
-        DOT_PRECISION="ieee" if dot_fp32 else "tf32",
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-    if splits > 1:
-        merge_splits_kernel[(num_tokens, num_heads)](
-            out,
-            partial_acc,
-            partial_max,
-            partial_sum,
-            out.stride(0),
-            out.stride(1),
-            NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=head_dim_pad,
-            NUM_SPLITS=splits,
-        )
-    return out
