@@ -91,3 +91,33 @@ def test_sliding_window_falls_back_to_the_reference_with_one_warning(host, caplo
         "using the reference path"
     ]
     assert host.fallbacks == warnings
+
+
+def test_a_sliding_window_model_builds_on_rocm_with_one_warning_and_generates_like_the_cpu(tmp_path, caplog):
+    """Mistral's layers share one sliding-window spec: one warning for the model, reference
+    attention in every layer. The tensors stay on the CPU here (no AMD GPU); the host and its
+    hooks are the ROCm backend's."""
+    import torch
+
+    from lmport.layers.attention import Attention
+    from lmport.models.loader import build_native_model, resolve_model_info
+    from lmport.testing.model_driver import greedy_generate
+    from lmport.testing.tiny_models import make_checkpoint
+
+    make_checkpoint("mistral", tmp_path)
+    info = resolve_model_info(tmp_path)
+    rocm = PluginHost(environ={}, detection_env=FakeMachine.amd())
+    rocm.select_backend()
+    with caplog.at_level(logging.WARNING, logger="lmport.plugins"):
+        model = build_native_model(info, rocm, torch.float32, torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    assert len(layers) == 2 and all(type(layer.backend) is ReferenceAttention for layer in layers)
+    assert all(layer.spec.sliding_window == 7 for layer in layers)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "sliding_window=7" in warnings[0] and warnings[0].startswith("backend 'rocm'")
+
+    cpu = PluginHost(environ={}, detection_env=FakeMachine.bare())
+    cpu.select_backend()
+    reference = build_native_model(info, cpu, torch.float32, torch.device("cpu"))
+    prompts = [[1, 5, 9, 33, 2, 70, 71, 72, 80, 81], [1, 200]]
+    assert greedy_generate(model, prompts, 6, host=rocm) == greedy_generate(reference, prompts, 6, host=cpu)
