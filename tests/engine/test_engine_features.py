@@ -109,8 +109,17 @@ def test_n_sequences_fan_out_with_seed_plus_index(make_engine, random_prompts):
         alone = engine.generate([request(f"s{i}", prompt, max_new=12, **{**sampled, "seed": 11 + i})])[f"s{i}"]
         assert tokens_of(by_index[i]) == tokens_of(alone)
     assert len({tuple(tokens_of(outs)) for outs in by_index.values()}) > 1
-    greedy = engine.generate([request("g", prompt, max_new=6, n=2)])["g"]
-    assert tokens_of([o for o in greedy if o.index == 0]) == tokens_of([o for o in greedy if o.index == 1])
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_n_sequences_share_their_prompt_blocks(make_engine, random_prompts, hf_greedy):
+    engine, hf_model = make_engine("llama", max_batch_prefill_tokens=12)
+    (prompt,) = random_prompts([21], seed=14)
+    outs = engine.generate([request("g", prompt, max_new=6, n=3)])["g"]
+    expected = hf_greedy(hf_model, prompt, 6)[0]
+    assert all(tokens_of([o for o in outs if o.index == i]) == expected for i in range(3))
+    # the 5 full prompt blocks were computed once; the two other sequences found them cached
+    assert engine.stats().prefix_cache_hits == 2 * 20
     assert engine.stats().kv_blocks_used == 0
 
 

@@ -11,6 +11,9 @@ next chunk of a prompt that did not fit the prefill budget), then admits waiting
   ``max_waiting_tokens`` steps (TGI's rule: don't stall a big batch for one newcomer).
 * ``max_batch_size`` bounds the running sequences.
 
+The ``n`` sequences of one request share their prompt: the first is prefilled alone, the
+others come in a step later and find its full blocks in the prefix cache.
+
 When a running sequence needs a block and none is left, the newest running sequence is
 preempted: its blocks are freed and it goes back to the head of the queue, to be recomputed
 (prefix-cache hits make that cheap). Nothing fails for lack of memory.
@@ -102,6 +105,8 @@ class Scheduler:
         admitted = 0
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_batch_size:
             seq = self.waiting[0]
+            if self._sibling_prefilling(seq, entries):
+                break  # next step its prompt blocks are cached, and this sequence shares them
             prefix = [] if seq.wants_prompt_logprobs else bm.peek_prefix(seq)
             cached = len(prefix) * bm.block_size
             n = min(seq.num_tokens - cached, budget)
@@ -114,6 +119,12 @@ class Scheduler:
             budget -= n
             admitted += 1
         return admitted
+
+    def _sibling_prefilling(self, seq: Sequence, entries: list[ScheduledSequence]) -> bool:
+        """Whether another sequence of ``seq``'s request (``n > 1``) prefills the same prompt this step."""
+        if seq.index == 0 or self.block_manager.prefix_cache is None or seq.wants_prompt_logprobs:
+            return False
+        return any(e.is_prefill and e.seq.request_id == seq.request_id for e in entries)
 
     def _should_admit(self, budget: int) -> bool:
         if not self.running or self.steps_since_admission >= self.limits.max_waiting_tokens:
