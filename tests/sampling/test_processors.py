@@ -98,7 +98,7 @@ def test_filtering_actually_happens():
 
 
 @pytest.mark.parametrize("start", [1, 2, 7, VOCAB])
-def test_candidate_search_widens_to_the_same_answer(start):
+def test_candidate_search_gives_the_full_sort_answer(start):
     """Top-p / typical-p from a tiny first candidate set equal the full-vocabulary answer."""
     logits = random_logits(6, seed=5) * 0.3  # flat: the mass needs many candidates
     top_p = torch.tensor([0.1, 0.5, 0.9, 0.99, 0.999, 0.7])

@@ -3,8 +3,8 @@ parameter per row, and matches the transformers processor of the same name row b
 
 Top-p and typical-p need the vocabulary ordered by some key, but only up to the point where
 the kept mass is reached. Instead of sorting the whole vocabulary they take the ``k`` best
-candidates with ``topk`` and widen ``k`` only when some row's mass is not yet covered
-(:func:`_ordered_candidates`); after a top-k filter the first ``k`` always suffices.
+candidates with ``topk`` and sort everything only when some row's mass is not covered by
+them (:func:`_ordered_candidates`); after a top-k filter the first ``k`` always suffices.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 
 NEG_INF = float("-inf")
 # How many candidates top-p / typical-p look at first; most real distributions reach the
-# requested mass well within this, and the search widens by 4x when one does not.
-INITIAL_CANDIDATES = 64
+# requested mass well within this, and a flat one falls back to one full sort.
+INITIAL_CANDIDATES = 256
 
 
 def padded_token_tensor(token_lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -83,13 +83,15 @@ def _ordered_candidates(
     """
     vocab = key.shape[-1]
     k = min(max(start, 1), vocab)
-    while True:
+    if k < vocab:
         keys, ids = torch.topk(key, k, dim=-1, largest=largest, sorted=True)
         cumulative = probs.gather(1, ids).cumsum(dim=-1)
-        # one host sync per call: cheaper than sorting the whole vocabulary on every step
-        if k == vocab or bool((cumulative[:, -1] >= mass).all()):
+        # one host sync: cheaper than sorting the whole vocabulary on every step
+        if bool((cumulative[:, -1] >= mass).all()):
             return keys, ids, cumulative
-        k = min(vocab, k * 4)
+    # a flat distribution: one full sort beats widening the top-k step by step
+    keys, ids = torch.sort(key, dim=-1, descending=largest)
+    return keys, ids, probs.gather(1, ids).cumsum(dim=-1)
 
 
 def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor, start: int = INITIAL_CANDIDATES) -> torch.Tensor:
