@@ -137,6 +137,46 @@ def _gguf_source(gguf: Path, display_id: str) -> ModelSource:
     return ModelSource(model_id=display_id, path=gguf_sidecar(gguf), gguf_file=gguf.name)
 
 
+def gguf_sidecar(gguf: Path) -> Path:
+    """The sidecar folder for ``gguf``, written on first use: config.json, the converted fast
+    tokenizer (with a chat template), generation_config.json and a link to the file itself."""
+    stat = gguf.stat()
+    folder = lmport_cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    marker = folder / SIDECAR_MARKER
+    if marker.exists() and (folder / gguf.name).exists():
+        try:
+            if json.loads(marker.read_text()).get("version") == SIDECAR_VERSION:
+                return folder
+        except (OSError, ValueError):
+            pass
+    log.info("reading %s once to cache its config and tokenizer (this takes ~30-60 s)", gguf.name)
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = _gguf_chat_template(gguf) or _known_chat_template(config)
+    if not getattr(config, "architectures", None):
+        config.architectures = [_causal_lm_class_name(config)]
+    generation = GenerationConfig.from_model_config(config)
+    generation.eos_token_id = sorted(set(_as_list(config.eos_token_id)) | set(end_of_turn_ids(tokenizer)))
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    generation.save_pretrained(folder)
+    link = folder / gguf.name
+    if not link.exists():
+        try:
+            link.symlink_to(gguf)
+        except OSError:  # no symlinks here (some filesystems): a hard link, else a copy
+            try:
+                os.link(gguf, link)
+            except OSError:
+                shutil.copyfile(gguf, link)
+    marker.write_text(json.dumps({"version": SIDECAR_VERSION, "gguf": str(gguf)}))
+    return folder
+
+
 def resolve_model_info(
     model_id: str | None, revision: str | None = None, trust_remote_code: bool = False
 ) -> ModelInfo:

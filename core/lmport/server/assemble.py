@@ -41,6 +41,7 @@ def build_state(
         max_best_of=config.max_best_of,
         max_stop_sequences=config.max_stop_sequences,
         max_top_n_tokens=config.max_top_n_tokens,
+        max_client_batch_size=config.max_client_batch_size,
         max_input_tokens=max_input,
         max_total_tokens=max_total,
         disable_grammar_support=config.disable_grammar_support,
