@@ -27,6 +27,7 @@ class LaunchConfig:
     max_top_n_tokens: int = 5
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
+    max_client_batch_size: int = 4  # prompts per /v1/completions request (TGI's flag)
     # scheduler
     max_batch_prefill_tokens: int | None = None
     max_batch_total_tokens: int | None = None
