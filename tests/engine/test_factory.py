@@ -207,3 +207,23 @@ def test_build_engine_returns_an_unstarted_async_engine(tiny_model_dir):
     assert engine.is_healthy and engine.stats().kv_blocks_total == 16 and engine.stats().running == 0
     assert engine.tokenizer is tokenizer and engine.limits.block_size == 16
     engine.shutdown()
+
+
+def test_dtype_on_an_accelerator_is_the_checkpoints_own():
+    from types import SimpleNamespace
+
+    from lmport.capabilities import Capabilities
+    from lmport.engine.factory import pick_dtype
+
+    gpu = torch.device("cuda")
+    caps = Capabilities(backend="gpu", device_type="cuda", dtypes=("float32", "bfloat16", "float16"))
+    no_bf16 = dataclasses.replace(caps, dtypes=("float32", "float16"))
+    assert pick_dtype(None, SimpleNamespace(torch_dtype="float32"), gpu, caps) == torch.float32
+    assert pick_dtype(None, SimpleNamespace(torch_dtype=torch.float16), gpu, caps) == torch.float16
+    assert pick_dtype(None, SimpleNamespace(), gpu, caps) == torch.bfloat16
+    assert pick_dtype(None, SimpleNamespace(), gpu, no_bf16) == torch.float16
+    assert pick_dtype(None, SimpleNamespace(torch_dtype="bfloat16"), gpu, no_bf16) == torch.float16
+    assert pick_dtype("bf16", SimpleNamespace(torch_dtype="float32"), gpu, caps) == torch.bfloat16
+    assert pick_dtype(None, SimpleNamespace(torch_dtype="bfloat16"), torch.device("cpu"), caps) == torch.float32
+    with pytest.raises(ValueError, match="does not support dtype bfloat16"):
+        pick_dtype("bfloat16", SimpleNamespace(), gpu, no_bf16)

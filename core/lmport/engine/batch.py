@@ -123,8 +123,34 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return tensor.to(device, non_blocking=True)
 
 
+_ALIGN = 16  # elements: each packed segment starts 64/128-byte aligned, as kernels like it
+
+
+class _Packer:
+    """Collects int lists for the device and sends them in one copy; hands back device views."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.values: list[int] = []
+        self.spans: list[tuple[int, int]] = []
+
+    def add(self, values: list[int]) -> int:
+        start = len(self.values)
+        self.values.extend(values)
+        self.spans.append((start, len(values)))
+        self.values.extend([0] * (-len(self.values) % _ALIGN))
+        return len(self.spans) - 1
+
+    def send(self, device: torch.device) -> list[torch.Tensor]:
+        buffer = to_device(self.values, self.dtype, device)
+        return [buffer[start : start + size] for start, size in self.spans]
+
+
 def build_flat_batch(step: ScheduledStep, block_size: int, device: torch.device) -> FlatBatch:
-    """Pack every entry's new tokens into one flat batch with its attention metadata."""
+    """Pack every entry's new tokens into one flat batch with its attention metadata.
+
+    Everything the device needs goes over in two copies (one int64, one int32 buffer).
+    """
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -158,12 +184,22 @@ def build_flat_batch(step: ScheduledStep, block_size: int, device: torch.device)
         else:
             sample_rows.append(None)
     width = max(len(t) for t in tables)
-    padded = [t + [0] * (width - len(t)) for t in tables]
+    flat_tables: list[int] = []
+    for t in tables:
+        flat_tables.extend(t)
+        flat_tables.extend([0] * (width - len(t)))
+    longs, ints = _Packer(torch.int64), _Packer(torch.int32)
+    for values in (input_ids, positions, slots, logits_indices, [r for r in sample_rows if r is not None], prompt_index, prompt_targets):
+        longs.add(values)
+    for values in (starts, seq_lens, flat_tables):
+        ints.add(values)
+    ids_t, pos_t, slots_t, logits_t, sample_t, prompt_t, targets_t = longs.send(device)
+    starts_t, seq_lens_t, tables_t = ints.send(device)
     metadata = AttentionMetadata(
-        query_start_loc=to_device(starts, torch.int32, device),
-        seq_lens=to_device(seq_lens, torch.int32, device),
-        block_tables=to_device(padded, torch.int32, device),
-        slot_mapping=to_device(slots, torch.int64, device),
+        query_start_loc=starts_t,
+        seq_lens=seq_lens_t,
+        block_tables=tables_t.view(len(tables), width),
+        slot_mapping=slots_t,
         query_start_loc_host=starts,
         seq_lens_host=seq_lens,
         max_query_len=max(e.num_new_tokens for e in step.entries),
@@ -171,13 +207,13 @@ def build_flat_batch(step: ScheduledStep, block_size: int, device: torch.device)
         block_size=block_size,
     )
     return FlatBatch(
-        input_ids=to_device(input_ids, torch.int64, device),
-        positions=to_device(positions, torch.int64, device),
+        input_ids=ids_t,
+        positions=pos_t,
         metadata=metadata,
-        logits_indices=to_device(logits_indices, torch.int64, device),
+        logits_indices=logits_t,
         sample_rows=sample_rows,
         prompt_rows=prompt_rows,
-        sample_index=to_device([r for r in sample_rows if r is not None], torch.int64, device),
-        prompt_index=to_device(prompt_index, torch.int64, device),
-        prompt_targets=to_device(prompt_targets, torch.int64, device),
+        sample_index=sample_t,
+        prompt_index=prompt_t,
+        prompt_targets=targets_t,
     )

@@ -103,7 +103,8 @@ class PagedModelRunner(ModelExecutor):
         results: list[torch.Tensor | None] = []
         if sampled_pos:
             rows = [self._sampling_row(step.entries[i].seq) for i in sampled_pos]
-            out = self.sampler.sample(logits[batch.sample_index], rows)
+            sample_logits = logits if not prompt_pos else logits[batch.sample_index]  # no prompt rows: all rows sample
+            out = self.sampler.sample(sample_logits, rows)
             results += [out.token_ids, out.logprobs, out.top_ids, out.top_logprobs]
         prompt_top_n = 0
         if prompt_pos:
