@@ -9,6 +9,7 @@ engine requests); then the app's lifespan shuts the engine down and the process 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from typing import Any
 
@@ -35,8 +36,21 @@ def uvicorn_config(app: Any, host: str, port: int, *, graceful_timeout: float | 
 def serve(app: Any, host: str, port: int, *, graceful_timeout: float | None = DEFAULT_GRACEFUL_TIMEOUT_S) -> int:
     """Serve until SIGINT/SIGTERM; 0 after a clean shutdown, 1 if the server failed to start."""
     server = uvicorn.Server(uvicorn_config(app, host, port, graceful_timeout=graceful_timeout))
-    server.run()
+    # uvicorn handles the signal, drains, then re-raises it under the handler that was there
+    # before; a quiet handler there turns "killed by SIGTERM" into a clean exit 0.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, _after_shutdown) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0 if server.started else 1
+
+
+def _after_shutdown(signum: int, frame: Any) -> None:
+    log.debug("signal %d after shutdown", signum)
 
 
 class ServerThread:

@@ -18,14 +18,14 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def sse_data(payload: BaseModel | dict[str, Any] | str) -> bytes:
-    """One SSE event; TGI writes ``data:`` with no space before the JSON."""
+    """One SSE event. JSON goes as TGI (axum's ``json_data``) writes it, ``data:{...}``; a
+    plain string such as ``[DONE]`` gets ``data: [DONE]``, which huggingface_hub matches
+    literally (SSE readers drop that one space, so both spellings read the same)."""
     if isinstance(payload, BaseModel):
-        text = payload.model_dump_json()
-    elif isinstance(payload, dict):
-        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    else:
-        text = payload
-    return f"data:{text}\n\n".encode()
+        return f"data:{payload.model_dump_json()}\n\n".encode()
+    if isinstance(payload, dict):
+        return f"data:{json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n".encode()
+    return f"data: {payload}\n\n".encode()
 
 
 class EventStreamResponse(StreamingResponse):
