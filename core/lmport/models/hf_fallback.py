@@ -52,6 +52,8 @@ class HFCausalLMAdapter(CausalLM):
         super().__init__()
         self.hf_model = hf_model
         self.backbone = hf_model.base_model  # returns final hidden states (final norm applied)
+        if self.backbone is hf_model:
+            raise NotImplementedError(f"{type(hf_model).__name__} has no base model apart from its LM head")
         self.lm_head = hf_model.get_output_embeddings()
         self.text_config = hf_model.config.get_text_config()
         self._attention_factory = host.attention_backend
