@@ -133,4 +133,6 @@ def _vocabulary(args: argparse.Namespace, info: dict) -> tuple[int, list[int]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
-    return len(tokenizer), list(tokenizer.all_special_ids)
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+    return len(tokenizer), sorted(special)
