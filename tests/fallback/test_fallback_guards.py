@@ -147,6 +147,21 @@ def test_probe_catches_logits_the_adapter_gets_wrong(fallback_checkpoint, cpu_ho
         load_fallback(resolve_model_info(path), cpu_host, torch.float32, torch.device("cpu"), False)
 
 
+def test_probe_catches_positions_that_restart_at_each_chunk(fallback_checkpoint, cpu_host, monkeypatch):
+    """A model that numbered each step's tokens from 0 (cache_position, not position_ids) would
+    be right for a whole prompt and wrong for every later chunk and decode: the probe's second
+    chunk catches it."""
+    path, _ = fallback_checkpoint("qwen2")
+    forward = hf_fallback.HFCausalLMAdapter.forward
+
+    def restarting(self, input_ids, positions, kv_caches, metadata):
+        return forward(self, input_ids, torch.arange(len(positions)), kv_caches, metadata)
+
+    monkeypatch.setattr(hf_fallback.HFCausalLMAdapter, "forward", restarting)
+    with pytest.raises(RuntimeError, match="disagrees with transformers"):
+        load_fallback(resolve_model_info(path), cpu_host, torch.float32, torch.device("cpu"), False)
+
+
 def write_tiny_gguf(hf_model, path: Path) -> None:
     """The Qwen2 model as an F32 GGUF file, tensor names from gguf-py's map (what llama.cpp writes)."""
     import gguf

@@ -153,10 +153,28 @@ def probe_layers(hf_model: Any) -> list[LayerShape]:
     return layers
 
 
+def _one_sequence_metadata(cached: int, new: int, block_size: int, device: torch.device) -> AttentionMetadata:
+    """Metadata for one sequence in blocks 1, 2, ... (block 0 unused) with ``cached`` tokens in cache."""
+    total = cached + new
+    num_blocks = -(-total // block_size)
+    return AttentionMetadata(
+        query_start_loc=torch.tensor([0, new], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([total], dtype=torch.int32, device=device),
+        block_tables=torch.arange(1, num_blocks + 1, dtype=torch.int32, device=device)[None],
+        slot_mapping=torch.arange(cached, total, dtype=torch.int64, device=device) + block_size,
+        query_start_loc_host=[0, new],
+        seq_lens_host=[total],
+        max_query_len=new,
+        max_seq_len=total,
+        block_size=block_size,
+    )
+
+
 @torch.inference_mode()
 def check_against_transformers(adapter: HFCausalLMAdapter, host: Any, dtype: torch.dtype, device: torch.device) -> float:
-    """Run the probe through the paged path and through transformers' own forward (with the
-    probe's plain attention); return the relative error of the logits, raising when it is large."""
+    """Run the probe through transformers' own forward (with the probe's plain attention) and
+    through the paged path in two chunks (so positions past the cache start are exercised too);
+    return the relative error of the logits, raising when it is large."""
     ids = _probe_ids(adapter.hf_model)
     positions = torch.arange(len(ids), device=ids.device)
     expected = adapter.hf_model(
@@ -167,19 +185,12 @@ def check_against_transformers(adapter: HFCausalLMAdapter, host: Any, dtype: tor
     block_size = host.capabilities().default_block_size
     num_blocks = -(-len(ids) // block_size) + 1
     kv_caches = host.allocate_kv_cache(KVCacheSpec(num_layers, num_kv_heads, head_dim, block_size, dtype), num_blocks, device)
-    slots = torch.arange(len(ids), device=device) + block_size  # block 0 left unused
-    metadata = AttentionMetadata(
-        query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([len(ids)], dtype=torch.int32, device=device),
-        block_tables=torch.arange(1, num_blocks, dtype=torch.int32, device=device)[None],
-        slot_mapping=slots.to(torch.int64),
-        query_start_loc_host=[0, len(ids)],
-        seq_lens_host=[len(ids)],
-        max_query_len=len(ids),
-        max_seq_len=len(ids),
-        block_size=block_size,
-    )
-    got = adapter.compute_logits(adapter(ids, positions, kv_caches, metadata))
+    split = len(ids) // 2
+    chunks = []
+    for begin, end in ((0, split), (split, len(ids))):
+        metadata = _one_sequence_metadata(begin, end - begin, block_size, device)
+        chunks.append(adapter.compute_logits(adapter(ids[begin:end], positions[begin:end], kv_caches, metadata)))
+    got = torch.cat(chunks)
     error = float((got - expected).norm() / expected.norm().clamp_min(1e-6))
     if not error <= _PROBE_TOLERANCE.get(dtype, 6e-2):
         raise RuntimeError(
