@@ -150,3 +150,26 @@ def test_shutdown_ends_streams_in_flight(async_engine):
             await collect(engine, request("late", [3, 4, 5]))
 
     asyncio.run(main())
+
+
+def test_an_error_outside_the_model_fails_every_request_and_serving_goes_on(async_engine, hf_greedy):
+    engine, hf_model = async_engine()
+    schedule = engine.engine.scheduler.schedule
+    broken = {"once": True}
+
+    def buggy():
+        if broken.pop("once", False):
+            raise KeyError("bookkeeping bug")
+        return schedule()
+
+    engine.engine.scheduler.schedule = buggy
+
+    async def main():
+        failed = await collect(engine, request("a", [4, 5, 6]))
+        good = await collect(engine, request("b", [4, 5, 6]))
+        return failed, good
+
+    failed, good = asyncio.run(main())
+    assert len(failed) == 1 and "bookkeeping bug" in failed[0].error and failed[0].finished
+    assert tokens_of(good) == hf_greedy(hf_model, [4, 5, 6], 8)[0]
+    assert engine.is_healthy and engine.stats().kv_blocks_used == 0
