@@ -34,7 +34,7 @@ def _linear_buckets(maximum: int) -> list[float]:
     return [maximum / 100.0 * (i + 1) for i in range(100)]
 
 
-class _Counters(Collector):
+class _Counters:
     """Monotonic counters exposed under their exact names (no ``_total``), with labels."""
 
     def __init__(self, docs: dict[str, str]):
@@ -52,14 +52,21 @@ class _Counters(Collector):
         with self._lock:
             return self._values[name].get(tuple(sorted(labels.items())), 0.0)
 
-    def collect(self) -> Iterable[Metric]:
+    def render(self) -> str:
+        """Text exposition with TGI's exact names (prometheus_client would add ``_total``)."""
         with self._lock:
             snapshot = {name: dict(series) for name, series in self._values.items()}
+        lines = []
         for name, doc in self._docs.items():
-            metric = Metric(name, doc, "counter")
-            for key, value in snapshot.get(name, {}).items():
-                metric.add_sample(name, dict(key), value)
-            yield metric
+            lines += [f"# HELP {name} {doc}", f"# TYPE {name} counter"]
+            for key, value in sorted(snapshot.get(name, {}).items()):
+                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in key)
+                lines.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 class _EngineGauges(Collector):
@@ -108,7 +115,6 @@ class ServerMetrics:
             "tgi_request_success": "Number of successful requests",
             "tgi_request_failure": "Number of failed requests",
         })
-        self.registry.register(self.counters)
         self.registry.register(_EngineGauges(engine_stats, in_flight, block_size))
         durations = _duration_buckets()
 
@@ -140,4 +146,4 @@ class ServerMetrics:
         self.generated_tokens.observe(generated)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return self.counters.render().encode() + generate_latest(self.registry)
