@@ -101,7 +101,7 @@ def chat_request_to_valid(state: ServerState, body: ChatRequest) -> tuple[ValidR
     )
     valid = state.validator.validate(
         params, inputs=prompt, add_special_tokens=False, n=body.n or 1, presence_penalty=body.presence_penalty or None,
-        extra_stop_token_ids=state.model.chat_stop_token_ids,
+        extra_stop_token_ids=() if body.ignore_eos else state.model.chat_stop_token_ids, ignore_eos=body.ignore_eos,
     )
     return valid, prompt
 
@@ -286,6 +286,7 @@ def completion_requests(state: ServerState, body: CompletionRequest) -> list[tup
         valid = state.validator.validate(
             params, inputs=text if ids is None else None, prompt_ids=ids, add_special_tokens=True,
             n=body.n or 1, presence_penalty=body.presence_penalty or None, prompt_logprobs=want_prompt_logprobs,
+            ignore_eos=body.ignore_eos,
         )
         out.append((text, valid))
     return out

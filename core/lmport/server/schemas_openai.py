@@ -58,6 +58,7 @@ class ChatRequest(BaseModel):
     tool_choice: Any = None
     tool_prompt: str | None = None
     user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
 
 
 class CompletionRequest(BaseModel):
@@ -82,6 +83,7 @@ class CompletionRequest(BaseModel):
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
 
 
 # ---------------------------------------------------------------------------- responses

@@ -132,6 +132,7 @@ class Validator:
         presence_penalty: float | None = None,
         prompt_logprobs: bool | None = None,
         extra_stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
     ) -> ValidRequest:
         """Check ``p`` and the prompt (text or ids) and build the engine request."""
         self.check_parameters(p, presence_penalty=presence_penalty)
@@ -182,6 +183,7 @@ class Validator:
             watermark=p.watermark,
             stop=tuple(p.stop),
             stop_token_ids=tuple(dict.fromkeys((*self.eos_token_ids, *extra_stop_token_ids))),
+            ignore_eos=ignore_eos,
             logprobs=True,
             top_n_tokens=p.top_n_tokens or 0,
             prompt_logprobs=p.decoder_input_details if prompt_logprobs is None else prompt_logprobs,
