@@ -21,4 +21,7 @@ fi
 # not on PyPI (habana_frameworks, torch-neuronx): these two plugins install without dependencies,
 # which is enough to test their detection and flags on fake machines.
 "${PIP[@]}" --no-build-isolation --no-deps -e plugins/gaudi -e plugins/neuron
+# TGI's Python client (server tests) pins huggingface_hub<1.0, which transformers 5 outgrew; it
+# works with the newer hub, so it installs without dependencies (aiohttp comes with the test extra).
+"${PIP[@]}" --no-deps "text-generation>=0.7"
 echo "installed into .venv: $(.venv/bin/python -c 'import lmport, torch; print("lmport", lmport.__version__, "torch", torch.__version__)')"
