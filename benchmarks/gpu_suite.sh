@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# lmport's GPU suite, in one call on the GPU machine, from the checkout's root:
+#   bash benchmarks/gpu_suite.sh                 # every stage, in order, within the budget
+#   bash benchmarks/gpu_suite.sh ckpt-1b lmport-1b hf-1b    # only these (a second call)
+# Stages: roofline tests ckpt-8b lmport-8b hf-8b attention ckpt-1b lmport-1b hf-1b, then the summary.
+# Each stage logs to $OUT/<stage>.log, runs under `timeout`, and a failed stage never stops
+# the next. A stage is skipped when less than its minimum is left of SUITE_BUDGET_S (default
+# 500 s). The table printed last is also in $OUT/summary.txt; JSON results are in $OUT.
+set -u
+OUT=${OUT:-$PWD/suite-out}
+mkdir -p "$OUT"
+BUDGET=${SUITE_BUDGET_S:-500}
+CKPT_ROOT=${CKPT_ROOT:-/tmp/lmport-ckpt}
+PORT=${PORT:-3000}
+START=$(date +%s)
+STAGES_FILE="$OUT/stages.tsv"
+WANTED=" $* "
+
+log() { echo "[$(date +%T) +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/suite.log"; }
+want() { [ "$WANTED" = "  " ] || [[ "$WANTED" == *" $1 "* ]]; }
+
+run_stage() {  # run_stage NAME MIN_S MAX_S COMMAND...
+  local name=$1 min=$2 max=$3; shift 3
+  want "$name" || return 0
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if (( left < min )); then
+    log "skip $name: ${left}s of the budget left, it needs ${min}s"
+    printf '%s\tskipped\t0\n' "$name" >> "$STAGES_FILE"
+    return 0
+  fi
+  local limit=$(( left < max ? left : max ))
+  log "== $name (up to ${limit}s)"
+  local t0 rc status
+  t0=$(date +%s)
+  timeout -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124|137) status=timeout ;;
+    *) status="failed($rc)" ;;
+  esac
+  printf '%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" >> "$STAGES_FILE"
+  log "   $name: $status in $(( $(date +%s) - t0 ))s; log tail:"
+  tail -n 8 "$OUT/$name.log" | sed 's/^/      /' | tee -a "$OUT/suite.log"
+  # a server left behind by a killed stage would hold the GPU's memory
+  for pidfile in "$OUT"/lmport-*.pid; do
+    [ -f "$pidfile" ] || continue
+    kill -KILL "$(cat "$pidfile")" 2>/dev/null && log "   stopped a leftover server"
+    rm -f "$pidfile"
+  done
+}
+
+log "lmport GPU suite -> $OUT (budget ${BUDGET}s)"
+if [ -f .whl/install.sh ]; then
+  # shellcheck disable=SC1091
+  source .whl/install.sh plugins/cuda > "$OUT/install.log" 2>&1 || log "install reported errors (see install.log)"
+else
+  log "no .whl/install.sh here: using the environment as it is"
+fi
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/suite.log"
+
+run_stage roofline 20 60 python3 benchmarks/roofline.py --json "$OUT/roofline.json"
+run_stage tests 60 240 python3 -m pytest plugins/cuda/tests -x -q -p no:cacheprovider
+run_stage ckpt-8b 60 180 python3 benchmarks/make_checkpoint.py llama3-8b "$CKPT_ROOT/llama3-8b"
+run_stage lmport-8b 120 300 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3-8b" llama3-8b "$OUT" "$PORT"
+run_stage hf-8b 100 240 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3-8b" --json "$OUT/hf-llama3-8b.json"
+run_stage attention 40 120 python3 benchmarks/attention_bench.py --roofline "$OUT/roofline.json" --json "$OUT/attention.json"
+run_stage ckpt-1b 30 90 python3 benchmarks/make_checkpoint.py llama3.2-1b "$CKPT_ROOT/llama3.2-1b"
+run_stage lmport-1b 90 200 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3.2-1b" llama3.2-1b "$OUT" "$PORT"
+run_stage hf-1b 60 150 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3.2-1b" --json "$OUT/hf-llama3.2-1b.json"
+
+log "suite done in $(( $(date +%s) - START ))s"
+echo
+python3 benchmarks/summarize.py "$OUT" || cat "$STAGES_FILE"
