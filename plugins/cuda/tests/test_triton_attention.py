@@ -82,10 +82,11 @@ def make_batch(case: Case, device: torch.device, seed: int = 0) -> PagedBatch:
     key_cache = torch.full(shape, float("nan"))
     value_cache = torch.full(shape, float("nan"))
     starts, slots, seq_lens = [0], [], []
+    flat_k, flat_v = key_cache.view(-1, kvh, d), value_cache.view(-1, kvh, d)
     for (cached, new), table in zip(case.seqs, tables):
-        for pos in range(cached):  # the context already in the cache
-            key_cache[table[pos // bs], pos % bs] = torch.randn(kvh, d, generator=gen)
-            value_cache[table[pos // bs], pos % bs] = torch.randn(kvh, d, generator=gen)
+        context_slots = torch.tensor([table[pos // bs] * bs + pos % bs for pos in range(cached)], dtype=torch.int64)
+        flat_k[context_slots] = torch.randn(cached, kvh, d, generator=gen)  # the context already cached
+        flat_v[context_slots] = torch.randn(cached, kvh, d, generator=gen)
         slots += [table[pos // bs] * bs + pos % bs for pos in range(cached, cached + new)]
         starts.append(starts[-1] + new)
         seq_lens.append(cached + new)
@@ -157,6 +158,7 @@ CASES = {
     "mixed-gqa": Case(MIXED),
     "chunked-context-mqa": Case(CHUNKED, num_heads=4, num_kv_heads=1),
     "group-of-3": Case(MIXED, num_heads=6, num_kv_heads=2),
+    "falcon-71-heads-mqa": Case(((0, 9), (40, 1)), num_heads=71, num_kv_heads=1, dtype=torch.bfloat16),
     "block-size-4": Case(MIXED, block_size=4),
     "block-size-32-decode": Case(((40, 1), (3, 1)), block_size=32),
     "sliding-window-mixed": Case(CHUNKED, sliding_window=6),
