@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lmport_cuda.kernels.kv_cache_write import _kv_cache_write_kernel
-from lmport_cuda.kernels.paged_attention import choose_tile_config, head_dim_pad_of, kernel_constexprs
+from lmport_cuda.kernels.paged_attention import head_dim_pad_of, kernel_constexprs, plan_launches
 from lmport_cuda.kernels.unified_attention import merge_splits_kernel, unified_attention_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -49,8 +49,8 @@ MODELS = [
     ("gpt-j-96", 16, 16, 96, torch.float32, {}),
     ("fp32-256", 8, 8, 256, torch.float32, {}),
 ]
-# (phase, num_seqs, max_query_len)
-PHASES = [("decode-batch-1", 1, 1), ("decode-batch-256", 256, 1), ("prefill-512", 4, 512)]
+# (phase, num_seqs, max_query_len); a prefill plans two launches (its short sequences apart)
+PHASES = [("decode-batch-1", 1, 1), ("decode-batch-256", 256, 1), ("mixed-512", 4, 512)]
 
 
 def signature(fn, dtype: torch.dtype, constexprs: dict) -> tuple[dict, dict]:
@@ -101,16 +101,20 @@ def variants():
     for name, heads, kv_heads, head_dim, dtype, features in MODELS:
         for phase, num_seqs, max_query_len in PHASES:
             pad = head_dim_pad_of(head_dim)
-            config = choose_tile_config(num_seqs, kv_heads, heads // kv_heads, pad, max_query_len, dtype)
-            constexprs = kernel_constexprs(
-                num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=16, config=config,
-                splits=config.num_splits, on_gpu=True, dtype=dtype, sliding_window=features.get("sliding_window"),
-                alibi=features.get("alibi", False), soft_cap=features.get("soft_cap", False),
-            )  # fmt: skip
-            yield f"{name}/{phase}", unified_attention_kernel, dtype, constexprs, config.num_warps, config.num_stages
-            if config.num_splits > 1:
-                merge = dict(NUM_HEADS=heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, NUM_SPLITS=config.num_splits)
-                yield f"{name}/{phase}/merge", merge_splits_kernel, dtype, merge, 4, 1
+            launches = plan_launches(num_seqs, kv_heads, heads // kv_heads, pad, max_query_len, dtype)
+            for index, launch in enumerate(launches):
+                config = launch.config
+                constexprs = kernel_constexprs(
+                    num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=16, config=config,
+                    splits=config.num_splits, on_gpu=True, dtype=dtype, sliding_window=features.get("sliding_window"),
+                    alibi=features.get("alibi", False), soft_cap=features.get("soft_cap", False),
+                    short_limit=launch.short_limit, short_pass=launch.short_pass,
+                )  # fmt: skip
+                part = f"/{'short' if launch.short_pass else 'long'}" if launch.short_limit else ""
+                yield f"{name}/{phase}{part}", unified_attention_kernel, dtype, constexprs, config.num_warps, config.num_stages
+                if config.num_splits > 1:
+                    merge = dict(NUM_HEADS=heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, NUM_SPLITS=config.num_splits)
+                    yield f"{name}/{phase}/merge", merge_splits_kernel, dtype, merge, 4, 1
         write = dict(NUM_KV_HEADS=kv_heads, HEAD_DIM=head_dim, HEADS_PAD=triton.next_power_of_2(kv_heads),
                      HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=16)  # fmt: skip
         yield f"{name}/kv-write", _kv_cache_write_kernel, dtype, write, 4, 1

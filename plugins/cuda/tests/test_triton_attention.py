@@ -254,6 +254,23 @@ def test_same_grid_for_any_context_length(device: torch.device) -> None:
         run_both(replace(CASES["decode-gqa"], seqs=seqs), device)
 
 
+def test_launch_plans() -> None:
+    """Decode: one launch, split when few (sequence, KV head) pairs; mixed: short ones apart."""
+    from lmport_cuda.kernels.paged_attention import plan_launches
+
+    one = plan_launches(1, 8, 4, 128, 1, torch.bfloat16)
+    assert len(one) == 1 and one[0].config.num_splits > 1 and one[0].short_limit == 0
+    full = plan_launches(256, 8, 4, 128, 1, torch.bfloat16)
+    assert len(full) == 1 and full[0].config.num_splits == 1
+    short, long = plan_launches(64, 8, 4, 128, 512, torch.bfloat16)
+    assert (short.short_pass, long.short_pass) == (True, False)
+    assert short.short_limit == long.short_limit == short.config.block_q(4) == 4
+    assert short.config.block_m == 16 and long.config.block_m == 128 and short.config.num_splits == 1
+    assert len(plan_launches(64, 8, 4, 128, 3, torch.bfloat16)) == 1  # every sequence fits one small tile
+    forced = plan_launches(64, 8, 4, 128, 512, torch.bfloat16, num_splits=2)
+    assert len(forced) == 1 and forced[0].config.num_splits == 2
+
+
 def test_backend_factory_chooses_kernels_or_reference() -> None:
     from lmport_cuda.attention import TritonPagedAttention, cuda_attention_backend, flash_attn_available
 

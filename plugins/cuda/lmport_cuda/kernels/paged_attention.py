@@ -6,7 +6,7 @@ replayed (``max_query_len``), never on context lengths, so a captured launch sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -61,6 +61,40 @@ def choose_tile_config(
     return TileConfig(block_m, tile_n, 1, 8 if big else 4, 2)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a step; ``short_limit > 0`` restricts it to sequences of at most
+    (``short_pass``) or more than (not ``short_pass``) that many new tokens."""
+
+    config: TileConfig
+    short_limit: int = 0
+    short_pass: bool = False
+
+
+def plan_launches(
+    num_seqs: int, num_kv_heads: int, queries_per_kv: int, head_dim_pad: int, max_query_len: int, dtype: torch.dtype,
+    num_splits: int | None = None,
+) -> list[Launch]:
+    """Decode-only: one launch of small tiles (split along the keys when the GPU would idle).
+    With prompt chunks: small tiles for the sequences one tile covers, large tiles for the rest,
+    so the decodes of a mixed step do not run in 128-row tiles. ``num_splits`` forces one
+    launch with that many splits (tests)."""
+    small = choose_tile_config(num_seqs, num_kv_heads, queries_per_kv, head_dim_pad, 1, dtype)
+    if num_splits is not None:
+        config = choose_tile_config(num_seqs, num_kv_heads, queries_per_kv, head_dim_pad, max_query_len, dtype)
+        return [Launch(replace(config, num_splits=num_splits))]
+    if max_query_len <= 1:
+        return [Launch(small)]
+    small = replace(small, num_splits=1)
+    short_limit = small.block_q(queries_per_kv)
+    large = choose_tile_config(num_seqs, num_kv_heads, queries_per_kv, head_dim_pad, max_query_len, dtype)
+    if max_query_len <= short_limit:
+        return [Launch(small)]
+    if large.block_m <= small.block_m:
+        return [Launch(large)]
+    return [Launch(small, short_limit, True), Launch(large, short_limit, False)]
+
+
 def kernel_constexprs(
     *,
     num_heads: int,
@@ -75,6 +109,8 @@ def kernel_constexprs(
     sliding_window: int | None = None,
     alibi: bool = False,
     soft_cap: bool = False,
+    short_limit: int = 0,
+    short_pass: bool = False,
 ) -> dict[str, Any]:
     """The compile-time parameters of one launch (shared with the sm_90 compile check)."""
     queries_per_kv = num_heads // num_kv_heads
@@ -94,6 +130,8 @@ def kernel_constexprs(
         USE_ALIBI=alibi,
         USE_SOFT_CAP=soft_cap,
         NUM_SPLITS=splits,
+        SHORT_LIMIT=short_limit,
+        SHORT_PASS=short_pass,
         DOT_FP32=dot_fp32,
         # float32 on the GPU: three tf32 MMAs give float32 accuracy without the spills of "ieee";
         # 16-bit operands ignore the setting
@@ -124,21 +162,35 @@ def unified_attention(
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
-    _, block_size, num_kv_heads, _ = key_cache.shape
+    num_kv_heads = key_cache.shape[2]
     if num_tokens == 0 or num_seqs == 0:
         return out
     for t in (query, out, key_cache, value_cache):
         if t.stride(-1) != 1:
             raise ValueError("attention operands need a contiguous last (head_dim) dimension")
     queries_per_kv = num_heads // num_kv_heads
+    launches = plan_launches(num_seqs, num_kv_heads, queries_per_kv, head_dim_pad_of(head_dim), max_query_len,
+                             key_cache.dtype, num_splits)  # fmt: skip
+    for launch in launches:
+        _launch(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, launch, scale=scale,
+                causal=causal, sliding_window=sliding_window, alibi_slopes=alibi_slopes, soft_cap=soft_cap)  # fmt: skip
+    return out
+
+
+def _launch(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, launch: Launch, *,
+            scale, causal, sliding_window, alibi_slopes, soft_cap) -> None:  # fmt: skip
+    num_tokens, num_heads, head_dim = query.shape
+    num_seqs = seq_lens.shape[0]
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    config, splits = launch.config, launch.config.num_splits
+    queries_per_kv = num_heads // num_kv_heads
     head_dim_pad = head_dim_pad_of(head_dim)
-    config = choose_tile_config(num_seqs, num_kv_heads, queries_per_kv, head_dim_pad, max_query_len, key_cache.dtype)
-    splits = config.num_splits if num_splits is None else num_splits
     block_q = config.block_q(queries_per_kv)
     constexprs = kernel_constexprs(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
         config=config, splits=splits, on_gpu=query.device.type == "cuda", dtype=query.dtype, causal=causal,
         sliding_window=sliding_window, alibi=alibi_slopes is not None, soft_cap=bool(soft_cap),
+        short_limit=launch.short_limit, short_pass=launch.short_pass,
     )  # fmt: skip
     if splits > 1:
         partial_acc = torch.empty((num_tokens, num_heads, splits, head_dim_pad), dtype=torch.float32, device=query.device)
@@ -190,4 +242,3 @@ def unified_attention(
             HEAD_DIM_PAD=head_dim_pad,
             NUM_SPLITS=splits,
         )
-    return out

@@ -13,6 +13,10 @@ sequence by binary search and programs past a sequence's last row return at once
 come from ``seq_lens`` on the device. Nothing is read on the host, so decode can be captured
 in a CUDA graph whatever the context lengths are.
 
+A batch that mixes decodes with prompt chunks runs as two launches over the same grid layout:
+small tiles for the sequences of at most ``SHORT_LIMIT`` new tokens, large tiles for the rest
+(each launch's programs skip the other kind), so a decode row never pays for a 128-row tile.
+
 Split-KV (flash-decoding): with ``NUM_SPLITS > 1`` the key range of every tile is cut into
 that many parts, run by separate programs that write unnormalised partial results; a small
 reduce kernel merges them. That fills the GPU when a decode batch has few sequences.
@@ -86,6 +90,8 @@ def unified_attention_kernel(
     USE_ALIBI: tl.constexpr,
     USE_SOFT_CAP: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    SHORT_LIMIT: tl.constexpr,
+    SHORT_PASS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -97,7 +103,13 @@ def unified_attention_kernel(
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     local_tile = q_tile - (q_start // BLOCK_Q + seq)
-    if local_tile * BLOCK_Q >= q_len:
+    done = local_tile * BLOCK_Q >= q_len
+    if SHORT_LIMIT > 0:  # a mixed batch in two launches: short sequences (decodes) and the rest
+        if SHORT_PASS:
+            done = done | (q_len > SHORT_LIMIT)
+        else:
+            done = done | (q_len <= SHORT_LIMIT)
+    if done:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len
