@@ -9,7 +9,6 @@ import socket
 import time
 
 import httpx
-import pytest
 
 PROMPTS = ["The quick brown fox", "Servers stream tokens", "A chat template", "héllo wörld ☃"]
 

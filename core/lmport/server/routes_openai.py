@@ -12,7 +12,7 @@ import asyncio
 import time
 import uuid
 from contextlib import ExitStack
-from typing import Any, AsyncIterator, Sequence
+from typing import AsyncIterator, Sequence
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -21,7 +21,7 @@ from lmport.engine.api import RequestOutput, TokenInfo
 from lmport.server.auth import require_api_key
 from lmport.server.chat import render_chat
 from lmport.server.errors import ApiError, ValidationFailed
-from lmport.server.generation import ClientDisconnected, GenerationResult, SequenceResult, Timings, collect, stream_outputs, until_disconnect
+from lmport.server.generation import GenerationResult, SequenceResult, Timings, collect, stream_outputs, until_disconnect
 from lmport.server.routes_tgi import ERRORS, record_failure, record_success, release_on_error, simple_tokens, state_of
 from lmport.server.schemas_openai import (
     ChatChoice,
@@ -86,7 +86,7 @@ def now() -> int:
 # ---------------------------------------------------------------------------- chat
 
 
-def chat_request_to_valid(state: ServerState, body: ChatRequest) -> tuple[ValidRequest, str]:
+def chat_request_to_valid(state: ServerState, body: ChatRequest) -> ValidRequest:
     if body.tools and body.tool_choice != "none":
         raise ValidationFailed("`tools` are not supported: tool calling needs constrained decoding (grammars), which lmport does not implement yet")
     if body.response_format is not None and (getattr(body.response_format, "get", None) is None or body.response_format.get("type") != "text"):
@@ -103,7 +103,7 @@ def chat_request_to_valid(state: ServerState, body: ChatRequest) -> tuple[ValidR
         params, inputs=prompt, add_special_tokens=False, n=body.n or 1, presence_penalty=body.presence_penalty or None,
         extra_stop_token_ids=() if body.ignore_eos else state.model.chat_stop_token_ids, ignore_eos=body.ignore_eos,
     )
-    return valid, prompt
+    return valid
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS, dependencies=[Depends(require_api_key)])
@@ -116,7 +116,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
     try:
         permit = state.limiter.acquire()
         with release_on_error(permit):
-            valid, _ = chat_request_to_valid(state, body)
+            valid = chat_request_to_valid(state, body)
     except ApiError as exc:
         record_failure(state, exc)
         raise
@@ -349,7 +349,7 @@ def completion_choice(
             tokens = list(prompt_tokens) + tokens
             texts = [t.text for t in prompt_tokens] + texts
             first_is_prompt = True
-        logprobs = completion_logprobs(tokens, texts, body.logprobs, first_is_prompt, prompt_text if body.echo else "")
+        logprobs = completion_logprobs(tokens, texts, body.logprobs, first_is_prompt)
     return CompletionChoice(
         index=index,
         text=(prompt_text if body.echo else "") + text,
@@ -358,7 +358,7 @@ def completion_choice(
     )
 
 
-def completion_logprobs(tokens: list[TokenInfo], texts: list[str], top: int, first_is_prompt: bool, _prefix: str) -> CompletionLogprobs:
+def completion_logprobs(tokens: list[TokenInfo], texts: list[str], top: int, first_is_prompt: bool) -> CompletionLogprobs:
     offsets, position = [], 0
     for text in texts:
         offsets.append(position)
@@ -417,7 +417,7 @@ async def completion_events(
             text = cutters[prompt_index].feed(item.index, plain, item)
             choice = CompletionChoice(
                 index=prompt_index * n + item.index, text=text,
-                logprobs=completion_logprobs(item.tokens, texts, body.logprobs, False, "") if body.logprobs is not None and item.tokens else None,
+                logprobs=completion_logprobs(item.tokens, texts, body.logprobs, False) if body.logprobs is not None and item.tokens else None,
                 finish_reason=FINISH.get(item.finish_reason, "stop") if item.finished else None,
             )
             yield sse_data(Completion(id=completion_id, created=created, model=model, system_fingerprint=state.system_fingerprint, choices=[choice]))
