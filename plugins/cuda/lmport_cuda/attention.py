@@ -141,5 +141,8 @@ def cuda_attention_backend(spec: AttentionSpec, capabilities: Capabilities | Non
         log.info("CUDA attention kernels do not cover %s: reference path", reason)
         return None
     if flash_attn_available():
-        return FlashAttnPagedAttention(spec)
+        try:
+            return FlashAttnPagedAttention(spec)
+        except Exception as exc:  # installed but broken (a CUDA/torch ABI mismatch, say)
+            log.warning("flash-attn does not import (%s: %s); using the Triton kernels", type(exc).__name__, exc)
     return TritonPagedAttention(spec)
