@@ -64,6 +64,12 @@ def main() -> int:
         cells = [line.split("\t") for line in stages.read_text().splitlines() if line.strip()]
         lines.append("stages: " + "  ".join(f"{c[0]}={c[1]}({c[2]}s)" for c in cells if len(c) >= 3))
 
+    tests_log = out / "tests.log"
+    if tests_log.exists():
+        outcome = [line for line in tests_log.read_text().splitlines() if " passed" in line or " failed" in line or " error" in line]
+        if outcome:
+            lines.append("GPU tests: " + outcome[-1].strip("= "))
+
     attention = load(out / "attention.json")
     if attention:
         dec = [r for r in attention["rows"] if r.get("phase") == "decode" and "fraction_of_copy_bw" in r]
