@@ -78,7 +78,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS",), "max_batch_prefill_tokens", int,
          help="prompt tokens per prefill step (default: max_input_tokens + 50)"),
     Flag(("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS",), "max_batch_total_tokens", int,
-         help="KV cache size in tokens (default: what memory allows)"),
+         help="KV cache size in tokens (default: on an accelerator, the memory free after loading the weights "
+              "within --cuda-memory-fraction, less 10%%; on CPU, room for 8 sequences of max_total_tokens "
+              "(or one prefill step if larger) within a quarter of the free RAM, never less than one sequence)"),
     Flag(("--max-batch-size",), ("MAX_BATCH_SIZE",), "max_batch_size", int, help="most sequences per step"),
     Flag(("--waiting-served-ratio",), ("WAITING_SERVED_RATIO",), "waiting_served_ratio", float, 0.3,
          help="waiting/running ratio at which waiting requests may pause decoding for a prefill"),
@@ -91,7 +93,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--disable-custom-kernels",), ("DISABLE_CUSTOM_KERNELS",), "disable_custom_kernels", parse_bool, False,
          "use the core's reference kernels instead of the backend's", switch=True),
     Flag(("--cuda-memory-fraction",), ("CUDA_MEMORY_FRACTION",), "cuda_memory_fraction", float, 1.0,
-         "share of the device memory lmport may use"),
+         "share of an accelerator's total memory lmport may use (not applied on CPU)"),
     Flag(("--cuda-graphs",), ("CUDA_GRAPHS",), "cuda_graphs", parse_cuda_graphs,
          help='decode batch sizes to capture as graphs, e.g. "1,2,4,8"; "0" disables (default: the backend\'s)'),
     Flag(("--block-size",), ("LMPORT_BLOCK_SIZE",), "block_size", int, help="KV cache block size (default: the attention backend's)"),

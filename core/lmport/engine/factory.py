@@ -19,6 +19,7 @@ import torch
 from lmport.config import LaunchConfig
 from lmport.engine.async_engine import AsyncEngine
 from lmport.engine.executor import ModelExecutor
+from lmport.engine.kv_cache_sizing import size_kv_cache
 from lmport.engine.limits import model_max_positions, resolve_limits
 from lmport.engine.llm_engine import LLMEngine
 from lmport.engine.model_runner import PagedModelRunner
@@ -29,7 +30,6 @@ from lmport.models.loader import build_native_model, resolve_model_info
 
 log = logging.getLogger(__name__)
 
-KV_MEMORY_HEADROOM = 0.10  # of the memory left after the weights: activations, sampler, fragmentation
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _FP8_KV = {"fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
@@ -197,32 +197,3 @@ def pick_kv_cache_dtype(requested: str | None, dtype: torch.dtype, caps: Any) ->
     if name not in _DTYPES:
         raise ValueError(f"unknown kv cache dtype '{requested}'; choose one of {', '.join([*_DTYPES, *_FP8_KV])}")
     return _DTYPES[name]
-
-
-def size_kv_cache(config: LaunchConfig, host: Any, spec: KVCacheSpec, device: torch.device, max_positions: int) -> int:
-    """Blocks for the KV cache: ``max_batch_total_tokens`` if set, else what memory allows.
-
-    Memory: the free bytes reported after loading the weights, less the share
-    ``--cuda-memory-fraction`` keeps off-limits and a headroom, but never more than the
-    scheduler could fill (every concurrent request at ``max_total_tokens``).
-    """
-    block_tokens = spec.block_size
-    if config.max_batch_total_tokens:
-        return max(1, -(-config.max_batch_total_tokens // block_tokens))
-    info = host.memory_info(device)
-    max_total = config.max_total_tokens or min(4096, max_positions)
-    need_blocks = -(-(config.max_concurrent_requests * max_total) // block_tokens)
-    if info is None:
-        log.warning("backend reports no memory info: sizing the KV cache for the largest possible batch")
-        return need_blocks
-    reserved = (1.0 - config.cuda_memory_fraction) * info.total_bytes if device.type != "cpu" else 0
-    usable = max(0.0, info.free_bytes - reserved) * (1.0 - KV_MEMORY_HEADROOM)
-    mem_blocks = int(usable // spec.bytes_per_block())
-    blocks = min(mem_blocks, need_blocks)
-    if blocks * block_tokens < max_total:
-        raise MemoryError(
-            f"not enough memory for one sequence of {max_total} tokens: the KV cache fits {blocks * block_tokens} "
-            f"tokens ({info.free_bytes / 2**30:.1f} GiB free); lower --max-total-tokens or use a smaller model"
-        )
-    return blocks
-
