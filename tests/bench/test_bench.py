@@ -239,6 +239,5 @@ def test_server_stops_at_eos_without_ignore_eos(always_eos_server: Server) -> No
     assert completion_tokens(always_eos_server.url, ignore_eos=False) == 1
 
 
-@pytest.mark.xfail(reason="/v1/completions does not read vLLM's `ignore_eos` yet (CompletionRequest drops it)", strict=False)
 def test_server_honours_ignore_eos(always_eos_server: Server) -> None:
     assert completion_tokens(always_eos_server.url, ignore_eos=True) == 5
