@@ -58,6 +58,7 @@ else
   log "no .whl/install.sh here: using the environment as it is"
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python3 -m lmport.cli backends > "$OUT/backends.txt" 2>&1 || log "lmport backends failed (see backends.txt)"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/suite.log"
 
 run_stage roofline 20 60 python3 benchmarks/roofline.py --json "$OUT/roofline.json"
