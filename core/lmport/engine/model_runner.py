@@ -81,7 +81,8 @@ class PagedModelRunner(ModelExecutor):
         runner = self.host.graph_runner(self.model, self.config)
         if runner is None:
             return
-        sizes = list(self.config.cuda_graphs or DEFAULT_GRAPH_BATCH_SIZES)
+        # --cuda-graphs wins; else the backend's own buckets; else TGI's default list
+        sizes = list(self.config.cuda_graphs or getattr(runner, "default_batch_sizes", None) or DEFAULT_GRAPH_BATCH_SIZES)
         if self.max_batch_size:
             sizes = [s for s in sizes if s <= self.max_batch_size] or [min(sizes)]
         log.info("capturing decode graphs for batch sizes %s", sizes)
