@@ -2,8 +2,8 @@
 
 - ``cpu_host``: a PluginHost with the CPU backend selected (no entry points loaded).
 - ``tiny_model_dir(name)``: ``(path, hf_model)`` of a tiny random checkpoint of ``name``
-  (from ``lmport.testing.tiny_models``) with a byte-level BPE tokenizer saved next to it;
-  built once per session.
+  (from ``lmport.testing.tiny_models``) with the byte-level BPE of ``lmport.testing.tiny_tokenizer``
+  saved next to it; built once per session.
 - ``make_engine(name, **config)``: a synchronous LLMEngine through ``build_llm_engine``.
 - ``hf_greedy(hf_model, prompt, max_new_tokens)``: transformers ``generate`` tokens (no EOS stop)
   and the log-softmax of each step's logits.
@@ -22,33 +22,7 @@ from lmport.config import LaunchConfig
 from lmport.engine.factory import build_llm_engine
 from lmport.plugins import PluginHost
 from lmport.testing.tiny_models import VOCAB, make_checkpoint
-
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Paged attention keeps the KV cache in fixed-size blocks.",
-    "Continuous batching lets requests join and leave every step.",
-    "héllo wörld, ünïcode text ☃ and emoji 🙂 split over byte tokens",
-] * 20
-
-
-def train_tokenizer(vocab_size: int = VOCAB):
-    """A byte-level BPE with <pad>, <s>, </s> at ids 0, 1, 2 (the tiny configs' special ids)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS, trainer)
-    assert tok.get_vocab_size() <= vocab_size
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
+from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
@@ -73,7 +47,7 @@ def cpu_host() -> PluginHost:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     built: dict[str, tuple[Path, Any]] = {}
-    tokenizer = train_tokenizer()
+    tokenizer = train_tiny_tokenizer()
 
     def get(name: str) -> tuple[Path, Any]:
         if name not in built:

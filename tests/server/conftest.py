@@ -23,51 +23,15 @@ from lmport.plugins import PluginHost
 from lmport.server.app import build_app
 from lmport.server.assemble import build_state
 from lmport.server.serve import ServerThread
-from lmport.testing.tiny_models import VOCAB, make_checkpoint
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Servers stream tokens to their clients as server-sent events.",
-    "A chat template turns messages into one prompt for the model.",
-    "héllo wörld, ünïcode text ☃ and emoji 🙂 split over byte tokens",
-] * 20
-
-
-def train_chat_tokenizer(vocab_size: int = VOCAB) -> Any:
-    """A byte-level BPE: <pad>, <s>, </s> at ids 0-2 (the tiny configs' ids), ChatML turn tokens, a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS, trainer)
-    assert tok.get_vocab_size() <= vocab_size
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+from lmport.testing.tiny_models import make_checkpoint
+from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> tuple[Path, Any, Any]:
     path = tmp_path_factory.mktemp("tiny-llama-chat")
     hf_model = make_checkpoint("llama", path)
-    tokenizer = train_chat_tokenizer()
+    tokenizer = train_tiny_tokenizer(chat=True)
     tokenizer.save_pretrained(path)
     return path, hf_model, tokenizer
 
