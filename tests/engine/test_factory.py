@@ -20,6 +20,7 @@ from lmport.engine.model_runner import PagedModelRunner
 from lmport.hookspecs import hookimpl
 from lmport.memory import MemoryInfo
 from lmport.models.loader import build_native_model, resolve_model_info
+from lmport.models.resolve import ModelNotFoundError
 from lmport.plugins import PluginHost
 
 
@@ -106,7 +107,7 @@ def test_quantization_is_refused_before_any_weight_is_read(tiny_model_dir, tmp_p
 
 
 def test_a_missing_model_folder_names_the_model():
-    with pytest.raises(FileNotFoundError, match="no/such/model"):
+    with pytest.raises(ModelNotFoundError, match="no/such/model"):
         build_llm_engine(LaunchConfig(model_id="no/such/model"), cpu_host_with())
 
 

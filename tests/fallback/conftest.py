@@ -141,3 +141,62 @@ def hf_greedy(hf_model: Any, prompt: list[int], max_new_tokens: int) -> list[int
 @pytest.fixture
 def oracle_greedy() -> Callable[[Any, list[int], int], list[int]]:
     return hf_greedy
+
+
+def write_tiny_gguf(hf_model: Any, tokenizer: Any, path: Path) -> None:
+    """The Qwen2 model as an F32 GGUF file, tensor names from gguf-py's map (what llama.cpp
+    writes), with ``tokenizer`` (a byte-level BPE) as its vocabulary and merges."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    config = hf_model.config
+    rope_theta = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    assert [i for _, i in vocab] == list(range(config.vocab_size))
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([3 if token in tokenizer.all_special_tokens else 1 for token, _ in vocab])  # 3: control
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
+    for name, tensor in hf_model.state_dict().items():
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> tuple[Path, Any, Any]:
+    """``(path of a .gguf, transformers model, tokenizer)``: a tiny random Qwen2 written as an F32
+    GGUF with the byte-level BPE of ``lmport.testing.tiny_tokenizer``, built once."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    oracle = AutoModelForCausalLM.from_config(config).eval()
+    widen_init(oracle)
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny-f32.gguf"
+    write_tiny_gguf(oracle, tokenizer, path)
+    return path, oracle, tokenizer

@@ -47,3 +47,23 @@ def test_engine_serves_fallback_models(name, runner, fallback_checkpoint):
         assert tokens == hf_generate(oracle, list(request.prompt_token_ids), MAX_NEW)
         assert steps[-1].finished and steps[-1].finish_reason == "length"
         assert "".join(out.text for out in steps) == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_build_engine_resolves_a_gguf_path_and_the_default_model_as_launch_does(tiny_gguf, monkeypatch, tmp_path):
+    """``build_llm_engine`` takes what ``--model-id`` takes: a ``.gguf`` file, or nothing for the
+    default model (here the tiny GGUF stands in for the Gemma package)."""
+    from lmport.models import resolve
+
+    gguf_path, oracle, reference_tokenizer = tiny_gguf
+    monkeypatch.setenv("LMPORT_CACHE", str(tmp_path / "cache"))  # the sidecar goes here, not in ~/.cache
+    monkeypatch.setattr(resolve, "default_model_gguf", lambda: gguf_path)
+    prompt = reference_tokenizer("The quick brown fox").input_ids
+    expected = hf_generate(oracle, prompt, MAX_NEW)
+    for model_id, shown_as in ((str(gguf_path), str(gguf_path)), ("", resolve.DEFAULT_MODEL_NAME)):
+        config = LaunchConfig(model_id=model_id, block_size=4, max_batch_total_tokens=256)
+        engine, tokenizer, info = build_llm_engine(config, PluginHost(environ={}, load_entry_points=False).load())
+        assert info.model_id == shown_as and info.gguf_file == gguf_path.name
+        assert info.architecture == "Qwen2ForCausalLM" and isinstance(engine.executor.model, HFCausalLMAdapter)
+        assert tokenizer("The quick brown fox").input_ids == prompt  # the GGUF's own vocabulary, converted
+        request = GenerationRequest("r", tuple(prompt), SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
+        assert [t.token_id for out in engine.generate([request])["r"] for t in out.tokens] == expected

@@ -162,49 +162,12 @@ def test_probe_catches_positions_that_restart_at_each_chunk(fallback_checkpoint,
         load_fallback(resolve_model_info(path), cpu_host, torch.float32, torch.device("cpu"), False)
 
 
-def write_tiny_gguf(hf_model, path: Path) -> None:
-    """The Qwen2 model as an F32 GGUF file, tensor names from gguf-py's map (what llama.cpp writes)."""
-    import gguf
-    import numpy as np
+def test_gguf_checkpoint_loads_through_gguf_file(tiny_gguf, cpu_host):
+    from transformers import AutoConfig
 
-    config = hf_model.config
-    rope_theta = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
-    writer.add_token_types([1] * config.vocab_size)
-    writer.add_token_merges([])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
-    for name, tensor in hf_model.state_dict().items():
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy().astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def test_gguf_checkpoint_loads_through_gguf_file(tmp_path, cpu_host):
-    pytest.importorskip("gguf")
-    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
-
-    from lmport.testing.tiny_models import widen_init
-
-    config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    oracle = AutoModelForCausalLM.from_config(config).eval()
-    widen_init(oracle)
-    write_tiny_gguf(oracle, tmp_path / "tiny-f32.gguf")
-    hf_config = AutoConfig.from_pretrained(tmp_path, gguf_file="tiny-f32.gguf")
-    info = ModelInfo("tiny-gguf", tmp_path, hf_config, "Qwen2ForCausalLM", gguf_file="tiny-f32.gguf")
+    gguf_path, oracle, _ = tiny_gguf
+    hf_config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    info = ModelInfo("tiny-gguf", gguf_path.parent, hf_config, "Qwen2ForCausalLM", gguf_file=gguf_path.name)
     model = load_fallback(info, cpu_host, torch.float32, torch.device("cpu"), False)
     prompts = [[5, 6, 7, 8, 9, 10], [40, 41]]
     got = greedy_generate(model, prompts, 5, host=cpu_host, prefill_chunk=4)

@@ -124,7 +124,7 @@ def prepare(settings: LaunchSettings) -> Any:
     log.info("      backend '%s' (%s): %s", selection.backend.name, selection.backend.device_type, selection.reason)
 
     log.info("[3/4] loading weights and sizing the KV cache")
-    engine, tokenizer, info = build_engine(config.replace(model_id=str(source.path)), host)
+    engine, tokenizer, info = build_engine(config, host, source)
     if settings.tokenizer_config_path:
         with open(settings.tokenizer_config_path) as handle:
             template = json.load(handle).get("chat_template")

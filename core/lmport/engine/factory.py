@@ -1,6 +1,6 @@
 """``build_engine``: from a LaunchConfig and a PluginHost to a serving engine.
 
-Order: backend adjustments -> model folder -> tokenizer -> dtype -> quantization check
+Order: backend adjustments -> model source (:mod:`lmport.models.resolve`) -> tokenizer -> dtype -> quantization check
 (before any weight is read) -> executor (a backend's whole-model executor, else the native
 model on the core's paged runner, else the transformers fallback) -> KV cache sized from the
 memory left after the weights -> engine.
@@ -8,7 +8,6 @@ memory left after the weights -> engine.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ from lmport.engine.model_runner import PagedModelRunner
 from lmport.engine.stopping import eos_token_ids
 from lmport.layers.attention import KVCacheSpec
 from lmport.models.base import ModelInfo
-from lmport.models.loader import build_native_model, resolve_model_info
+from lmport.models.loader import build_native_model
+from lmport.models.resolve import ModelSource, model_info_for, resolve_model_source
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,20 @@ _FP8_KV = {"fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 
 
-def build_engine(config: LaunchConfig, host: Any) -> tuple[AsyncEngine, Any, ModelInfo]:
+def build_engine(config: LaunchConfig, host: Any, source: ModelSource | None = None) -> tuple[AsyncEngine, Any, ModelInfo]:
     """The async engine (not started: ``start()``, or the first ``generate``, starts it), tokenizer and model info."""
-    engine, tokenizer, info = build_llm_engine(config, host)
+    engine, tokenizer, info = build_llm_engine(config, host, source)
     return AsyncEngine(engine), tokenizer, info
 
 
-def build_llm_engine(config: LaunchConfig, host: Any) -> tuple[LLMEngine, Any, ModelInfo]:
+def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None = None) -> tuple[LLMEngine, Any, ModelInfo]:
     """The synchronous engine, tokenizer and model info for ``config`` on ``host``'s backend.
 
     Applies the backend's config adjustments itself, so pass the config as the user gave it.
+    ``source`` is ``config.model_id`` already resolved (``lmport launch`` resolves it first, to
+    log it); without it the model id is resolved here by the same
+    :func:`~lmport.models.resolve.resolve_model_source`: a folder, a ``.gguf``, a hub id, or
+    nothing for the default model.
     """
     started = time.monotonic()
     if host.selection is None:
@@ -54,8 +58,9 @@ def build_llm_engine(config: LaunchConfig, host: Any) -> tuple[LLMEngine, Any, M
     caps = host.capabilities()
     device = torch.device(caps.device_type)
 
-    path = resolve_model_path(config.model_id, config.revision)
-    info = dataclasses.replace(resolve_model_info(path, config.trust_remote_code), model_id=config.model_id or str(path))
+    source = source or resolve_model_source(config.model_id, config.revision)
+    info = model_info_for(source, config.trust_remote_code)
+    path = source.path
     log.info("model %s (%s) from %s on backend '%s'", info.model_id, info.architecture, path, caps.backend)
     tokenizer = load_tokenizer(config, path)
     dtype = pick_dtype(config.dtype, info.hf_config, device, caps)
@@ -85,23 +90,6 @@ def build_llm_engine(config: LaunchConfig, host: Any) -> tuple[LLMEngine, Any, M
 
 
 # ---------------------------------------------------------------------- steps
-
-
-def resolve_model_path(model_id: str, revision: str | None = None) -> Path:
-    """A local folder as is; otherwise a hub id, downloaded (or found in the hub cache)."""
-    if not model_id:
-        raise ValueError("no model given: set --model-id")
-    path = Path(model_id).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model_id, revision=revision))
-    except Exception as exc:
-        raise FileNotFoundError(
-            f"model '{model_id}' is neither a local folder nor reachable on the hub ({type(exc).__name__}: {exc})"
-        ) from exc
 
 
 def load_tokenizer(config: LaunchConfig, path: Path) -> Any:

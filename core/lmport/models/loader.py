@@ -9,6 +9,7 @@ import torch
 
 from lmport.models.base import CausalLM, ModelContext, ModelInfo
 from lmport.models.registry import ModelRegistry
+from lmport.models.resolve import resolve_model_info as _resolve_model_info
 
 log = logging.getLogger(__name__)
 
@@ -20,24 +21,8 @@ def model_registry(host) -> ModelRegistry:
 
 
 def resolve_model_info(path: str | Path, trust_remote_code: bool = False) -> ModelInfo:
-    from transformers import AutoConfig
-
-    hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    architectures = getattr(hf_config, "architectures", None) or []
-    architecture = architectures[0] if architectures else type(hf_config).__name__
-    return ModelInfo(
-        model_id=str(path), path=Path(path), hf_config=hf_config, architecture=architecture, gguf_file=_folder_gguf(path)
-    )
-
-
-def _folder_gguf(path: str | Path) -> str | None:
-    """The folder's one ``.gguf`` when it has no safetensors/bin weights (lmport.models.resolve
-    prepares such folders for GGUF checkpoints: config + tokenizer + a link to the file)."""
-    folder = Path(path)
-    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
-        return None
-    ggufs = sorted(folder.glob("*.gguf"))
-    return ggufs[0].name if len(ggufs) == 1 else None
+    """The :class:`ModelInfo` of a checkpoint folder or ``.gguf`` (see :mod:`lmport.models.resolve`)."""
+    return _resolve_model_info(str(path), trust_remote_code=trust_remote_code)
 
 
 def build_native_model(
