@@ -87,3 +87,25 @@ def test_calling_the_loaded_model_outside_the_runner_fails_clearly(load):
     model, _ = load("qwen2")
     with pytest.raises(RuntimeError, match="paged cache"):
         model.hf_model(torch.tensor([[5, 6, 7]]))
+
+
+@pytest.mark.parametrize("kind", ["folder", "gguf"])
+def test_loading_reuses_the_parsed_config(kind, cpu_host, fallback_checkpoint, tiny_gguf, monkeypatch, tmp_path):
+    """The config in ModelInfo goes to ``from_pretrained``: a GGUF is not parsed again for it."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    monkeypatch.setenv("LMPORT_CACHE", str(tmp_path))  # the GGUF's sidecar folder
+    path = fallback_checkpoint("qwen2")[0] if kind == "folder" else tiny_gguf[0]
+    info = resolve_model_info(path)
+    assert (info.gguf_file is not None) == (kind == "gguf")
+    reads = []
+
+    def no_second_read(*args, **kwargs):
+        reads.append(args)
+        raise AssertionError("the checkpoint's config was read again")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", no_second_read)
+    monkeypatch.setattr(PretrainedConfig, "from_pretrained", classmethod(no_second_read))
+    model = load_fallback(info, cpu_host, torch.float32, torch.device("cpu"), False)
+    assert reads == [] and model.hf_model.config is not info.hf_config  # a copy: info's config stays as it was
+    assert model.hf_model.config.num_hidden_layers == info.hf_config.num_hidden_layers

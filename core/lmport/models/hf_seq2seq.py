@@ -125,11 +125,9 @@ def load_seq2seq(info: Any, host: Any, dtype: torch.dtype, device: torch.device,
     """``AutoModelForSeq2SeqLM`` for ``info``, wrapped as an executor."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from lmport.models.hf_fallback import dtype_kwarg
+    from lmport.models.hf_fallback import checkpoint_kwargs
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **dtype_kwarg(dtype)}
-    if info.gguf_file:
-        kwargs["gguf_file"] = info.gguf_file
+    kwargs = checkpoint_kwargs(info, dtype, trust_remote_code)
     hf_model = AutoModelForSeq2SeqLM.from_pretrained(str(info.path), **kwargs).to(device).eval()
     block_size = host.capabilities().default_block_size
     log.warning(
