@@ -67,3 +67,17 @@ def test_build_engine_resolves_a_gguf_path_and_the_default_model_as_launch_does(
         assert tokenizer("The quick brown fox").input_ids == prompt  # the GGUF's own vocabulary, converted
         request = GenerationRequest("r", tuple(prompt), SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
         assert [t.token_id for out in engine.generate([request])["r"] for t in out.tokens] == expected
+
+
+@pytest.mark.parametrize("name", ["gemma3", "t5"])
+def test_building_an_engine_on_the_fallback_logs_one_line(name, fallback_checkpoint, caplog):
+    """One line, a warning, saying the model runs through the fallback and is not optimized."""
+    import logging
+
+    path, _ = fallback_checkpoint(name)
+    config = LaunchConfig(model_id=str(path), block_size=4, max_batch_total_tokens=256)
+    with caplog.at_level(logging.DEBUG):
+        build_llm_engine(config, PluginHost(environ={}, load_entry_points=False).load())
+    lines = [r for r in caplog.records if "fallback" in r.getMessage().replace(str(path), "")]  # the folder is "fallback-…"
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].levelno == logging.WARNING and "not optimized" in lines[0].getMessage()

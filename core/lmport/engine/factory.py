@@ -162,7 +162,7 @@ def build_executor(
     else:
         from lmport.models.hf_fallback import load_fallback
 
-        log.info("no native model for %s: using the transformers fallback", info.architecture)
+        # load_fallback logs the one line saying so (with the cache shape it found)
         model = load_fallback(info, host, dtype, device, config.trust_remote_code)
         if isinstance(model, ModelExecutor):
             return model
