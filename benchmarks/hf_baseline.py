@@ -24,7 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to try t
 
 def sync() -> None:
     if torch.cuda.is_available():
-        sync()
+        torch.cuda.synchronize()
 
 
 def prompts_for(tokenizer, num: int, input_len: int, seed: int) -> list[list[int]]:
