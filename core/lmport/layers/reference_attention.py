@@ -13,15 +13,28 @@ from lmport.layers.attention import AttentionBackend, AttentionMetadata, KVCache
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
-    """Scatter this step's K/V rows into their cache slots; slots of -1 are skipped."""
+    """Scatter this step's K/V rows into their cache slots; slots of -1 are skipped.
+
+    Without a host sync: a boolean mask would cost three per layer on a GPU (its result's size
+    depends on the data). Instead every skipped row repeats the write of the step's first
+    written row, the same data into the same slot, which changes nothing; in a step with no
+    written row at all, they write slot 0's own content back into it.
+    """
+    if slot_mapping.numel() == 0:
+        return
     key_cache, value_cache = kv_cache
     num_kv_heads, head_dim = key_cache.shape[-2:]
-    flat_k = key_cache.view(-1, num_kv_heads, head_dim)
-    flat_v = value_cache.view(-1, num_kv_heads, head_dim)
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    flat_k.index_copy_(0, slots, key[valid].to(flat_k.dtype))
-    flat_v.index_copy_(0, slots, value[valid].to(flat_v.dtype))
+    slots = slot_mapping.long()
+    written = slots >= 0
+    first = written.to(torch.uint8).argmax().view(1)  # the first written row (0 when none is)
+    first_written = written.index_select(0, first).view(1, 1, 1)
+    stand_in = slots.index_select(0, first).clamp_(min=0)  # the slot skipped rows write to
+    target = torch.where(written, slots, stand_in)
+    for cache, rows in ((key_cache, key), (value_cache, value)):
+        flat = cache.view(-1, num_kv_heads, head_dim)
+        rows = rows.to(flat.dtype)
+        repeat = torch.where(first_written, rows.index_select(0, first), flat.index_select(0, stand_in))
+        flat.index_copy_(0, target, torch.where(written.view(-1, 1, 1), rows, repeat))
 
 
 def gather_sequence_kv(kv_cache: KVCache, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
