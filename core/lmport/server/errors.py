@@ -22,8 +22,13 @@ class ApiError(Exception):
 
     status_code = 500
     error_type = "error"
+    default_message: str | None = None  # the message when none is given (None: one must be)
 
-    def __init__(self, message: str, *, status_code: int | None = None, error_type: str | None = None):
+    def __init__(self, message: str | None = None, *, status_code: int | None = None, error_type: str | None = None):
+        if message is None:
+            if self.default_message is None:
+                raise TypeError(f"{type(self).__name__} needs a message")
+            message = self.default_message
         super().__init__(message)
         self.message = message
         if status_code is not None:
@@ -46,9 +51,7 @@ class ValidationFailed(ApiError):
 class Overloaded(ApiError):
     status_code = 429
     error_type = "overloaded"
-
-    def __init__(self, message: str = "Model is overloaded"):
-        super().__init__(message)
+    default_message = "Model is overloaded"
 
 
 class GenerationFailed(ApiError):
@@ -62,9 +65,7 @@ class GenerationFailed(ApiError):
 class IncompleteGeneration(ApiError):
     status_code = 500
     error_type = "incomplete_generation"
-
-    def __init__(self, message: str = "Incomplete generation"):
-        super().__init__(message)
+    default_message = "Incomplete generation"
 
 
 class TemplateFailed(ApiError):
@@ -75,17 +76,13 @@ class TemplateFailed(ApiError):
 class Unauthorized(ApiError):
     status_code = 401
     error_type = "authentication"
-
-    def __init__(self, message: str = "Unauthorized: missing or invalid bearer token"):
-        super().__init__(message)
+    default_message = "Unauthorized: missing or invalid bearer token"
 
 
 class Unhealthy(ApiError):
     status_code = 503
     error_type = "healthcheck"
-
-    def __init__(self, message: str = "unhealthy"):
-        super().__init__(message)
+    default_message = "unhealthy"
 
 
 def describe_validation_errors(exc: RequestValidationError) -> str:
@@ -114,9 +111,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_limit"}.get(exc.status_code, "http")
-        return JSONResponse({"error": str(exc.detail), "error_type": kind}, status_code=exc.status_code)
+        return ApiError(str(exc.detail), status_code=exc.status_code, error_type=kind).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected server error")
-        return JSONResponse({"error": f"{type(exc).__name__}: {exc}", "error_type": "server"}, status_code=500)
+        return ApiError(f"{type(exc).__name__}: {exc}", status_code=500, error_type="server").response()
