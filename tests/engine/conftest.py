@@ -21,6 +21,7 @@ import torch
 from lmport.config import LaunchConfig
 from lmport.engine.factory import build_llm_engine
 from lmport.plugins import PluginHost
+from lmport.testing.hf_oracle import hf_greedy_generate
 from lmport.testing.tiny_models import VOCAB, make_checkpoint
 from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
 
@@ -88,25 +89,7 @@ def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in lengths]
 
 
-@torch.inference_mode()
 def hf_greedy(hf_model: Any, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens from transformers ``generate`` (EOS ignored) and each step's log-softmax."""
-    config = hf_model.generation_config
-    saved = config.eos_token_id
-    config.eos_token_id = None
-    try:
-        out = hf_model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    finally:
-        config.eos_token_id = saved
-    tokens = out.sequences[0, len(prompt) :].tolist()
-    assert len(tokens) == max_new_tokens
-    return tokens, [torch.log_softmax(step[0].float(), dim=-1) for step in out.logits]
+    tokens, logits = hf_greedy_generate(hf_model, prompt, max_new_tokens)
+    return tokens, [torch.log_softmax(step, dim=-1) for step in logits]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmport.plugins import PluginHost
+from lmport.testing.hf_oracle import hf_greedy_generate
 from lmport.testing.tiny_models import widen_init
 
 VOCAB = 256
@@ -122,25 +123,10 @@ def fallback_checkpoint(tmp_path_factory) -> Callable[[str], tuple[Path, Any]]:
     return build
 
 
-@torch.inference_mode()
-def hf_greedy(hf_model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' ``generate``, greedy, exactly ``max_new_tokens`` (no EOS stop)."""
-    config = hf_model.generation_config
-    saved = config.eos_token_id
-    config.eos_token_id = None
-    try:
-        out = hf_model.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0,
-        )
-    finally:
-        config.eos_token_id = saved
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.fixture
 def oracle_greedy() -> Callable[[Any, list[int], int], list[int]]:
-    return hf_greedy
+    """transformers' ``generate``, greedy, exactly ``max_new_tokens`` (no EOS stop)."""
+    return lambda hf_model, prompt, max_new_tokens: hf_greedy_generate(hf_model, prompt, max_new_tokens)[0]
 
 
 def write_tiny_gguf(hf_model: Any, tokenizer: Any, path: Path) -> None:

@@ -4,7 +4,6 @@ continuous batching, chunked prefill and streaming text, against transformers' `
 from __future__ import annotations
 
 import pytest
-import torch
 
 from lmport.config import LaunchConfig
 from lmport.engine.api import GenerationRequest, SamplingParams
@@ -12,20 +11,10 @@ from lmport.engine.factory import build_llm_engine
 from lmport.models.hf_fallback import HFCausalLMAdapter
 from lmport.models.hf_seq2seq import HFSeq2SeqExecutor
 from lmport.plugins import PluginHost
+from lmport.testing.hf_oracle import hf_greedy_generate
 
 PROMPTS = [[5, 9, 33, 4, 80, 81, 82, 90, 91, 92, 7, 8, 9, 10], [100, 7], [8, 8, 8, 120, 43, 19]]
 MAX_NEW = 6
-
-
-@torch.inference_mode()
-def hf_generate(oracle, prompt: list[int], max_new_tokens: int) -> list[int]:
-    config = oracle.generation_config
-    saved, config.eos_token_id = config.eos_token_id, None
-    try:
-        out = oracle.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
-    finally:
-        config.eos_token_id = saved
-    return out[0, -max_new_tokens:].tolist()
 
 
 @pytest.mark.parametrize("name, runner", [("gemma3", HFCausalLMAdapter), ("t5", HFSeq2SeqExecutor)])
@@ -44,7 +33,7 @@ def test_engine_serves_fallback_models(name, runner, fallback_checkpoint):
     for request in requests:
         steps = outputs[request.request_id]
         tokens = [t.token_id for out in steps for t in out.tokens]
-        assert tokens == hf_generate(oracle, list(request.prompt_token_ids), MAX_NEW)
+        assert tokens == hf_greedy_generate(oracle, list(request.prompt_token_ids), MAX_NEW)[0]
         assert steps[-1].finished and steps[-1].finish_reason == "length"
         assert "".join(out.text for out in steps) == tokenizer.decode(tokens, skip_special_tokens=True)
 
@@ -58,7 +47,7 @@ def test_build_engine_resolves_a_gguf_path_and_the_default_model_as_launch_does(
     monkeypatch.setenv("LMPORT_CACHE", str(tmp_path / "cache"))  # the sidecar goes here, not in ~/.cache
     monkeypatch.setattr(resolve, "default_model_gguf", lambda: gguf_path)
     prompt = reference_tokenizer("The quick brown fox").input_ids
-    expected = hf_generate(oracle, prompt, MAX_NEW)
+    expected = hf_greedy_generate(oracle, prompt, MAX_NEW)[0]
     for model_id, shown_as in ((str(gguf_path), str(gguf_path)), ("", resolve.DEFAULT_MODEL_NAME)):
         config = LaunchConfig(model_id=model_id, block_size=4, max_batch_total_tokens=256)
         engine, tokenizer, info = build_llm_engine(config, PluginHost(environ={}, load_entry_points=False).load())

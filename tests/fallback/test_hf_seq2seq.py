@@ -13,6 +13,7 @@ from lmport.engine.sequence import Sequence
 from lmport.models.hf_fallback import load_fallback
 from lmport.models.hf_seq2seq import HFSeq2SeqExecutor
 from lmport.models.loader import resolve_model_info
+from lmport.testing.hf_oracle import hf_greedy_generate
 
 
 @pytest.fixture
@@ -46,17 +47,6 @@ def run(executor, seqs: list[Sequence], steps: int, chunk: int | None = None):
     return out
 
 
-@torch.inference_mode()
-def hf_generate(oracle, prompt: list[int], max_new_tokens: int) -> list[int]:
-    config = oracle.generation_config
-    saved, config.eos_token_id = config.eos_token_id, None
-    try:
-        out = oracle.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens)
-    finally:
-        config.eos_token_id = saved
-    return out[0, 1:].tolist()  # drop the decoder start token
-
-
 def test_greedy_matches_transformers(t5):
     executor, oracle = t5
     assert isinstance(executor, HFSeq2SeqExecutor) and isinstance(executor, ModelExecutor)
@@ -64,7 +54,7 @@ def test_greedy_matches_transformers(t5):
     seqs = [make_seq(i, p) for i, p in enumerate(prompts)]
     run(executor, seqs, steps=10, chunk=3)  # the longest prompt needs 3 chunks before its first token
     for seq, prompt in zip(seqs, prompts):
-        assert seq.output_token_ids == hf_generate(oracle, prompt, len(seq.output_token_ids))
+        assert seq.output_token_ids == hf_greedy_generate(oracle, prompt, len(seq.output_token_ids))[0]
     assert len(seqs[2].output_token_ids) == 10 - 2
 
 
@@ -77,7 +67,7 @@ def test_preempted_sequence_is_rebuilt(t5):
     assert seq.seq_id not in executor.states
     seq.num_computed_tokens = 0
     run(executor, [seq], steps=3)
-    assert seq.output_token_ids == hf_generate(oracle, [5, 9, 33, 4], 6)
+    assert seq.output_token_ids == hf_greedy_generate(oracle, [5, 9, 33, 4], 6)[0]
 
 
 def test_seeded_sampling_is_reproducible_with_top_tokens(t5):

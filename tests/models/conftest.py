@@ -29,6 +29,7 @@ from lmport.layers.attention import KVCacheSpec
 from lmport.models.base import CausalLM
 from lmport.models.loader import build_native_model, resolve_model_info
 from lmport.plugins import PluginHost
+from lmport.testing.hf_oracle import hf_greedy_generate
 from lmport.testing.model_driver import build_metadata, greedy_generate
 from lmport.testing.tiny_models import VOCAB, make_checkpoint
 
@@ -54,27 +55,10 @@ def make_prompts(lengths: list[int], seed: int = 0, vocab: int = VOCAB) -> list[
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-@torch.inference_mode()
 def hf_greedy(hf_model: Any, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """HF ``generate`` greedy tokens (no EOS stop) and the logits of the last prompt token."""
-    config = hf_model.generation_config
-    saved = config.eos_token_id
-    config.eos_token_id = None  # the native driver never stops early either (None in a kwarg means "default")
-    try:
-        out = hf_model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    finally:
-        config.eos_token_id = saved
-    assert out.sequences.shape[1] == len(prompt) + max_new_tokens
-    tokens = out.sequences[0, len(prompt) :].tolist()
-    return tokens, out.logits[0][0].float()
+    tokens, logits = hf_greedy_generate(hf_model, prompt, max_new_tokens)
+    return tokens, logits[0]
 
 
 @torch.inference_mode()

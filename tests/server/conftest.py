@@ -23,6 +23,7 @@ from lmport.plugins import PluginHost
 from lmport.server.app import build_app
 from lmport.server.assemble import build_state
 from lmport.server.serve import ServerThread
+from lmport.testing.hf_oracle import hf_greedy_generate
 from lmport.testing.tiny_models import make_checkpoint
 from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
 
@@ -69,16 +70,8 @@ def server(start_server) -> ServerThread:
 def hf_reference(tiny_llama) -> Callable[[list[int], int], tuple[list[int], str]]:
     _, hf_model, tokenizer = tiny_llama
 
-    @torch.inference_mode()
     def reference(prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], str]:
-        out = hf_model.generate(
-            torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=0,
-        )
-        tokens = out[0, len(prompt_ids):].tolist()
+        tokens, _ = hf_greedy_generate(hf_model, prompt_ids, max_new_tokens, stop_at_eos=True)
         return tokens, tokenizer.decode(tokens, skip_special_tokens=True)
 
     return reference
