@@ -25,12 +25,12 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from lmport.layers.attention import KVCacheSpec
 from lmport.models.base import CausalLM
 from lmport.models.loader import build_native_model, resolve_model_info
 from lmport.plugins import PluginHost
 from lmport.testing.hf_oracle import hf_greedy_generate
-from lmport.testing.model_driver import build_metadata, greedy_generate
+from lmport.testing import cached_logits
+from lmport.testing.model_driver import greedy_generate
 from lmport.testing.tiny_models import VOCAB, make_checkpoint
 
 
@@ -61,20 +61,9 @@ def hf_greedy(hf_model: Any, prompt: list[int], max_new_tokens: int) -> tuple[li
     return tokens, logits[0]
 
 
-@torch.inference_mode()
 def native_prefill_logits(model: CausalLM, prompts: list[list[int]], host: PluginHost, block_size: int = 4) -> torch.Tensor:
     """Logits of every prompt's last token from one flat prefill batch over the paged cache."""
-    num_layers, num_kv_heads, head_dim = model.kv_cache_shape()
-    blocks_per_seq = -(-max(map(len, prompts)) // block_size)
-    dtype = next(model.parameters()).dtype
-    spec = KVCacheSpec(num_layers, num_kv_heads, head_dim, block_size, dtype)
-    kv_caches = host.allocate_kv_cache(spec, blocks_per_seq * len(prompts) + 1, torch.device("cpu"))
-    tables = [list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)) for i in range(len(prompts))]
-    meta, positions = build_metadata([0] * len(prompts), list(map(len, prompts)), tables, block_size, torch.device("cpu"))
-    input_ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
-    hidden = model(input_ids, positions, kv_caches, meta)
-    last_rows = torch.tensor(meta.query_start_loc_host[1:]) - 1
-    logits = model.compute_logits(hidden[last_rows])
+    logits = cached_logits.native_last_logits(model, prompts, host, block_size)
     assert logits.dtype == torch.float32
     return logits
 

@@ -10,17 +10,10 @@ import torch
 from lmport.models.base import ModelInfo
 from lmport.models.falcon import FalconLayout, falcon_alibi_slopes
 from lmport.models.loader import build_native_model
-from lmport.testing.cached_logits import native_last_logits
+from lmport.testing.cached_logits import assert_stepwise_logits_match, native_last_logits
 from lmport.testing.tiny_models import TINY_MODELS
 
 LENGTHS = [5, 11, 1, 8]
-
-
-@torch.inference_mode()
-def assert_stepwise_logits_match(hf_model, model, prompts, host) -> None:
-    """Each prompt fed one token per step (all decode steps over the cache) ends at HF's logits."""
-    reference = torch.stack([hf_model(torch.tensor([p])).logits[0, -1] for p in prompts])
-    torch.testing.assert_close(native_last_logits(model, prompts, host, chunk=1), reference, atol=1e-4, rtol=0)
 
 
 def variant(name: str, **changes):

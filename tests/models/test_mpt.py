@@ -6,18 +6,11 @@ import pytest
 import torch
 
 from lmport.layers.alibi import bloom_alibi_slopes, mpt_alibi_slopes
-from lmport.testing.cached_logits import native_last_logits
+from lmport.testing.cached_logits import assert_stepwise_logits_match
 from lmport.testing.tiny_models import TINY_MODELS
 
 LENGTHS = [5, 11, 1, 8]
 STD = 0.2  # wider than the default 0.08 so that greedy text varies
-
-
-@torch.inference_mode()
-def assert_stepwise_logits_match(hf_model, model, prompts, host) -> None:
-    """Each prompt fed one token per step (all decode steps over the cache) ends at HF's logits."""
-    reference = torch.stack([hf_model(torch.tensor([p])).logits[0, -1] for p in prompts])
-    torch.testing.assert_close(native_last_logits(model, prompts, host, chunk=1), reference, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("alibi_bias_max", [8, 16])

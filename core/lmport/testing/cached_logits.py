@@ -45,3 +45,11 @@ def native_last_logits(
             cached[i] += len(feed[i])
             last[i] = logits[row]
     return torch.stack(last)
+
+
+@torch.inference_mode()
+def assert_stepwise_logits_match(hf_model, model: CausalLM, prompts: list[list[int]], host, atol: float = 1e-4) -> None:
+    """Each prompt fed one token per step (all decode steps over the cache) ends at the logits of
+    ``hf_model``'s own uncached forward over the whole prompt."""
+    reference = torch.stack([hf_model(torch.tensor([p])).logits[0, -1] for p in prompts])
+    torch.testing.assert_close(native_last_logits(model, prompts, host, chunk=1), reference, atol=atol, rtol=0)
