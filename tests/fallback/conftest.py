@@ -11,8 +11,9 @@ import torch
 from lmport.plugins import PluginHost
 from lmport.testing.hf_oracle import hf_greedy_generate
 from lmport.testing.tiny_models import widen_init
+from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
 
-VOCAB = 256
+VOCAB = 384  # room for the byte-level BPE: 256 bytes, 3 specials and some merges
 COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=256)
 
 
@@ -68,20 +69,6 @@ CONFIGS: dict[str, Callable] = {
 }
 
 
-def train_tokenizer():
-    """A byte-level BPE with <pad>, <s>, </s> at ids 0, 1, 2 (the configs' special ids)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. 😀 你好"] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny models on a shared 2-core box run faster on one intra-op thread."""
@@ -115,7 +102,7 @@ def fallback_checkpoint(tmp_path_factory) -> Callable[[str], tuple[Path, Any]]:
             model = auto.from_config(config)
             widen_init(model, std=0.08)
             model.save_pretrained(path)
-            train_tokenizer().save_pretrained(path)
+            train_tiny_tokenizer(VOCAB).save_pretrained(path)
             oracle = auto.from_pretrained(path, attn_implementation="eager").eval()
             built[name] = (path, oracle)
         return built[name]
