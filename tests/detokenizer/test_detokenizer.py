@@ -131,3 +131,59 @@ def test_token_text(byte_level_tokenizer, sentencepiece_tokenizer):
     bl = byte_level_tokenizer
     assert token_text(bl, bl.convert_tokens_to_ids("Ġthe")) == " the"
     assert token_text(bl, bl.convert_tokens_to_ids("ð")) == "\ufffd"
+
+
+def test_decoder_matches_the_tokenizers_decode(byte_level_tokenizer, sentencepiece_tokenizer):
+    """The direct (Rust) decode gives exactly the text of the tokenizer's Python ``decode``."""
+    from lmport.engine.detokenizer import _rust_tokenizer, make_decoder
+
+    rng = random.Random(2)
+    for tok in (byte_level_tokenizer, sentencepiece_tokenizer):
+        assert _rust_tokenizer(tok) is tok.backend_tokenizer  # the fast path applies to them
+        for skip in (True, False):
+            decode = make_decoder(tok, skip)
+            for _ in range(50):
+                ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 20))]
+                assert decode(ids) == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_decoder_keeps_the_clean_up_of_tokenization_spaces():
+    """A WordPiece-style tokenizer with clean-up on: the Rust decode alone would keep " ." """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lmport.engine.detokenizer import make_decoder
+
+    raw = Tokenizer(models.WordLevel({"hello": 0, ".": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", clean_up_tokenization_spaces=True)
+    assert raw.decode([0, 1]) == "hello ."
+    assert tok.decode([0, 1]) == "hello."
+    assert make_decoder(tok, True)([0, 1]) == "hello."
+
+
+def test_long_streams_equal_decode(byte_level_tokenizer):
+    """Streams far longer than the decode window (it slides many times) still read as decode's text."""
+    tok = byte_level_tokenizer
+    rng = random.Random(3)
+    for _ in range(10):
+        output = [rng.randrange(3, len(tok)) for _ in range(300)]
+        assert "".join(stream(tok, [], output)) == tok.decode(output)
+    text = " ".join(TEXTS * 8)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert "".join(stream(tok, ids[:7], ids[7:])) == tok.decode(ids[7:])
+
+
+def test_about_one_decode_per_token(byte_level_tokenizer):
+    """The window's prefix text is reused: a second decode only when the window slides."""
+    tok = byte_level_tokenizer
+    ids = tok.encode("plain ascii words only, the quick brown fox " * 10, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, ids[:5])
+    calls = []
+    inner = detok._decode
+    detok._decode = lambda window: calls.append(len(window)) or inner(window)
+    text = "".join(detok.push(t) for t in ids[5:]) + detok.flush()
+    assert text == tok.decode(ids[5:])
+    n = len(ids) - 5
+    assert n > 60 and len(calls) <= 1.2 * n
+    assert max(calls) <= 2 * 16 + 5  # windows stay short

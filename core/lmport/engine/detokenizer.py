@@ -9,16 +9,64 @@ window starts a few tokens into the prompt so the first generated token sees its
 after the prompt "The capital is", a generated "▁Paris" streams as " Paris" (what TGI and
 vLLM send), so that prompt + streamed text reads right. With an empty prompt, or with a
 byte-level BPE tokenizer, the concatenated stream equals ``tokenizer.decode(output_ids)``.
+
+Cost per token: the window's start stays put while it is short, so the text of its prefix is
+the previous step's full decode and one decode per token is enough (a second one each time
+the window slides, every ``WINDOW_TOKENS`` or so). For a Hugging Face fast tokenizer the
+decodes call the Rust tokenizer directly: the Python ``decode`` wrapper cost more than the
+decode itself (this runs for every sequence on every step).
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 REPLACEMENT = "\ufffd"
 # How many prompt tokens of context the first generated token is decoded with (vLLM uses 5).
 PROMPT_CONTEXT_TOKENS = 5
+# The decode window slides forward once it spans more tokens than this: longer windows cost
+# more per decode, shorter ones slide (and decode their prefix again) more often.
+WINDOW_TOKENS = 16
+
+
+def _owner(cls: type, name: str) -> type | None:
+    return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
+
+
+def _rust_tokenizer(tokenizer: Any) -> Any:
+    """The ``tokenizers.Tokenizer`` whose ``decode`` gives exactly ``tokenizer.decode``'s text, or None.
+
+    That holds for a Hugging Face fast tokenizer whose class keeps the library's ``decode`` and
+    ``_decode`` and for which the clean-up of tokenization spaces does not apply (it is off, or
+    transformers skips it for a BPE model); anything else keeps its own ``decode``.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # pragma: no cover - tokenizers is a dependency
+        return None
+    if not isinstance(backend, Tokenizer):
+        return None
+    cls = type(tokenizer)
+    base = _owner(cls, "backend_tokenizer")
+    decode_owner = _owner(cls, "decode")
+    if _owner(cls, "_decode") is not base or decode_owner is None or issubclass(decode_owner, base):
+        return None  # a subclass (or the base of an older transformers) decodes its own way
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        # transformers >= 5 skips the clean-up for BPE models unless forced; before, it applied it
+        forced = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", None)
+        if forced is None or forced or type(backend.model).__name__ != "BPE":
+            return None
+    return backend
+
+
+def make_decoder(tokenizer: Any, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+    """``ids -> text``, the same text as ``tokenizer.decode(ids, skip_special_tokens=...)``."""
+    backend = _rust_tokenizer(tokenizer)
+    target = backend if backend is not None else tokenizer
+    return partial(target.decode, skip_special_tokens=skip_special_tokens)
 
 
 class IncrementalDetokenizer:
@@ -32,12 +80,20 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._decode = make_decoder(tokenizer, skip_special_tokens)
         self._ids: list[int] = list(prompt_token_ids)
         self._num_prompt = len(self._ids)
         self._read_offset = len(self._ids)  # tokens before this are already emitted (or prompt)
         self._prefix_offset = self._window_start()  # start of the decode window
         self._prefix_text: str | None = None  # decode of ids[prefix_offset:read_offset], cached
-        self.text = ""
+        self._pieces: list[str] = []  # the emitted texts, joined into ``text`` when asked for
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far (joined on demand: appending to one string would copy it per token)."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -53,9 +109,6 @@ class IncrementalDetokenizer:
             start -= 1
         return start
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
     def _pending_text(self) -> tuple[str, str]:
         if self._prefix_text is None:
             self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
@@ -67,7 +120,7 @@ class IncrementalDetokenizer:
         prefix_text, full_text = self._pending_text()
         if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT):
             return ""  # no text yet, or a character still waits for its next bytes
-        return self._emit(full_text[len(prefix_text) :])
+        return self._emit(prefix_text, full_text)
 
     def flush(self) -> str:
         """The text still held back (an incomplete character stays as U+FFFD, as decode shows it)."""
@@ -76,13 +129,20 @@ class IncrementalDetokenizer:
         prefix_text, full_text = self._pending_text()
         if len(full_text) <= len(prefix_text):
             return ""
-        return self._emit(full_text[len(prefix_text) :])
+        return self._emit(prefix_text, full_text)
 
-    def _emit(self, new_text: str) -> str:
-        # the new window starts where the old one ended, so its prefix is what was just read
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        self._prefix_text = None
-        self.text += new_text
+    def _emit(self, prefix_text: str, full_text: str) -> str:
+        new_text = full_text[len(prefix_text) :]
+        self._pieces.append(new_text)
+        if len(self._ids) - self._prefix_offset > WINDOW_TOKENS:
+            # slide: the new window starts where the last read one did, so the tokens just
+            # emitted are the context of the next ones; its prefix text is decoded on next use
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            self._prefix_text = None
+        else:
+            # same start: the window's prefix is now everything read, and its text is known
+            self._read_offset = len(self._ids)
+            self._prefix_text = full_text
         return new_text
 
 
@@ -102,8 +162,13 @@ def token_text(tokenizer: Any, token_id: int) -> str:
         cache = {}
     text = cache.get(token_id)
     if text is None:
-        text = tokenizer.decode([int(token_id)], skip_special_tokens=False)
-        piece = tokenizer.convert_ids_to_tokens(int(token_id))
+        backend = _rust_tokenizer(tokenizer)
+        if backend is not None:
+            text = backend.decode([int(token_id)], skip_special_tokens=False)
+            piece = backend.id_to_token(int(token_id))
+        else:
+            text = tokenizer.decode([int(token_id)], skip_special_tokens=False)
+            piece = tokenizer.convert_ids_to_tokens(int(token_id))
         if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
             text = " " + text
         cache[token_id] = text
