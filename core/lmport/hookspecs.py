@@ -161,6 +161,26 @@ def lmport_attention_backend(spec: AttentionSpec, capabilities: Capabilities) ->
     """
 
 
+@hookspec
+def lmport_layer_ops(capabilities: Capabilities) -> dict[str, Callable[..., Any]] | None:
+    """Supply fused implementations of the small per-layer ops (RMSNorm, residual add, RoPE, SiLU·mul).
+
+    Called once per model build, after the model is constructed and before its weights are
+    loaded; the ops are bound into every layer that runs them (``RMSNorm``, ``GatedMLP``,
+    the Llama family's attention), so no model constructor changes.
+
+    :param capabilities: the active backend's flags.
+    :return: a dict from op name to callable, any subset of the fields of
+        :class:`~lmport.layers.ops.LayerOps` (``rms_norm``, ``fused_add_rms_norm``,
+        ``rotary``, ``silu_and_mul``; the signatures are documented there), or ``None``.
+        Ops must be functional (never write their inputs) and, on a graph-capturing backend,
+        capturable (no host syncs). All results are merged: the core's reference entries
+        (``cpu``, ``trylast``) first, then every other plugin's on top, the active backend's
+        last, so what a backend leaves out stays the reference. An unknown op name is a
+        startup error. With ``--disable-custom-kernels`` only the reference answers.
+    """
+
+
 @hookspec(firstresult=True)
 def lmport_memory_info(device: torch.device) -> MemoryInfo | None:
     """Report free and total device memory in bytes, to size the KV cache at warm-up.

@@ -115,6 +115,7 @@ class PluginHost:
         self._capabilities: Capabilities | None = None
         self._custom_kernels = True
         self._attention_cache: dict[Any, Any] = {}
+        self._layer_ops: Any = None  # LayerOps, built on first use
         self.fallbacks: list[str] = []
         self._loaded = False
 
@@ -242,6 +243,7 @@ class PluginHost:
         self.selection = Selection(info, reason, tuple(i for _, i in detected), plugin_name)
         self._capabilities = None
         self._attention_cache.clear()
+        self._layer_ops = None
         log.info("backend %s selected: %s", info.name, reason)
         return self.selection
 
@@ -269,6 +271,7 @@ class PluginHost:
         """``--disable-custom-kernels``: kernel hooks answer from the core's reference only."""
         self._custom_kernels = enabled
         self._attention_cache.clear()
+        self._layer_ops = None
 
     # ------------------------------------------------------------------ typed hooks
 
@@ -340,6 +343,30 @@ class PluginHost:
             raise PluginError(f"no attention implementation for {_describe(spec)}")
         self._attention_cache[spec] = impl
         return impl
+
+    def layer_ops(self) -> Any:
+        """The :class:`~lmport.layers.ops.LayerOps` models run: the reference with every plugin's ops on top.
+
+        Results arrive highest priority first (the active backend before the core's ``trylast``
+        reference), so they are applied in reverse and the backend's entries win.
+        """
+        if self._layer_ops is None:
+            from lmport.layers.ops import LayerOps
+
+            results = self._kernel_hook("lmport_layer_ops")(capabilities=self.capabilities())
+            merged: dict[str, Any] = {}
+            for table in reversed(results):
+                merged.update(table or {})
+            unknown = sorted(set(merged) - set(LayerOps.names()))
+            if unknown:
+                raise PluginError(f"lmport_layer_ops returned unknown ops {unknown}; known: {', '.join(LayerOps.names())}")
+            not_callable = sorted(name for name, op in merged.items() if not callable(op))
+            if not_callable:
+                raise PluginError(f"lmport_layer_ops returned non-callable ops {not_callable}")
+            self._layer_ops = LayerOps(**merged)
+            if self._layer_ops.overridden():
+                log.info("layer ops from backend %s: %s", self.backend.name, ", ".join(self._layer_ops.overridden()))
+        return self._layer_ops
 
     def memory_info(self, device: Any) -> Any:
         return self._pm.hook.lmport_memory_info(device=device)

@@ -7,19 +7,31 @@ from torch import nn
 
 from lmport.layers.activations import get_activation
 from lmport.layers.merged_linear import MergedLinear
+from lmport.layers.ops import UsesLayerOps
+
+# hidden_act names whose ACT2FN entry is plain SiLU, so the layer ops' silu_and_mul can run them
+_SILU_NAMES = ("silu", "swish")
 
 
-class GatedMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))`` with gate and up fused into one ``gate_up_proj``."""
+class GatedMLP(UsesLayerOps, nn.Module):
+    """``down(act(gate(x)) * up(x))`` with gate and up fused into one ``gate_up_proj``.
+
+    With a SiLU activation the middle runs as one ``layer_ops.silu_and_mul`` on the fused
+    projection's output (a single kernel where the backend has one).
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = False):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act = get_activation(activation)
+        self.is_silu = activation in _SILU_NAMES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        if self.is_silu:
+            return self.down_proj(self.layer_ops.silu_and_mul(gate_up))
+        gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -19,7 +19,8 @@ from lmport.layers.embedding import LMHead
 from lmport.layers.merged_linear import MergedLinear
 from lmport.layers.mlp import GatedMLP
 from lmport.layers.norms import RMSNorm
-from lmport.layers.rotary import RotaryEmbedding, apply_rotary
+from lmport.layers.ops import UsesLayerOps
+from lmport.layers.rotary import RotaryEmbedding
 from lmport.layers.weight_loading import load_checkpoint
 from lmport.models.base import CausalLM, ModelContext
 
@@ -33,8 +34,8 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-class LlamaAttention(nn.Module):
-    """Self-attention with fused q/k/v, RoPE and grouped KV heads."""
+class LlamaAttention(UsesLayerOps, nn.Module):
+    """Self-attention with fused q/k/v, RoPE (``layer_ops.rotary``) and grouped KV heads."""
 
     def __init__(self, config: Any, ctx: ModelContext, layer_index: int, sliding_window: int | None = None):
         super().__init__()
@@ -59,12 +60,17 @@ class LlamaAttention(nn.Module):
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q, k = apply_rotary(q, k, cos, sin, self.head_dim)
+        q, k = self.layer_ops.rotary(q, k, cos, sin, self.head_dim)
         return self.o_proj(self.attn(q, k, v, kv_caches, metadata))
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
+    """Pre-norm block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``.
+
+    As in vLLM, a layer returns its MLP output and the residual stream apart, and the next
+    norm adds them (``norm(x, residual)``): each residual add runs inside the norm, one fused
+    kernel where the backend has one. The sums and their rounding are those of the plain form.
+    """
 
     def __init__(self, config: Any, ctx: ModelContext, layer_index: int, mlp: nn.Module, sliding_window: int | None):
         super().__init__()
@@ -74,10 +80,22 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_caches, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_caches: list[KVCache],
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp output, residual)``; their sum is the plain block's output. ``residual`` is ``None`` for the first layer."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, kv_caches, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaBackbone(nn.Module):
@@ -117,10 +135,12 @@ class LlamaForCausalLM(CausalLM):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata
     ) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(positions, metadata)
-        hidden = self.model.embed_tokens(input_ids)
+        hidden, residual = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin, kv_caches, metadata)
-        return self.model.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin, kv_caches, metadata)
+        if residual is None:  # a model of zero layers
+            return self.model.norm(hidden)
+        return self.model.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_states)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lmport.layers.ops import bind_layer_ops
 from lmport.models.base import CausalLM, ModelContext, ModelInfo
 from lmport.models.registry import ModelRegistry
 from lmport.models.resolve import resolve_model_info as _resolve_model_info
@@ -39,6 +40,8 @@ def build_native_model(
     with torch.device(device):
         model = entry.builder(info.hf_config, context)
     model.to(dtype=dtype)
+    # fused per-layer ops of the active backend (the reference on cpu or --disable-custom-kernels)
+    bind_layer_ops(model, host.layer_ops())
     loader = host.weights_loader(None)
     model.load_weights(loader.iter_weights(info.path, dtype, device))
     return model.eval()

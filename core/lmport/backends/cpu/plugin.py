@@ -54,6 +54,13 @@ def lmport_attention_backend(spec):
 
 
 @hookimpl(trylast=True)
+def lmport_layer_ops():
+    from lmport.layers.ops import reference_op_table
+
+    return reference_op_table()
+
+
+@hookimpl(trylast=True)
 def lmport_allocate_kv_cache(spec, num_blocks, device):
     """The logical layout every attention backend reads: ``[num_blocks, block_size, kv_heads, head_dim]``."""
     shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
