@@ -24,14 +24,7 @@ from lmport.plugins import PluginHost
 from lmport.testing.hf_oracle import hf_greedy_generate
 from lmport.testing.tiny_models import VOCAB, make_checkpoint
 from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is ~10x faster than oversubscribed ones."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+from lmport.testing.torch_threads import one_torch_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 def make_cpu_host() -> PluginHost:

@@ -12,6 +12,7 @@ from lmport.plugins import PluginHost
 from lmport.testing.hf_oracle import hf_greedy_generate
 from lmport.testing.tiny_models import widen_init
 from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
+from lmport.testing.torch_threads import one_torch_thread  # noqa: F401  (autouse: one intra-op thread)
 
 VOCAB = 384  # room for the byte-level BPE: 256 bytes, 3 specials and some merges
 COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=256)
@@ -67,15 +68,6 @@ CONFIGS: dict[str, Callable] = {
     "granite": granite_config,
     "t5": t5_config,
 }
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core box run faster on one intra-op thread."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")
@@ -160,8 +152,6 @@ def tiny_gguf(tmp_path_factory) -> tuple[Path, Any, Any]:
     GGUF with the byte-level BPE of ``lmport.testing.tiny_tokenizer``, built once."""
     pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
 
     tokenizer = train_tiny_tokenizer()
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
