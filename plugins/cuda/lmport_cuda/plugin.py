@@ -64,6 +64,14 @@ def lmport_attention_backend(spec, capabilities):
 
 
 @hookimpl
+def lmport_layer_ops(capabilities):
+    # Imported here for the same reason as the attention kernels: only a GPU process needs triton.
+    from lmport_cuda.layer_ops import fused_layer_ops
+
+    return fused_layer_ops()
+
+
+@hookimpl
 def lmport_graph_runner(model, config, capabilities):
     from lmport_cuda.graphs import make_graph_runner
 
