@@ -68,6 +68,7 @@ run_stage ckpt-8b 60 180 python3 benchmarks/make_checkpoint.py llama3-8b "$CKPT_
 run_stage lmport-8b 120 300 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3-8b" llama3-8b "$OUT" "$PORT"
 run_stage hf-8b 100 240 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3-8b" --json "$OUT/hf-llama3-8b.json"
 run_stage attention 40 120 python3 benchmarks/attention_bench.py --roofline "$OUT/roofline.json" --json "$OUT/attention.json"
+run_stage layer-ops 20 60 python3 benchmarks/layer_ops_bench.py --json "$OUT/layer_ops.json"
 run_stage ckpt-1b 30 90 python3 benchmarks/make_checkpoint.py llama3.2-1b "$CKPT_ROOT/llama3.2-1b"
 run_stage lmport-1b 90 200 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3.2-1b" llama3.2-1b "$OUT" "$PORT"
 run_stage hf-1b 60 150 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3.2-1b" --json "$OUT/hf-llama3.2-1b.json"

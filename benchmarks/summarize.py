@@ -81,6 +81,13 @@ def main() -> int:
         if pre:
             lines.append("attention prefill vs torch SDPA: " + ", ".join(f"{r['batch']}x{r['context']} {r['ratio_to_sdpa']:.2f}x" for r in pre))
 
+    layer_ops = load(out / "layer_ops.json")
+    if layer_ops:
+        per_layer = [r for r in layer_ops["rows"] if r.get("op") == "per_layer"]
+        if per_layer:
+            lines.append("layer ops per decoder layer (graph us, reference -> fused): " + ", ".join(
+                f"{r['shape']}x{r['tokens']} {r['reference_graph_us']:.1f} -> {r['fused_graph_us']:.1f}" for r in per_layer))  # fmt: skip
+
     header = f"{'model':<12} {'measure':<38} {'lmport':>9} {'reference':>26} {'ratio':>7}"
     table = [header, "-" * len(header)]
     for model in MODELS:
