@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from lmport.engine.block_manager import slot_mapping
 from lmport.engine.sequence import Sequence
 from lmport.layers.attention import AttentionMetadata
 
@@ -55,6 +55,9 @@ class ScheduledStep:
 
     entries: list[ScheduledSequence]
     released_seq_ids: list[int] = field(default_factory=list)
+    # the block manager's BlockTableRows array (row ``seq.block_row`` mirrors ``seq.block_table``);
+    # None: the batch builder reads the lists
+    block_table_rows: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -113,97 +116,125 @@ class FlatBatch:
     prompt_targets: torch.Tensor  # int64: the prompt token each of those rows predicts
 
 
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor, copied without blocking the host where that is possible."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type == "cpu":
-        return tensor
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
 _ALIGN = 16  # elements: each packed segment starts 64/128-byte aligned, as kernels like it
 
 
-class _Packer:
-    """Collects int lists for the device and sends them in one copy; hands back device views."""
+def _aligned(size: int) -> int:
+    return size + (-size % _ALIGN)
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-        self.values: list[int] = []
-        self.spans: list[tuple[int, int]] = []
 
-    def add(self, values: list[int]) -> int:
-        start = len(self.values)
-        self.values.extend(values)
-        self.spans.append((start, len(values)))
-        self.values.extend([0] * (-len(self.values) % _ALIGN))
-        return len(self.spans) - 1
+def _send(segments: list[np.ndarray | list[int]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Pack ``segments`` into one host buffer (pinned for a GPU), copy it over without blocking,
+    and hand back a device view per segment.
 
-    def send(self, device: torch.device) -> list[torch.Tensor]:
-        buffer = to_device(self.values, self.dtype, device)
-        return [buffer[start : start + size] for start, size in self.spans]
+    A fresh pinned buffer per step: PyTorch's pinned-memory cache does not hand a buffer out
+    again before the copy that reads it has finished.
+    """
+    sizes = [len(values) for values in segments]
+    total = sum(_aligned(size) for size in sizes)
+    host = torch.empty(total, dtype=dtype, pin_memory=device.type == "cuda")
+    view = host.numpy()
+    offsets = []
+    offset = 0
+    for values, size in zip(segments, sizes):
+        view[offset : offset + size] = values
+        view[offset + size : offset + _aligned(size)] = 0
+        offsets.append(offset)
+        offset += _aligned(size)
+    buffer = host if device.type == "cpu" else host.to(device, non_blocking=True)
+    return [buffer[start : start + size] for start, size in zip(offsets, sizes)]
+
+
+def _gather_block_tables(step: ScheduledStep, width: int) -> np.ndarray:
+    """``int32 [num_entries, width]``, each sequence's block table padded with 0."""
+    rows = step.block_table_rows
+    if rows is not None:  # the block manager's mirror: one gather, no per-block Python
+        tables = rows[[e.seq.block_row for e in step.entries], :width]
+        lengths = np.fromiter((len(e.seq.block_table) for e in step.entries), np.int64, len(step.entries))
+        if width and lengths.min() < width:
+            tables[np.arange(width) >= lengths[:, None]] = 0  # the mirror's stale tail
+        return tables
+    tables = np.zeros((len(step.entries), width), dtype=np.int32)
+    for i, entry in enumerate(step.entries):
+        table = entry.seq.block_table
+        tables[i, : len(table)] = table
+    return tables
 
 
 def build_flat_batch(step: ScheduledStep, block_size: int, device: torch.device) -> FlatBatch:
     """Pack every entry's new tokens into one flat batch with its attention metadata.
 
     Everything the device needs goes over in two copies (one int64, one int32 buffer).
+    Per entry only its few scalars are read in Python; positions, slots and block tables are
+    computed with array operations, so the cost does not grow with the sequences' lengths.
     """
+    entries = step.entries
+    num_entries = len(entries)
     input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    starts = [0]
-    seq_lens: list[int] = []
-    tables: list[list[int]] = []
+    first_positions: list[int] = []
+    counts: list[int] = []
     logits_indices: list[int] = []
+    sample_index: list[int] = []
     sample_rows: list[int | None] = []
     prompt_rows: list[range] = []
     prompt_targets: list[int] = []
-    prompt_index: list[int] = []
-    for entry in step.entries:
+    width = 0
+    row0 = 0
+    for entry in entries:
         seq, start, n = entry.seq, entry.start, entry.num_new_tokens
-        row0 = starts[-1]
-        input_ids.extend(seq.token_ids[start : start + n])
-        positions.extend(range(start, start + n))
-        table = seq.block_table
-        slots.extend(slot_mapping(table, start, n, block_size))
-        starts.append(row0 + n)
-        seq_lens.append(start + n)
-        tables.append(table)
-        rows = entry.prompt_rows()
+        if n == 1:
+            input_ids.append(seq.token_ids[start])
+        else:
+            input_ids.extend(seq.token_ids[start : start + n])
+        first_positions.append(start)
+        counts.append(n)
+        table_len = len(seq.block_table)
+        if table_len > width:
+            width = table_len
         first = len(logits_indices)
-        logits_indices.extend(row0 + (p - start) for p in rows)
+        if entry.prompt_logprobs:
+            rows = entry.prompt_rows()
+            logits_indices.extend(row0 + (p - start) for p in rows)
+            prompt_targets.extend(seq.token_ids[p + 1] for p in rows)
         prompt_rows.append(range(first, len(logits_indices)))
-        prompt_index.extend(range(first, len(logits_indices)))
-        prompt_targets.extend(seq.token_ids[p + 1] for p in rows)
+        row0 += n
         if entry.sample:
             sample_rows.append(len(logits_indices))
-            logits_indices.append(row0 + n - 1)
+            sample_index.append(len(logits_indices))
+            logits_indices.append(row0 - 1)
         else:
             sample_rows.append(None)
-    width = max(len(t) for t in tables)
-    flat_tables: list[int] = []
-    for t in tables:
-        flat_tables.extend(t)
-        flat_tables.extend([0] * (width - len(t)))
-    longs, ints = _Packer(torch.int64), _Packer(torch.int32)
-    for values in (input_ids, positions, slots, logits_indices, [r for r in sample_rows if r is not None], prompt_index, prompt_targets):
-        longs.add(values)
-    for values in (starts, seq_lens, flat_tables):
-        ints.add(values)
-    ids_t, pos_t, slots_t, logits_t, sample_t, prompt_t, targets_t = longs.send(device)
-    starts_t, seq_lens_t, tables_t = ints.send(device)
+    num_tokens = row0
+    prompt_index = [i for r in prompt_rows for i in r] if prompt_targets else []
+
+    starts = np.asarray(first_positions, dtype=np.int64)
+    query_start_loc = np.zeros(num_entries + 1, dtype=np.int64)
+    seq_lens = starts + counts
+    if num_tokens == num_entries:  # decode only: one token per entry
+        query_start_loc[1:] = np.arange(1, num_entries + 1)
+        positions = starts
+        token_entry = np.arange(num_entries)
+    else:
+        np.cumsum(counts, out=query_start_loc[1:])
+        token_entry = np.repeat(np.arange(num_entries), counts)
+        positions = np.arange(num_tokens) - query_start_loc[token_entry] + starts[token_entry]
+    tables = _gather_block_tables(step, width)
+    slots = tables[token_entry, positions // block_size].astype(np.int64) * block_size + positions % block_size
+
+    ids_t, pos_t, slots_t, logits_t, sample_t, prompt_t, targets_t = _send(
+        [input_ids, positions, slots, logits_indices, sample_index, prompt_index, prompt_targets], torch.int64, device
+    )
+    starts_t, seq_lens_t, tables_t = _send([query_start_loc, seq_lens, tables.reshape(-1)], torch.int32, device)
+    seq_lens_host = seq_lens.tolist()
     metadata = AttentionMetadata(
         query_start_loc=starts_t,
         seq_lens=seq_lens_t,
-        block_tables=tables_t.view(len(tables), width),
+        block_tables=tables_t.view(num_entries, width),
         slot_mapping=slots_t,
-        query_start_loc_host=starts,
-        seq_lens_host=seq_lens,
-        max_query_len=max(e.num_new_tokens for e in step.entries),
-        max_seq_len=max(seq_lens),
+        query_start_loc_host=query_start_loc.tolist(),
+        seq_lens_host=seq_lens_host,
+        max_query_len=max(counts),
+        max_seq_len=max(seq_lens_host),
         block_size=block_size,
     )
     return FlatBatch(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from lmport.engine.block_table_rows import BlockTableRows
 from lmport.engine.prefix_cache import PrefixCache, hash_block
 from lmport.engine.sequence import Sequence
 
@@ -39,13 +40,16 @@ class BlockManager:
     """Gives sequences the blocks their tokens need and takes them back.
 
     ``block_table`` of a sequence lists its blocks in token order; token ``p`` lives in
-    block ``block_table[p // block_size]`` at offset ``p % block_size``.
+    block ``block_table[p // block_size]`` at offset ``p % block_size``. ``rows`` mirrors each
+    sequence's table in its row ``seq.block_row`` (held while the sequence is allocated), for
+    the batch builder.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.prefix_cache = PrefixCache() if enable_prefix_caching else None
+        self.rows = BlockTableRows()
 
     # ------------------------------------------------------------------ accounting
 
@@ -102,14 +106,20 @@ class BlockManager:
             return False
         if not seq.block_table and self.prefix_cache is not None:  # an admission: count the lookup
             self.prefix_cache.record_query(seq.num_tokens, len(prefix) * self.block_size)
+        if seq.block_row is None:
+            seq.block_row = self.rows.take_row()
         if prefix:
             for block in prefix:
                 self._take(block)
             seq.block_table = list(prefix)
             seq.num_committed_blocks = len(prefix)
             seq.num_computed_tokens = computed
-        for _ in range(needed):
-            seq.block_table.append(self._allocate_block())
+            self.rows.write(seq.block_row, 0, prefix)
+        if needed > 0:
+            first = len(seq.block_table)
+            new_blocks = [self._allocate_block() for _ in range(needed)]
+            seq.block_table.extend(new_blocks)
+            self.rows.write(seq.block_row, first, new_blocks)
         return True
 
     def commit_computed(self, seq: Sequence) -> None:
@@ -137,6 +147,9 @@ class BlockManager:
         seq.block_table = []
         seq.num_committed_blocks = 0
         seq.num_computed_tokens = 0
+        if seq.block_row is not None:
+            self.rows.release_row(seq.block_row)
+            seq.block_row = None
 
     # ------------------------------------------------------------------ internals
 

@@ -97,7 +97,7 @@ class Scheduler:
         else:
             self.steps_since_admission += 1
         released, self._released = self._released, []
-        return ScheduledStep(entries=entries, released_seq_ids=released)
+        return ScheduledStep(entries=entries, released_seq_ids=released, block_table_rows=self.block_manager.rows.array)
 
     def _admit(self, budget: int, entries: list[ScheduledSequence]) -> int:
         """Admit waiting sequences in arrival order (preempted ones first) while they fit."""

@@ -42,6 +42,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_row: int | None = None  # its row in the block manager's BlockTableRows, while it holds blocks
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of token_ids
     num_committed_blocks: int = 0  # leading blocks of block_table that are in the prefix cache
     num_preemptions: int = 0
