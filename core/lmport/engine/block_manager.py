@@ -97,6 +97,10 @@ class BlockManager:
         its tokens count as computed. All or nothing: False (and no change) if the pool is
         short of blocks.
         """
+        if not prefix and seq.block_row is not None:
+            # the usual decode step: the last block still has room, nothing to take or count
+            if self.blocks_for(seq.num_computed_tokens + num_new_tokens) <= len(seq.block_table):
+                return True
         prefix = prefix or []
         reclaimed = sum(1 for b in prefix if self.pool.ref_counts[b] == 0)  # leave the evictable set
         computed = len(prefix) * self.block_size if prefix else seq.num_computed_tokens

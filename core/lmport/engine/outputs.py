@@ -65,16 +65,21 @@ class OutputProcessor:
             seq.first_token_time = now
         token_id = sampled.token_id
         state.cumulative_logprob += sampled.logprob
-        text = state.detokenizer.push(token_id)
-        reason = state.stop.check(token_id, seq.num_output_tokens, state.detokenizer.text)
+        detokenizer, stop = state.detokenizer, state.stop
+        text = detokenizer.push(token_id)
+        # the whole text only where stop strings are searched in it (joining it costs per token)
+        reason = stop.check(token_id, seq.num_output_tokens, detokenizer.text if stop.stop_strings else "")
         if reason is not None:
-            text += state.detokenizer.flush()
+            text += detokenizer.flush()
+        token_text = self._text_cache.get(token_id)
+        if token_text is None:
+            token_text = self._text(token_id)
         token = TokenInfo(
             token_id=token_id,
             logprob=sampled.logprob,
-            text=self._text(token_id),
+            text=token_text,
             special=token_id in self._special_ids,
-            top_tokens=tuple((tid, lp, self._text(tid)) for tid, lp in sampled.top_tokens),
+            top_tokens=tuple((tid, lp, self._text(tid)) for tid, lp in sampled.top_tokens) if sampled.top_tokens else (),
         )
         out = self._output(seq, state, [token], text)
         if reason is not None:
