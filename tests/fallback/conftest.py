@@ -108,17 +108,24 @@ def oracle_greedy() -> Callable[[Any, list[int], int], list[int]]:
     return lambda hf_model, prompt, max_new_tokens: hf_greedy_generate(hf_model, prompt, max_new_tokens)[0]
 
 
+def _llama_cpp_rope_order(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """q/k rows as llama.cpp's converter stores them for Llama (transformers undoes this on load)."""
+    return weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
 def write_tiny_gguf(hf_model: Any, tokenizer: Any, path: Path) -> None:
-    """The Qwen2 model as an F32 GGUF file, tensor names from gguf-py's map (what llama.cpp
-    writes), with ``tokenizer`` (a byte-level BPE) as its vocabulary and merges."""
+    """A Qwen2 or Llama model as an F32 GGUF file, tensor names from gguf-py's map and Llama's
+    q/k rows in llama.cpp's order (what llama.cpp writes), with ``tokenizer`` (a byte-level
+    BPE) as its vocabulary and merges."""
     import json
 
     import gguf
     import numpy as np
 
     config = hf_model.config
+    arch = {"qwen2": gguf.MODEL_ARCH.QWEN2, "llama": gguf.MODEL_ARCH.LLAMA}[config.model_type]
     rope_theta = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
-    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_context_length(config.max_position_embeddings)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_embedding_length(config.hidden_size)
@@ -137,8 +144,12 @@ def write_tiny_gguf(hf_model: Any, tokenizer: Any, path: Path) -> None:
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_pad_token_id(tokenizer.pad_token_id)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     for name, tensor in hf_model.state_dict().items():
+        projection = name.split(".")[-2]
+        if arch == gguf.MODEL_ARCH.LLAMA and projection in heads:
+            tensor = _llama_cpp_rope_order(tensor, heads[projection])
         writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy().astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -146,20 +157,33 @@ def write_tiny_gguf(hf_model: Any, tokenizer: Any, path: Path) -> None:
     writer.close()
 
 
-@pytest.fixture(scope="session")
-def tiny_gguf(tmp_path_factory) -> tuple[Path, Any, Any]:
-    """``(path of a .gguf, transformers model, tokenizer)``: a tiny random Qwen2 written as an F32
-    GGUF with the byte-level BPE of ``lmport.testing.tiny_tokenizer``, built once."""
+def build_tiny_gguf(model_type: str, folder: Path) -> tuple[Path, Any, Any]:
+    """``(path of a .gguf, transformers model, tokenizer)``: a tiny random ``model_type``
+    ("qwen2" or "llama") written as an F32 GGUF with the byte-level BPE of
+    ``lmport.testing.tiny_tokenizer``."""
     pytest.importorskip("gguf")
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = train_tiny_tokenizer()
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, tie_word_embeddings=False,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     oracle = AutoModelForCausalLM.from_config(config).eval()
     widen_init(oracle)
-    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny-f32.gguf"
+    path = folder / f"tiny-{model_type}-f32.gguf"
     write_tiny_gguf(oracle, tokenizer, path)
     return path, oracle, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> tuple[Path, Any, Any]:
+    """A tiny Qwen2 GGUF (no native module): see :func:`build_tiny_gguf`."""
+    return build_tiny_gguf("qwen2", tmp_path_factory.mktemp("tiny-gguf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gguf(tmp_path_factory) -> tuple[Path, Any, Any]:
+    """A tiny Llama GGUF (a family lmport has natively): see :func:`build_tiny_gguf`."""
+    return build_tiny_gguf("llama", tmp_path_factory.mktemp("tiny-llama-gguf"))

@@ -70,3 +70,16 @@ def test_building_an_engine_on_the_fallback_logs_one_line(name, fallback_checkpo
     lines = [r for r in caplog.records if "fallback" in r.getMessage().replace(str(path), "")]  # the folder is "fallback-…"
     assert len(lines) == 1, [r.getMessage() for r in lines]
     assert lines[0].levelno == logging.WARNING and "not optimized" in lines[0].getMessage()
+
+
+def test_a_gguf_of_a_native_family_runs_through_the_fallback(tiny_llama_gguf, monkeypatch, tmp_path):
+    """The native families read safetensors; a Llama GGUF is served through transformers."""
+    gguf_path, oracle, reference_tokenizer = tiny_llama_gguf
+    monkeypatch.setenv("LMPORT_CACHE", str(tmp_path / "cache"))
+    config = LaunchConfig(model_id=str(gguf_path), block_size=4, max_batch_total_tokens=256)
+    engine, _, info = build_llm_engine(config, PluginHost(environ={}, load_entry_points=False).load())
+    assert info.architecture == "LlamaForCausalLM" and isinstance(engine.executor.model, HFCausalLMAdapter)
+    prompt = reference_tokenizer("Paged attention keeps the KV cache").input_ids
+    request = GenerationRequest("r", tuple(prompt), SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
+    got = [t.token_id for out in engine.generate([request])["r"] for t in out.tokens]
+    assert got == hf_greedy_generate(oracle, prompt, MAX_NEW)[0]
