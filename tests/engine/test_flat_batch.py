@@ -82,8 +82,14 @@ def make_scheduler(num_blocks: int, caching: bool) -> Scheduler:
     return Scheduler(limits, BlockManager(num_blocks, BLOCK, caching))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("caching", [True, False])
-def test_flat_batch_matches_the_reference_over_a_scheduled_run(caching):
+def test_flat_batch_matches_the_reference_over_a_scheduled_run(caching, device):
+    """On CUDA the buffers travel pinned and non-blocking: ``.tolist()`` reads them after the copy."""
+    device = torch.device(device)
     rng = random.Random(int(caching))
     sched = make_scheduler(num_blocks=40, caching=caching)  # small: sequences get preempted
     shared = [rng.randrange(3, 300) for _ in range(12)]  # a common prefix for prefix-cache hits
@@ -100,9 +106,9 @@ def test_flat_batch_matches_the_reference_over_a_scheduled_run(caching):
             continue
         assert step.block_table_rows is sched.block_manager.rows.array
         expected = reference(step, BLOCK)
-        assert observed(build_flat_batch(step, BLOCK, torch.device("cpu"))) == expected
+        assert observed(build_flat_batch(step, BLOCK, device)) == expected
         without_mirror = dataclasses.replace(step, block_table_rows=None)
-        assert observed(build_flat_batch(without_mirror, BLOCK, torch.device("cpu"))) == expected
+        assert observed(build_flat_batch(without_mirror, BLOCK, device)) == expected
         kinds.add("decode only" if all(e.num_new_tokens == 1 for e in step.entries) else "mixed")
         for e in step.entries:  # what the engine does after the executor
             e.seq.num_computed_tokens = e.start + e.num_new_tokens
