@@ -73,8 +73,10 @@ def prompts() -> list[list[int]]:
 
 
 def engine_greedy(path, host: PluginHost, **settings) -> list[list[int]]:
+    # explicit limits: some tiny configs name fewer positions (16) than these prompts + outputs,
+    # on purpose (dynamic rope scaling past the original length)
     config = LaunchConfig(model_id=str(path), dtype="float32", block_size=16, max_batch_total_tokens=4096,
-                          max_batch_prefill_tokens=12, **settings)  # fmt: skip
+                          max_batch_prefill_tokens=12, max_input_tokens=32, max_total_tokens=64, **settings)  # fmt: skip
     engine, _, _ = build_llm_engine(config, host)
     params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
     for i, p in enumerate(prompts()):
