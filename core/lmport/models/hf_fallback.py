@@ -216,6 +216,37 @@ def check_against_transformers(adapter: HFCausalLMAdapter, host: Any, dtype: tor
     return error
 
 
+# Image-text architectures (TGI serves them with their images); lmport has no image input path.
+IMAGE_TEXT_ARCHITECTURES = frozenset({
+    "IdeficsForVisionText2Text",
+    "Idefics2ForConditionalGeneration",
+    "Idefics3ForConditionalGeneration",
+    "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "LlavaNextVideoForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+})
+
+
+def refuse_image_text_model(info: ModelInfo) -> None:
+    """Raise, naming the architecture, for an image-text checkpoint: one of
+    :data:`IMAGE_TEXT_ARCHITECTURES`, or any config with a ``vision_config`` that
+    ``AutoModelForCausalLM`` does not take (and no remote code claims). Without this the
+    user gets transformers' "Unrecognized configuration class" with a list of 200 classes."""
+    config = info.hf_config
+    multimodal = info.architecture in IMAGE_TEXT_ARCHITECTURES
+    if not multimodal and getattr(config, "vision_config", None) is not None:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        auto_map = getattr(config, "auto_map", None) or {}
+        multimodal = config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" not in auto_map
+    if multimodal:
+        raise NotImplementedError(
+            f"{info.architecture} ({config.model_type}) is an image-text model and lmport has no image input "
+            "path yet: it is refused rather than served without its images (serve a text-only checkpoint)"
+        )
+
+
 def load_fallback(
     info: ModelInfo, host: Any, dtype: torch.dtype, device: torch.device, trust_remote_code: bool
 ) -> CausalLM | ModelExecutor:
@@ -228,6 +259,7 @@ def load_fallback(
     """
     from transformers import AutoModelForCausalLM
 
+    refuse_image_text_model(info)
     if getattr(info.hf_config, "is_encoder_decoder", False):
         from lmport.models.hf_seq2seq import load_seq2seq
 
