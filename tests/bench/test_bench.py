@@ -7,6 +7,7 @@ tiny random Llama with a tokenizer and run the real command against it.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -241,3 +242,13 @@ def test_server_stops_at_eos_without_ignore_eos(always_eos_server: Server) -> No
 
 def test_server_honours_ignore_eos(always_eos_server: Server) -> None:
     assert completion_tokens(always_eos_server.url, ignore_eos=True) == 5
+
+
+def test_bench_names_the_fix_when_the_servers_model_id_is_no_tokenizer(tmp_path: Path) -> None:
+    """The default model's /info names "gemma-3-270m-q4_k_m", which no tokenizer loads from:
+    a one-line error naming --tokenizer / --vocab-size, not a traceback."""
+    from lmport.commands.bench import _vocabulary
+
+    args = argparse.Namespace(vocab_size=None, tokenizer=str(tmp_path))  # a folder with no tokenizer in it
+    with pytest.raises(SystemExit, match="--tokenizer FOLDER or --vocab-size N"):
+        _vocabulary(args, {})

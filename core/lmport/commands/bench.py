@@ -132,7 +132,13 @@ def _vocabulary(args: argparse.Namespace, info: dict) -> tuple[int, list[int]]:
         raise SystemExit("lmport bench: pass --tokenizer or --vocab-size (the server did not name its model)")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:  # e.g. the default model's name, or a hub id offline
+        raise SystemExit(
+            f"lmport bench: cannot load a tokenizer from '{source}' ({type(exc).__name__}); "
+            "pass --tokenizer FOLDER or --vocab-size N"
+        ) from exc
     special = set(tokenizer.all_special_ids)
     special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
     return len(tokenizer), sorted(special)
