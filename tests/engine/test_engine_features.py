@@ -152,6 +152,21 @@ def test_requests_that_can_never_run_are_refused(make_engine):
     assert engine.num_requests == 1
 
 
+def test_prompt_ids_outside_the_models_vocabulary_are_refused(make_engine):
+    """One id past the embedding would fail the whole batch's step (on CUDA: the device), so
+    the engine refuses it up front; the bound is the model's vocab_size, read from its config."""
+    engine, hf_model = make_engine("llama")
+    vocab = hf_model.config.vocab_size
+    assert engine.vocab_size == vocab
+    for bad in ([5, vocab], [-1, 5], [5, 10**12]):
+        with pytest.raises(RequestValidationError, match="out of the vocabulary"):
+            engine.add_request(request("bad", bad))
+    engine.add_request(request("edge", [0, vocab - 1], max_new=2))
+    assert engine.num_requests == 1
+    while engine.has_unfinished():
+        assert not any(out.error for out in engine.step())
+
+
 def test_a_failing_step_fails_only_its_requests(make_engine, random_prompts, hf_greedy):
     engine, hf_model = make_engine("llama", max_batch_size=1)
     bad_prompt, good_prompt = random_prompts([5, 9], seed=9)

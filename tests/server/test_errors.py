@@ -234,3 +234,16 @@ def test_dead_engine_fails_health_and_requests(start_server):
         assert health.status_code == 503 and health.json()["error_type"] == "healthcheck"
         response = client.post("/generate", json=GEN)
     assert response.status_code == 424 and response.json()["error_type"] == "generation"
+
+
+def test_token_id_prompts_outside_the_vocabulary_are_422_and_harm_no_one(server):
+    """/v1/completions takes token ids: a negative one made the tokenizer's decode raise (500),
+    one past the embedding failed the engine step of every request batched with it (424)."""
+    vocab = server.state.engine.vocab_size
+    for prompt in ([vocab, 3], [-1, 3], [[5, 6], [10**12]]):
+        response = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 3})
+        assert response.status_code == 422, response.text
+        assert response.json()["error_type"] == "validation"
+        assert "out of the vocabulary" in response.json()["error"]
+    assert post(server, "/v1/completions", {"prompt": [5, vocab - 1], "max_tokens": 3}).status_code == 200
+    assert post(server, "/generate", GEN).status_code == 200

@@ -75,6 +75,10 @@ class AsyncEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def vocab_size(self) -> int | None:
+        return self.engine.vocab_size
+
     def start(self) -> "AsyncEngine":
         """Start the loop thread (idempotent)."""
         if self._thread is None:

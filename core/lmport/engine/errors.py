@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 
 class RequestValidationError(ValueError):
     """The request can never be served as asked (too long, empty ...): TGI answers 422."""
@@ -13,3 +15,15 @@ class EngineOverloadedError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped (shut down or a fatal error); nothing more can be served."""
+
+
+def check_token_ids(token_ids: Iterable[int], vocab_size: int | None) -> None:
+    """Raise :class:`RequestValidationError` for an id outside ``0..vocab_size-1`` (``None``: only negatives)."""
+    ids = list(token_ids)
+    if not ids:
+        return
+    low, high = min(ids), max(ids)
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        bad = low if low < 0 else high
+        limit = f"0..{vocab_size - 1}" if vocab_size is not None else "non-negative"
+        raise RequestValidationError(f"token id {bad} is out of the vocabulary ({limit})")

@@ -84,7 +84,10 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
         num_blocks, spec.block_size, limits.max_batch_total_tokens, num_blocks * spec.bytes_per_block() / 2**20,
         limits.max_input_tokens, limits.max_total_tokens, limits.max_batch_prefill_tokens,
     )
-    engine = LLMEngine(executor, tokenizer, limits, eos_token_ids=eos_token_ids(info.path, tokenizer, info.hf_config))
+    engine = LLMEngine(
+        executor, tokenizer, limits, eos_token_ids=eos_token_ids(info.path, tokenizer, info.hf_config),
+        vocab_size=model_vocab_size(info.hf_config, tokenizer),
+    )
     log.info("engine ready in %.1f s", time.monotonic() - started)
     return engine, tokenizer, info
 
@@ -98,6 +101,15 @@ def load_tokenizer(config: LaunchConfig, path: Path) -> Any:
     source = config.tokenizer_id or str(path)
     log.info("loading tokenizer from %s", source)
     return AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+
+
+def model_vocab_size(hf_config: Any, tokenizer: Any) -> int | None:
+    """How many token ids the model embeds (its text config's ``vocab_size``), else the tokenizer's size."""
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    size = getattr(text_config, "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    return len(tokenizer) if hasattr(tokenizer, "__len__") else None
 
 
 def pick_dtype(requested: str | None, hf_config: Any, device: torch.device, caps: Any) -> torch.dtype:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 from lmport.engine.api import EngineStats, GenerationRequest, RequestOutput
 from lmport.engine.block_manager import BlockManager
-from lmport.engine.errors import RequestValidationError
+from lmport.engine.errors import RequestValidationError, check_token_ids
 from lmport.engine.executor import ModelExecutor
 from lmport.engine.limits import EngineLimits
 from lmport.engine.outputs import OutputProcessor
@@ -37,11 +37,17 @@ class LLMEngine:
         limits: EngineLimits,
         *,
         eos_token_ids: Iterable[int] = (),
+        vocab_size: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.executor = executor
         self.tokenizer = tokenizer
         self.limits = limits
+        # prompt ids must lie in 0..vocab_size-1: one id past the embedding fails the whole
+        # batch's step (and on CUDA, the device); default: the tokenizer's size
+        if vocab_size is None and tokenizer is not None and hasattr(tokenizer, "__len__"):
+            vocab_size = len(tokenizer)
+        self.vocab_size = vocab_size
         self.clock = clock
         executor.initialize_cache(limits.num_blocks)
         self.block_manager = BlockManager(limits.num_blocks, limits.block_size, limits.enable_prefix_caching)
@@ -61,6 +67,7 @@ class LLMEngine:
         lim = self.limits
         if n_prompt == 0:
             raise RequestValidationError("`inputs` must have at least one token")
+        check_token_ids(request.prompt_token_ids, self.vocab_size)
         if n_prompt > lim.max_input_tokens:
             raise RequestValidationError(
                 f"`inputs` must have less than {lim.max_input_tokens} tokens. Given: {n_prompt}"

@@ -256,10 +256,10 @@ def completion_prompts(state: ServerState, body: CompletionRequest) -> list[tupl
         raise ValidationFailed("`prompt` cannot be empty")
     if all(isinstance(p, str) for p in prompt):
         return [(p, None) for p in prompt]  # type: ignore[misc]
-    if all(isinstance(p, int) for p in prompt):
-        ids = list(prompt)  # type: ignore[arg-type]
-        return [(state.tokenizer.decode(ids), ids)]
-    return [(state.tokenizer.decode(list(p)), list(p)) for p in prompt]  # type: ignore[arg-type]
+    id_prompts = [list(prompt)] if all(isinstance(p, int) for p in prompt) else [list(p) for p in prompt]  # type: ignore[arg-type]
+    for ids in id_prompts:
+        state.validator.check_token_ids(ids)  # before decode: a negative id makes the tokenizer raise
+    return [(state.tokenizer.decode(ids), ids) for ids in id_prompts]
 
 
 def completion_requests(state: ServerState, body: CompletionRequest) -> list[tuple[str, ValidRequest]]:

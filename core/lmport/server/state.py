@@ -83,7 +83,9 @@ class ServerState:
     started_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
-        self.validator = Validator(self.limits, self.tokenizer, self.model.eos_token_ids)
+        self.validator = Validator(
+            self.limits, self.tokenizer, self.model.eos_token_ids, vocab_size=getattr(self.engine, "vocab_size", None)
+        )
         self.limiter = ConcurrencyLimiter(self.limits.max_concurrent_requests)
         self.metrics = ServerMetrics(
             max_input_tokens=self.limits.max_input_tokens,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from lmport.engine.api import SamplingParams
+from lmport.engine.errors import RequestValidationError, check_token_ids
 from lmport.server.errors import ValidationFailed
 from lmport.server.schemas_tgi import GenerateParameters
 
@@ -45,10 +46,13 @@ class ValidRequest:
 
 
 class Validator:
-    def __init__(self, limits: Limits, tokenizer: Any, eos_token_ids: Sequence[int] = ()):
+    def __init__(self, limits: Limits, tokenizer: Any, eos_token_ids: Sequence[int] = (), vocab_size: int | None = None):
         self.limits = limits
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
+        if vocab_size is None and hasattr(tokenizer, "__len__"):
+            vocab_size = len(tokenizer)
+        self.vocab_size = vocab_size  # client-given prompt ids must lie in 0..vocab_size-1
 
     # ------------------------------------------------------------------ parameters
 
@@ -115,6 +119,13 @@ class Validator:
 
     # ------------------------------------------------------------------ tokens
 
+    def check_token_ids(self, ids: Sequence[int]) -> None:
+        """A client's prompt ids must be ids of this model (before anything decodes or runs them)."""
+        try:
+            check_token_ids(ids, self.vocab_size)
+        except RequestValidationError as exc:
+            raise ValidationFailed(str(exc)) from exc
+
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
             return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -141,6 +152,8 @@ class Validator:
                 raise ValidationFailed("`inputs` cannot be empty")
         elif not prompt_ids:
             raise ValidationFailed("`inputs` cannot be empty")
+        else:
+            self.check_token_ids(prompt_ids)
         self.check_truncate(p)
         if prompt_ids is None:
             prompt_ids = self.tokenize(inputs or "", add_special_tokens)
