@@ -21,6 +21,9 @@ fi
 # not on PyPI (habana_frameworks, torch-neuronx): these two plugins install without dependencies,
 # which is enough to test their detection and flags on fake machines.
 "${PIP[@]}" --no-build-isolation --no-deps -e plugins/gaudi -e plugins/neuron
+# The CUDA backend's Triton kernels are tested on the CPU through Triton's interpreter
+# (TRITON_INTERPRET=1); triton has no dependencies, so this never pulls a CUDA torch.
+"${PIP[@]}" "triton==3.6.*"
 # TGI's Python client (server tests) pins huggingface_hub<1.0, which transformers 5 outgrew; it
 # works with the newer hub, so it installs without dependencies (aiohttp comes with the test extra).
 "${PIP[@]}" --no-deps "text-generation>=0.7"
