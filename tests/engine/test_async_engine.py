@@ -173,3 +173,34 @@ def test_an_error_outside_the_model_fails_every_request_and_serving_goes_on(asyn
     assert len(failed) == 1 and "bookkeeping bug" in failed[0].error and failed[0].finished
     assert tokens_of(good) == hf_greedy(hf_model, [4, 5, 6], 8)[0]
     assert engine.is_healthy and engine.stats().kv_blocks_used == 0
+
+
+def test_an_error_while_aborting_fails_the_requests_instead_of_killing_the_loop(async_engine, hf_greedy):
+    """An abort that raises (a bookkeeping bug) ran outside the loop's try: the thread died
+    and every other stream waited forever. Now it is recovered like a failed step."""
+    engine, hf_model = async_engine()
+    abort = engine.engine.abort
+    broken = {"once": True}
+
+    def buggy_abort(request_id):
+        if broken.pop("once", False):
+            raise KeyError("abort bookkeeping bug")
+        return abort(request_id)
+
+    engine.engine.abort = buggy_abort
+
+    async def main():
+        left = engine.generate(request("left", [3, 4, 5], max_new=400))
+        await left.__anext__()
+        other = asyncio.ensure_future(collect(engine, request("other", [6, 7, 8], max_new=40)))
+        await left.aclose()  # posts the abort that raises
+        other = await asyncio.wait_for(other, 30)
+        good = await asyncio.wait_for(collect(engine, request("after", [4, 5, 6])), 30)
+        return other, good
+
+    other, good = asyncio.run(main())
+    # "other" ends either way (failed by the recovery, or served when it arrived after it); it never hangs
+    assert other[-1].finished
+    assert other[-1].error is None or "abort bookkeeping bug" in other[-1].error
+    assert tokens_of(good) == hf_greedy(hf_model, [4, 5, 6], 8)[0]
+    assert engine.is_healthy and engine.stats().kv_blocks_used == 0

@@ -157,22 +157,29 @@ class AsyncEngine:
     # ------------------------------------------------------------------ the loop thread
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the thread must never end silently: streams would wait forever
+            log.exception("engine loop died; it stops serving")
+            self._error = exc
+            self._fail_streams(EngineDeadError(f"engine failed: {type(exc).__name__}: {exc}"))
+
+    def _loop(self) -> None:
         engine = self.engine
         while not self._stopping:
             self._wake.clear()
-            self._drain_inbox()
-            if not engine.has_unfinished():
-                self._stats = engine.stats()
-                self._wake.wait(_IDLE_WAIT_S)
-                continue
             try:
-                outputs = engine.step()
+                self._drain_inbox()  # an abort is engine bookkeeping too
+                if not engine.has_unfinished():
+                    self._stats = engine.stats()
+                    self._wake.wait(_IDLE_WAIT_S)
+                    continue
+                self._deliver(engine.step())  # delivering aborts the outputs nobody listens to
             except Exception as exc:  # outside the executor: a bug in bookkeeping
                 log.exception("engine step failed outside the model; failing all requests")
                 if not self._recover(exc):
                     return
                 continue
-            self._deliver(outputs)
             self._stats = engine.stats()
 
     def _drain_inbox(self) -> None:
