@@ -43,6 +43,9 @@ class LaunchConfig:
     block_size: int | None = None  # None: the attention backend's choice
     kv_cache_dtype: str | None = None
     num_shard: int = 1
+    # schedule and launch step N+1 before step N's tokens reach the host; None: on for
+    # accelerator devices, off on the CPU (where a step computes synchronously anyway)
+    async_scheduling: bool | None = None
     # server
     hostname: str = "0.0.0.0"
     port: int = 3000

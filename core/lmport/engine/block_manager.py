@@ -130,7 +130,8 @@ class BlockManager:
         """Offer the sequence's newly computed full blocks to the prefix cache."""
         if self.prefix_cache is None:
             return
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        # only blocks of known tokens (async scheduling: not a placeholder) can be named by content
+        full = min(min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size, len(seq.block_table))
         if full <= seq.num_committed_blocks:
             return
         self._hash_full_blocks(seq)
@@ -160,7 +161,7 @@ class BlockManager:
     def _hash_full_blocks(self, seq: Sequence) -> None:
         bs = self.block_size
         hashes = seq.block_hashes
-        for i in range(len(hashes), seq.num_tokens // bs):
+        for i in range(len(hashes), seq.num_known_tokens // bs):
             hashes.append(hash_block(hashes[i - 1] if i else None, seq.token_ids[i * bs : (i + 1) * bs]))
 
     def _allocate_block(self) -> int:

@@ -15,6 +15,10 @@ class ModelExecutor(ABC):
     ``initialize_cache(num_blocks)`` once, then ``execute(step)`` per step.
     """
 
+    # True: also has ``launch(step, feed, previous) -> PendingStep`` (see the paged runner), so
+    # the engine can schedule step N+1 while step N runs (async scheduling)
+    supports_async_scheduling: bool = False
+
     @abstractmethod
     def kv_cache_spec(self) -> Any:
         """The :class:`~lmport.layers.attention.KVCacheSpec` this executor needs per block."""

@@ -1,4 +1,13 @@
-"""The synchronous engine: ``step()`` = schedule -> execute -> process outputs.
+"""The engine: ``step()`` = schedule -> execute -> process outputs.
+
+With ``async_scheduling`` (an executor with ``launch``) one step stays in flight: ``step()``
+schedules and launches step N+1, then waits for step N's tokens and processes them, so the
+host work of one step overlaps the device work of the next. A decode sequence of step N+1
+feeds the token step N sampled, read on the device; on the host it is a placeholder until
+step N's outputs are processed. Scheduling is deterministic given one more token per decode
+sequence, so it runs ahead unchanged; a sequence that turns out to end at step N (EOS, a stop
+string) had one more token computed in step N+1, which is discarded. Requests whose sampling
+reads their own past tokens (penalties, watermark) make the engine wait for step N first.
 
 It owns the scheduler, the block manager and the output processor, and drives one
 :class:`~lmport.engine.executor.ModelExecutor`. Nothing here is thread-safe: the
@@ -39,6 +48,7 @@ class LLMEngine:
         eos_token_ids: Iterable[int] = (),
         vocab_size: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        async_scheduling: bool = False,
     ) -> None:
         self.executor = executor
         self.tokenizer = tokenizer
@@ -57,6 +67,10 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._last_batch_size = 0
         self.num_steps = 0
+        self.async_scheduling = bool(async_scheduling and getattr(executor, "supports_async_scheduling", False))
+        if async_scheduling and not self.async_scheduling:
+            log.info("async scheduling off: executor %s has no launch()", type(executor).__name__)
+        self._in_flight: _InFlight | None = None
 
     # ------------------------------------------------------------------ requests
 
@@ -137,7 +151,12 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns one output per sequence that produced a token or ended."""
+        """Run one step; returns one output per sequence that produced a token or ended.
+
+        With async scheduling the outputs are those of the step launched by the previous call.
+        """
+        if self.async_scheduling:
+            return self._step_async()
         step = self.scheduler.schedule()
         self._last_batch_size = len(step.entries)
         if step.is_empty:
@@ -165,6 +184,98 @@ class LLMEngine:
             try:
                 out = self.outputs.process(seq, sampled, prompt, now)
             except Exception as exc:  # e.g. a detokenizer error: only this sequence fails
+                log.exception("output processing failed for request %s", seq.request_id)
+                outputs.extend(self._fail([seq], f"{type(exc).__name__}: {exc}"))
+                continue
+            if out is not None:
+                outputs.append(out)
+                if out.finished:
+                    self._release(seq)
+        return outputs
+
+    # ------------------------------------------------------------------ async scheduling
+
+    def _step_async(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        previous = self._in_flight
+        if previous is not None and previous.needs_tokens():
+            self._in_flight = None  # a sampler reads the sequences' own tokens: they must be known first
+            outputs += self._finish_step(previous)
+            previous = None
+        step = self.scheduler.schedule()
+        self._last_batch_size = len(step.entries)
+        launched, error = None, None
+        if not step.is_empty:
+            self.num_steps += 1
+            now = self.clock()
+            for entry in step.entries:
+                if entry.seq.first_scheduled_time is None:
+                    entry.seq.first_scheduled_time = now
+            try:
+                feed = self._feed(step, previous)
+                pending = self.executor.launch(step, feed, previous.pending if previous else None)
+            except Exception as exc:  # fail this step's requests (after the previous step's outputs)
+                log.exception("step failed; failing the %d sequences in it", len(step.entries))
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                launched = _InFlight(step, pending, self._advance(step))
+        self._in_flight = launched
+        if previous is not None:
+            outputs += self._finish_step(previous)
+        if error is not None:
+            outputs += self._fail([e.seq for e in step.entries], error)
+        if launched is not None and not self._requests:
+            self._in_flight = None  # nothing left to read from it (its sequences ended); the device finishes it
+        return outputs
+
+    def _feed(self, step, previous: "_InFlight | None") -> list[tuple[int, int]]:
+        """(entry index, row of the previous step's sampled tokens) for each input token the host does not know."""
+        feed = []
+        for i, entry in enumerate(step.entries):
+            seq = entry.seq
+            if entry.start + entry.num_new_tokens <= seq.num_known_tokens:
+                continue
+            row = previous.sample_row(seq, entry.start) if previous is not None else None
+            if entry.num_new_tokens != 1 or row is None:
+                raise RuntimeError(f"sequence {seq.seq_id}: input token at {entry.start} is not known and not in flight")
+            feed.append((i, row))
+        return feed
+
+    def _advance(self, step) -> list[int | None]:
+        """Book a launched step as done: computed counts, a placeholder per sampled token, cached blocks.
+
+        Returns, per entry, the position of its placeholder (None when it samples nothing).
+        """
+        positions: list[int | None] = []
+        for entry in step.entries:
+            seq = entry.seq
+            seq.num_computed_tokens = entry.start + entry.num_new_tokens
+            if seq.num_computed_tokens >= seq.num_prompt_tokens - 1:
+                seq.wants_prompt_logprobs = False
+            self.block_manager.commit_computed(seq)  # full blocks of known tokens only
+            positions.append(seq.append_placeholder() if entry.sample else None)
+        return positions
+
+    def _finish_step(self, flight: "_InFlight") -> list[RequestOutput]:
+        """Wait for a launched step's results and turn them into outputs."""
+        step = flight.step
+        try:
+            result = flight.pending.result()
+        except Exception as exc:
+            log.exception("step failed; failing the %d sequences in it", len(step.entries))
+            return self._fail([e.seq for e in step.entries], f"{type(exc).__name__}: {exc}")
+        now = self.clock()
+        outputs: list[RequestOutput] = []
+        for entry, position, sampled, prompt in zip(step.entries, flight.positions, result.sampled, result.prompt_logprobs):
+            seq = entry.seq
+            if seq.is_finished:
+                continue  # ended (stop, abort, failure) after this step was launched: its token is dropped
+            if sampled is not None:
+                seq.fill_placeholder(position, sampled.token_id)
+                self.block_manager.commit_computed(seq)  # a block that ended on that token is known now
+            try:
+                out = self.outputs.process(seq, sampled, prompt, now)
+            except Exception as exc:
                 log.exception("output processing failed for request %s", seq.request_id)
                 outputs.extend(self._fail([seq], f"{type(exc).__name__}: {exc}"))
                 continue
@@ -226,3 +337,38 @@ class LLMEngine:
                 collected.setdefault(out.request_id, []).append(out)
         return collected
 
+
+
+def _reads_own_tokens(params) -> bool:
+    """Whether sampling this request reads its generated tokens on the host (they must be known)."""
+    return (
+        (params.repetition_penalty is not None and params.repetition_penalty != 1.0)
+        or bool(params.frequency_penalty)
+        or bool(params.presence_penalty)
+        or bool(params.watermark)
+    )
+
+
+class _InFlight:
+    """A step launched but not yet processed (async scheduling)."""
+
+    def __init__(self, step, pending, positions: list[int | None]) -> None:
+        self.step = step
+        self.pending = pending
+        self.positions = positions
+        self._rows = {
+            (entry.seq.seq_id, position): pending.sample_row[i]
+            for i, (entry, position) in enumerate(zip(step.entries, positions))
+            if position is not None
+        }
+
+    def sample_row(self, seq: Sequence, position: int) -> int | None:
+        """The row of the token this step samples for ``seq`` at ``position``, if it does."""
+        return self._rows.get((seq.seq_id, position))
+
+    def needs_tokens(self) -> bool:
+        """Whether a live sequence of this step samples from its own past tokens next."""
+        return any(
+            position is not None and not entry.seq.is_finished and _reads_own_tokens(entry.seq.params)
+            for entry, position in zip(self.step.entries, self.positions)
+        )

@@ -2,7 +2,9 @@
 
 Per step: build the flat batch on the host and copy it over without blocking, run the model
 (or replay a captured decode graph), compute logits only for the rows that need them, sample
-on the device, and bring every result to the host in one copy at the end.
+on the device, and bring every result to the host in one copy at the end: ``execute`` waits
+for that copy; ``launch`` (async scheduling) returns a :class:`PendingStep` at once, whose
+sampled tokens the next step can read on the device before the host has seen them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lmport.engine.batch import ExecutorOutput, FlatBatch, PromptLogprobs, SampledToken, ScheduledStep, build_flat_batch
+from lmport.engine.batch import ExecutorOutput, FlatBatch, PromptLogprobs, SampledToken, ScheduledStep, _send, build_flat_batch
 from lmport.engine.executor import ModelExecutor
 from lmport.engine.sampling.prompt_logprobs import compute_prompt_logprobs
 from lmport.engine.sampling.sampler import Sampler
@@ -94,12 +96,39 @@ class PagedModelRunner(ModelExecutor):
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> ExecutorOutput:
         batch = build_flat_batch(step, self.block_size, self.device)
+        sampled_pos, prompt_pos, prompt_top_n, results = self._run(step, batch)
+        if results is None:  # only prompt chunks that sample nothing
+            none = [None] * len(step.entries)
+            return ExecutorOutput(sampled=list(none), prompt_logprobs=list(none))
+        host = _to_host(results)  # the step's one device -> host sync
+        return self._unpack(step, batch, sampled_pos, prompt_pos, prompt_top_n, host)
+
+    supports_async_scheduling = True
+
+    @torch.inference_mode()
+    def launch(self, step: ScheduledStep, feed: list[tuple[int, int]] = (), previous: "PendingStep | None" = None) -> "PendingStep":
+        """Start ``step`` without waiting for it (async scheduling); ``result()`` waits.
+
+        ``feed`` pairs (entry index, row of ``previous.token_ids``): that entry is one decode
+        token the host does not know yet, taken on the device from the previous step's samples.
+        The results come back through one non-blocking copy into pinned host memory.
+        """
+        batch = build_flat_batch(step, self.block_size, self.device)
+        if feed:
+            starts = batch.metadata.query_start_loc_host
+            dst, src = _send([[starts[i] for i, _ in feed], [row for _, row in feed]], torch.int64, self.device)
+            batch.input_ids[dst] = previous.token_ids[src]
+        sampled_pos, prompt_pos, prompt_top_n, results = self._run(step, batch)
+        pending = PendingStep(self, step, batch, sampled_pos, prompt_pos, prompt_top_n, results)
+        return pending
+
+    def _run(self, step: ScheduledStep, batch: FlatBatch):
+        """Forward, logits and sampling, all left on the device."""
         hidden = self._forward(batch)
         sampled_pos = [i for i, r in enumerate(batch.sample_rows) if r is not None]
         prompt_pos = [i for i, r in enumerate(batch.prompt_rows) if len(r)]
-        if not sampled_pos and not prompt_pos:  # only prompt chunks that sample nothing
-            none = [None] * len(step.entries)
-            return ExecutorOutput(sampled=list(none), prompt_logprobs=list(none))
+        if not sampled_pos and not prompt_pos:
+            return sampled_pos, prompt_pos, 0, None
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         results: list[torch.Tensor | None] = []
         if sampled_pos:
@@ -112,8 +141,7 @@ class PagedModelRunner(ModelExecutor):
             prompt_top_n = max(step.entries[i].seq.params.top_n_tokens for i in prompt_pos)
             prompt_logits = logits[batch.prompt_index]
             results += list(compute_prompt_logprobs(prompt_logits, batch.prompt_targets, prompt_top_n))
-        host = _to_host(results)  # the step's one device -> host sync
-        return self._unpack(step, batch, sampled_pos, prompt_pos, prompt_top_n, host)
+        return sampled_pos, prompt_pos, prompt_top_n, results
 
     def _forward(self, batch: FlatBatch) -> torch.Tensor:
         meta = batch.metadata
@@ -152,6 +180,55 @@ class PagedModelRunner(ModelExecutor):
         return ExecutorOutput(sampled=sampled, prompt_logprobs=prompt)
 
 
+class PendingStep:
+    """A launched step: its sampled tokens on the device, its results on their way to the host.
+
+    ``token_ids`` (int64, one row per sampling entry, in entry order; None if nothing samples)
+    stays on the device for the next step to read; ``sample_row[i]`` is entry ``i``'s row.
+    ``result()`` waits for the copy (an event on a GPU; on the CPU it is done already) and
+    returns the :class:`ExecutorOutput`.
+    """
+
+    def __init__(self, runner, step, batch, sampled_pos, prompt_pos, prompt_top_n, results) -> None:
+        self._runner = runner
+        self._args = (step, batch, sampled_pos, prompt_pos, prompt_top_n)
+        self.sample_row = {i: j for j, i in enumerate(sampled_pos)}
+        self.token_ids = results[0] if results is not None and sampled_pos else None
+        self._results = results
+        self._host = self._event = None
+        self._output: ExecutorOutput | None = None
+        if results is not None:
+            self._host, self._event = _start_copy(results)
+
+    def result(self) -> ExecutorOutput:
+        if self._output is None:
+            step, batch, sampled_pos, prompt_pos, prompt_top_n = self._args
+            if self._results is None:
+                none = [None] * len(step.entries)
+                self._output = ExecutorOutput(sampled=list(none), prompt_logprobs=list(none))
+            else:
+                if self._event is not None:
+                    self._event.synchronize()
+                host = _split(self._host.tolist(), self._results)
+                self._output = self._runner._unpack(step, batch, sampled_pos, prompt_pos, prompt_top_n, host)
+            self._results = self._host = self._event = None
+        return self._output
+
+
+def _start_copy(tensors: list[torch.Tensor | None]) -> tuple[torch.Tensor, Any]:
+    """Pack ``tensors`` into one float64 buffer and start copying it to (pinned) host memory."""
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors if t is not None])
+    if flat.device.type == "cpu":
+        return flat, None
+    if flat.device.type != "cuda":  # (ROCm is "cuda" too) other devices: a plain blocking copy
+        return flat.cpu(), None
+    host = torch.empty(flat.shape, dtype=torch.float64, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 def _to_host(tensors: list[torch.Tensor | None]) -> list[list | None]:
     """Bring several small device tensors to the host with one copy (one sync).
 
@@ -162,7 +239,11 @@ def _to_host(tensors: list[torch.Tensor | None]) -> list[list | None]:
     if not present:
         return [None] * len(tensors)
     flat = torch.cat([t.reshape(-1).to(torch.float64) for t in present])
-    values = flat.cpu().tolist()
+    return _split(flat.cpu().tolist(), tensors)
+
+
+def _split(values: list[float], tensors: list[torch.Tensor | None]) -> list[list | None]:
+    """Cut the flat ``values`` back into one (nested) list per tensor of ``tensors``."""
     out: list[list | None] = []
     offset = 0
     for t in tensors:

@@ -68,7 +68,7 @@ class OutputProcessor:
         detokenizer, stop = state.detokenizer, state.stop
         text = detokenizer.push(token_id)
         # the whole text only where stop strings are searched in it (joining it costs per token)
-        reason = stop.check(token_id, seq.num_output_tokens, detokenizer.text if stop.stop_strings else "")
+        reason = stop.check(token_id, seq.num_known_output_tokens, detokenizer.text if stop.stop_strings else "")
         if reason is not None:
             text += detokenizer.flush()
         token_text = self._text_cache.get(token_id)
@@ -104,7 +104,7 @@ class OutputProcessor:
             tokens=tokens,
             text=text,
             num_prompt_tokens=seq.num_prompt_tokens,
-            num_generated_tokens=seq.num_output_tokens,
+            num_generated_tokens=seq.num_known_output_tokens,
             cumulative_logprob=state.cumulative_logprob if state else 0.0,
             seed=seq.seed,
             arrival_time=seq.arrival_time,

@@ -69,6 +69,10 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
+            if seq.num_output_tokens >= seq.params.max_new_tokens:
+                # async scheduling: its last token is still on the device and it ends on it; no more steps
+                i += 1
+                continue
             n = seq.num_uncomputed_tokens
             decoding = seq.is_decoding
             if not decoding:

@@ -27,6 +27,11 @@ class Sequence:
     Tokens ``[0, num_computed_tokens)`` have K/V in the cache (in ``block_table``); the
     tokens after that are fed on the next steps. A sequence in decode has exactly one
     uncomputed token: the one sampled last.
+
+    With async scheduling a step is launched before the previous step's tokens reach the host:
+    each token sampled on the device but not yet known here is a trailing ``PLACEHOLDER`` in
+    ``token_ids``/``output_token_ids`` (``num_placeholders`` of them, at most two), so lengths,
+    slots and blocks are planned as if it were known; :meth:`fill_placeholder` writes it in.
     """
 
     seq_id: int
@@ -49,6 +54,7 @@ class Sequence:
     wants_prompt_logprobs: bool = False  # cleared once the prompt's logprobs were computed
     finish_reason: FinishReason | None = None
     error: str | None = None
+    num_placeholders: int = 0  # trailing tokens sampled on the device, not known on the host yet
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
@@ -71,6 +77,15 @@ class Sequence:
         return len(self.output_token_ids)
 
     @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host knows (all but the trailing placeholders)."""
+        return len(self.token_ids) - self.num_placeholders
+
+    @property
+    def num_known_output_tokens(self) -> int:
+        return len(self.output_token_ids) - self.num_placeholders
+
+    @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 
@@ -86,3 +101,20 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
+
+    def append_placeholder(self) -> int:
+        """Append a token the device sampled but the host does not know yet; returns its position."""
+        self.append_token(PLACEHOLDER)
+        self.num_placeholders += 1
+        return len(self.token_ids) - 1
+
+    def fill_placeholder(self, position: int, token_id: int) -> None:
+        """Write the sampled ``token_id`` over the placeholder at ``position`` (the oldest one)."""
+        if self.num_placeholders <= 0 or position != len(self.token_ids) - self.num_placeholders:
+            raise RuntimeError(f"sequence {self.seq_id}: no pending placeholder at position {position}")
+        self.token_ids[position] = token_id
+        self.output_token_ids[position - self.num_prompt_tokens] = token_id
+        self.num_placeholders -= 1
+
+
+PLACEHOLDER = -1  # an out-of-vocabulary id: fed to a model by mistake, it fails loudly
