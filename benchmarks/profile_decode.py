@@ -82,14 +82,14 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
-                        help="launch step N+1 before step N's tokens reach the host (auto: on for a GPU)")  # fmt: skip
+    parser.add_argument("--async-scheduling", choices=("on", "off"), default="off",
+                        help="launch step N+1 before step N's tokens reach the host (compare both on one GPU)")  # fmt: skip
     args = parser.parse_args()
     host = PluginHost()
     host.select_backend()
     config = LaunchConfig(model_id=args.model, dtype="bfloat16", max_total_tokens=2048, max_input_tokens=1024,
                           max_batch_prefill_tokens=8192, max_batch_size=256,
-                          async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])  # fmt: skip
+                          async_scheduling=args.async_scheduling == "on")  # fmt: skip
     engine, tokenizer, _ = build_llm_engine(config, host)
     runner = engine.executor
     print(f"async scheduling: {'on' if engine.async_scheduling else 'off'}")
