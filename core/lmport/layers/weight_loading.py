@@ -83,3 +83,13 @@ def rename_rules(rules: Iterable[tuple[str, str]]) -> Callable[[str], str]:
         return name
 
     return rename
+
+
+def load_base_prefixed_checkpoint(
+    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], base_prefix: str, *, tied_head: bool
+) -> None:
+    """:func:`load_checkpoint` for models whose base-model tensors sit under ``base_prefix``
+    (``"transformer."``, ``"model."``), accepting older exports that omit it; a tied
+    ``lm_head.weight`` is skipped (it is the embedding, loaded under its own name)."""
+    rename = rename_rules([(rf"^(?!{re.escape(base_prefix)}|lm_head\.)", base_prefix)])
+    load_checkpoint(model, weights, lambda name: (rename(name), None), ignore=[r"^lm_head\.weight$"] if tied_head else [])

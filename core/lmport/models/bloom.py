@@ -15,7 +15,7 @@ from torch import nn
 
 from lmport.layers.alibi import bloom_alibi_slopes
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
-from lmport.layers.weight_loading import load_checkpoint, rename_rules
+from lmport.layers.weight_loading import load_base_prefixed_checkpoint
 from lmport.models.base import CausalLM, ModelContext
 
 
@@ -116,13 +116,7 @@ class BloomForCausalLM(CausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # bigscience/bloom-* exports name the base model's tensors without "transformer."
-        rename = rename_rules([(r"^(?!transformer\.|lm_head\.)", "transformer.")])
-        load_checkpoint(
-            self,
-            weights,
-            lambda name: (rename(name), None),
-            ignore=[r"^lm_head\.weight$"] if self.tied else [],  # a tied head is the embedding, loaded by its own name
-        )
+        load_base_prefixed_checkpoint(self, weights, "transformer.", tied_head=self.tied)
 
     def kv_cache_shape(self) -> tuple[int, int, int]:
         return self.config.n_layer, self.config.n_head, self.config.hidden_size // self.config.n_head

@@ -16,7 +16,7 @@ from torch import nn
 
 from lmport.layers.activations import get_activation
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
-from lmport.layers.weight_loading import load_checkpoint, rename_rules
+from lmport.layers.weight_loading import load_base_prefixed_checkpoint
 from lmport.models.base import CausalLM, ModelContext
 
 # fairseq's learned positions start after the padding and an unused row
@@ -133,13 +133,7 @@ class OPTForCausalLM(CausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # facebook/opt-* exports name the base model's tensors "decoder.…", newer ones "model.decoder.…"
-        rename = rename_rules([(r"^(?!model\.|lm_head\.)", "model.")])
-        load_checkpoint(
-            self,
-            weights,
-            lambda name: (rename(name), None),
-            ignore=[r"^lm_head\.weight$"] if self.tied else [],  # a tied head is the embedding, loaded by its own name
-        )
+        load_base_prefixed_checkpoint(self, weights, "model.", tied_head=self.tied)
 
     def kv_cache_shape(self) -> tuple[int, int, int]:
         heads = self.config.num_attention_heads
