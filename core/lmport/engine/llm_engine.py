@@ -181,16 +181,7 @@ class LLMEngine:
             self.block_manager.commit_computed(seq)
             if sampled is not None:
                 seq.append_token(sampled.token_id)
-            try:
-                out = self.outputs.process(seq, sampled, prompt, now)
-            except Exception as exc:  # e.g. a detokenizer error: only this sequence fails
-                log.exception("output processing failed for request %s", seq.request_id)
-                outputs.extend(self._fail([seq], f"{type(exc).__name__}: {exc}"))
-                continue
-            if out is not None:
-                outputs.append(out)
-                if out.finished:
-                    self._release(seq)
+            self._emit(seq, sampled, prompt, now, outputs)
         return outputs
 
     # ------------------------------------------------------------------ async scheduling
@@ -273,17 +264,21 @@ class LLMEngine:
             if sampled is not None:
                 seq.fill_placeholder(position, sampled.token_id)
                 self.block_manager.commit_computed(seq)  # a block that ended on that token is known now
-            try:
-                out = self.outputs.process(seq, sampled, prompt, now)
-            except Exception as exc:
-                log.exception("output processing failed for request %s", seq.request_id)
-                outputs.extend(self._fail([seq], f"{type(exc).__name__}: {exc}"))
-                continue
-            if out is not None:
-                outputs.append(out)
-                if out.finished:
-                    self._release(seq)
+            self._emit(seq, sampled, prompt, now, outputs)
         return outputs
+
+    def _emit(self, seq: Sequence, sampled, prompt, now: float, outputs: list[RequestOutput]) -> None:
+        """Turn one sequence's step result into its output (appended to ``outputs``); release it when finished."""
+        try:
+            out = self.outputs.process(seq, sampled, prompt, now)
+        except Exception as exc:  # e.g. a detokenizer error: only this sequence fails
+            log.exception("output processing failed for request %s", seq.request_id)
+            outputs.extend(self._fail([seq], f"{type(exc).__name__}: {exc}"))
+            return
+        if out is not None:
+            outputs.append(out)
+            if out.finished:
+                self._release(seq)
 
     def _fail(self, seqs: list[Sequence], error: str) -> list[RequestOutput]:
         now = self.clock()
