@@ -43,9 +43,10 @@ class LaunchConfig:
     block_size: int | None = None  # None: the attention backend's choice
     kv_cache_dtype: str | None = None
     num_shard: int = 1
-    # schedule and launch step N+1 before step N's tokens reach the host. Opt-in: tested for
-    # output equality on the CPU, not yet measured or exercised on a GPU (docs/benchmarks.md)
-    async_scheduling: bool = False
+    # schedule and launch step N+1 before step N's tokens reach the host, so the host's work
+    # overlaps the device's. None: on for accelerators, off on CPU (where the "device" is the
+    # host itself and nothing would overlap)
+    async_scheduling: bool | None = None
     # server
     hostname: str = "0.0.0.0"
     port: int = 3000

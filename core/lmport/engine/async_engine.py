@@ -41,6 +41,11 @@ class _Stream:
         return True
 
 
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class AsyncEngine:
     """Serves :class:`LLMEngine` to asyncio callers from a background thread.
 
@@ -194,9 +199,27 @@ class AsyncEngine:
                 self._deliver(self.engine.abort(payload))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            if not self._send(out.request_id, out):
-                self.engine.abort(out.request_id)
+        """Hand a step's outputs over: one wake-up per event loop, not one per output.
+
+        Under load a step has an output per running sequence; a ``call_soon_threadsafe`` each
+        would cost a self-pipe write and an event-loop turn per token.
+        """
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        unheard: list[str] = []
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    unheard.append(out.request_id)
+                else:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody listens any more
+                unheard.extend(out.request_id for _, out in items)
+        for request_id in unheard:
+            self.engine.abort(request_id)
 
     def _send(self, request_id: str, item: RequestOutput | BaseException) -> bool:
         with self._lock:

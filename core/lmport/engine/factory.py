@@ -87,7 +87,7 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
     engine = LLMEngine(
         executor, tokenizer, limits, eos_token_ids=eos_token_ids(info.path, tokenizer, info.hf_config),
         vocab_size=model_vocab_size(info.hf_config, tokenizer),
-        async_scheduling=config.async_scheduling,
+        async_scheduling=device.type != "cpu" if config.async_scheduling is None else config.async_scheduling,
     )
     log.info("engine ready in %.1f s", time.monotonic() - started)
     return engine, tokenizer, info

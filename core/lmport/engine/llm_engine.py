@@ -76,25 +76,7 @@ class LLMEngine:
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise :class:`RequestValidationError` for a request that can never run; pure, thread-safe."""
-        n_prompt = len(request.prompt_token_ids)
-        params = request.params
-        lim = self.limits
-        if n_prompt == 0:
-            raise RequestValidationError("`inputs` must have at least one token")
-        check_token_ids(request.prompt_token_ids, self.vocab_size)
-        if n_prompt > lim.max_input_tokens:
-            raise RequestValidationError(
-                f"`inputs` must have less than {lim.max_input_tokens} tokens. Given: {n_prompt}"
-            )
-        if params.max_new_tokens < 1:
-            raise RequestValidationError("`max_new_tokens` must be strictly positive")
-        if n_prompt + params.max_new_tokens > lim.max_total_tokens:
-            raise RequestValidationError(
-                f"`inputs` tokens + `max_new_tokens` must be <= {lim.max_total_tokens}. "
-                f"Given: {n_prompt} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`"
-            )
-        if params.n < 1:
-            raise RequestValidationError("`n` must be at least 1")
+        validate_request(request, self.limits, self.vocab_size)
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request as ``params.n`` sequences (seeds ``seed + i`` when a seed is given)."""
@@ -332,6 +314,29 @@ class LLMEngine:
                 collected.setdefault(out.request_id, []).append(out)
         return collected
 
+
+
+def validate_request(request: GenerationRequest, lim: EngineLimits, vocab_size: int | None) -> None:
+    """Raise :class:`RequestValidationError` for a request that can never run under ``lim``.
+
+    Pure: a front end that holds no engine (another process runs it) validates with this.
+    """
+    n_prompt = len(request.prompt_token_ids)
+    params = request.params
+    if n_prompt == 0:
+        raise RequestValidationError("`inputs` must have at least one token")
+    check_token_ids(request.prompt_token_ids, vocab_size)
+    if n_prompt > lim.max_input_tokens:
+        raise RequestValidationError(f"`inputs` must have less than {lim.max_input_tokens} tokens. Given: {n_prompt}")
+    if params.max_new_tokens < 1:
+        raise RequestValidationError("`max_new_tokens` must be strictly positive")
+    if n_prompt + params.max_new_tokens > lim.max_total_tokens:
+        raise RequestValidationError(
+            f"`inputs` tokens + `max_new_tokens` must be <= {lim.max_total_tokens}. "
+            f"Given: {n_prompt} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`"
+        )
+    if params.n < 1:
+        raise RequestValidationError("`n` must be at least 1")
 
 
 def _reads_own_tokens(params) -> bool:
