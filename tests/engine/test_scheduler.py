@@ -133,6 +133,19 @@ def test_waiting_served_ratio_admits_enough_newcomers_at_once():
     assert [e.seq for e in step.entries][-3:] == late
 
 
+def test_waiting_served_ratio_admits_newcomers_that_fill_the_prefill_budget():
+    # 2 < floor(10 * 0.3) newcomers, but their prompts fill the 64-token prefill budget: a
+    # burst is admitted at once instead of after max_waiting_tokens decode steps
+    sched = make_scheduler(ratio=0.3, prefill=64, max_waiting=5)
+    for _ in range(10):
+        add(sched, 4, max_new=100)
+    run_step(sched)
+    late = [add(sched, 40, max_new=3), add(sched, 40, max_new=3)]
+    step = run_step(sched)
+    assert [(e.seq, e.num_new_tokens) for e in step.entries][-2:] == [(late[0], 40), (late[1], 24)]
+    assert sum(e.num_new_tokens for e in step.entries if e.is_prefill) == 64
+
+
 def test_out_of_blocks_preempts_the_newest_and_recomputes_it():
     sched = make_scheduler(num_blocks=6, block_size=4)
     old = add(sched, 8, max_new=6)  # 2 blocks now, 4 at the end

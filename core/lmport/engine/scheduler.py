@@ -8,7 +8,9 @@ next chunk of a prompt that did not fit the prefill budget), then admits waiting
 * ``max_batch_total_tokens`` is the KV cache itself: admission needs free blocks.
 * ``waiting_served_ratio``: while sequences are running, waiting ones are admitted only if at
   least ``floor(running * ratio)`` of them fit, unless they have waited
-  ``max_waiting_tokens`` steps (TGI's rule: don't stall a big batch for one newcomer).
+  ``max_waiting_tokens`` steps (TGI's rule: don't stall a big batch for one newcomer), or
+  they fill the step's prefill budget (a burst of arrivals: holding them back could not make
+  the prefill bigger, and decodes ride along in the same step anyway).
 * ``max_batch_size`` bounds the running sequences.
 
 The ``n`` sequences of one request share their prompt: the first is prefilled alone, the
@@ -133,27 +135,36 @@ class Scheduler:
     def _should_admit(self, budget: int) -> bool:
         if not self.running or self.steps_since_admission >= self.limits.max_waiting_tokens:
             return True
+        count, tokens = self._count_admissible(budget)
+        if tokens >= budget:
+            # the newcomers fill this step's prefill budget: waiting for more could not make the
+            # prefill bigger, only later (under a burst, TGI's rule alone would run
+            # max_waiting_tokens decode steps before each full prefill)
+            return True
         min_size = int(len(self.running) * self.limits.waiting_served_ratio)
-        return self._count_admissible(budget) >= max(min_size, 1)
+        return count >= max(min_size, 1)
 
-    def _count_admissible(self, budget: int) -> int:
-        """How many waiting sequences would be admitted now (prefix hits ignored: a lower bound)."""
+    def _count_admissible(self, budget: int) -> tuple[int, int]:
+        """How many waiting sequences would be admitted now, and their prompt tokens fed this step.
+
+        Prefix-cache hits are ignored: a lower bound on the count, an upper bound on the tokens.
+        """
         bm = self.block_manager
         blocks = bm.num_available_blocks
         seats = self.limits.max_batch_size - len(self.running)
-        count = 0
+        count = tokens = 0
         for seq in self.waiting:
-            if seats <= 0 or budget <= 0:
+            if seats <= 0 or budget <= tokens:
                 break
-            n = min(seq.num_tokens, budget)
+            n = min(seq.num_tokens, budget - tokens)
             need = bm.blocks_for(n)
             if need > blocks:
                 break
             blocks -= need
-            budget -= n
+            tokens += n
             seats -= 1
             count += 1
-        return count
+        return count, tokens
 
     def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
