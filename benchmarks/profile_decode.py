@@ -27,16 +27,23 @@ from lmport.plugins import PluginHost
 
 
 def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, profile: bool) -> dict:
-    prompts = random_prompts(batch, input_len, 1, len(tokenizer), seed=batch, exclude=set(tokenizer.all_special_ids))
+    # a new seed per run: the prefix cache must not serve one run's prompts to the next
+    seed = batch + 1000 * int(engine.async_scheduling)
+    prompts = random_prompts(batch, input_len, 1, len(tokenizer), seed=seed, exclude=set(tokenizer.all_special_ids))
     params = SamplingParams(max_new_tokens=output_len, ignore_eos=True, logprobs=True)
+    tag = f"b{batch}-{'async' if engine.async_scheduling else 'sync'}"
+    torch.cuda.synchronize()
+    started = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.add_request(GenerationRequest(f"b{batch}-{i}", tuple(p.prompt_ids), params))
+        engine.add_request(GenerationRequest(f"{tag}-{i}", tuple(p.prompt_ids), params))
     # prefill until every sequence is decoding
+    prefill_steps = 0
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
+        prefill_steps += 1
+    prefilled = time.perf_counter()
     profiler = cProfile.Profile() if profile else None
     times = []
-    torch.cuda.synchronize()
     while engine.has_unfinished():
         start = time.perf_counter()
         if profiler:
@@ -45,13 +52,51 @@ def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, pr
         if profiler:
             profiler.disable()
         times.append(time.perf_counter() - start)
+    total = time.perf_counter() - started
     times = times[2:-1] or times
-    result = {"batch": batch, "decode_steps": len(times), "step_ms": 1000 * sum(times) / len(times)}
+    result = {
+        "batch": batch, "async_scheduling": engine.async_scheduling, "decode_steps": len(times),
+        "step_ms": 1000 * sum(times) / len(times), "prefill_steps": prefill_steps,
+        "prefill_s": prefilled - started, "total_s": total, "output_tok_per_s": batch * output_len / total,
+    }  # fmt: skip
     if profiler:
         buf = io.StringIO()
         pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
         result["profile"] = buf.getvalue()
     return result
+
+
+def kernel_table(engine, tokenizer, what: str, batch: int, input_len: int, rows: int = 18) -> str:
+    """torch.profiler's top device kernels over a few engine steps of one kind.
+
+    ``what``: "decode" (steps of ``batch`` one-token rows, after their prefill) or "prefill"
+    (the first step of ``batch`` fresh prompts).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = random_prompts(batch, input_len, 1, len(tokenizer), seed=7 + batch + len(what), exclude=set(tokenizer.all_special_ids))
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(GenerationRequest(f"k-{what}-{batch}-{i}", tuple(p.prompt_ids), params))
+    if what == "decode":
+        while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()
+        for _ in range(3):
+            engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5 if what == "decode" else 1):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_unfinished():
+        engine.step()
+    averages = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            return averages.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+        except Exception:  # the older or newer name
+            continue
+    return averages.table(row_limit=rows)
 
 
 def forward_gpu_ms(runner, batch: int) -> float | None:
@@ -82,30 +127,54 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--async-scheduling", choices=("on", "off"), default="off",
-                        help="launch step N+1 before step N's tokens reach the host (compare both on one GPU)")  # fmt: skip
+    parser.add_argument("--async-scheduling", choices=("on", "off", "both"), default="both",
+                        help="launch step N+1 before step N's tokens reach the host; both: each batch size twice, off then on")  # fmt: skip
+    parser.add_argument("--cprofile", action="store_true",
+                        help="cProfile the decode steps of the first and the last run (slows Python-heavy steps 2-3x)")  # fmt: skip
+    parser.add_argument("--kernel-profile", action="store_true",
+                        help="also print torch.profiler's top kernels: batch-1 decode (graph and eager) and a prefill step")  # fmt: skip
     args = parser.parse_args()
     host = PluginHost()
     host.select_backend()
     config = LaunchConfig(model_id=args.model, dtype="bfloat16", max_total_tokens=2048, max_input_tokens=1024,
                           max_batch_prefill_tokens=8192, max_batch_size=256,
-                          async_scheduling=args.async_scheduling == "on")  # fmt: skip
+                          async_scheduling=args.async_scheduling != "off")  # fmt: skip
     engine, tokenizer, _ = build_llm_engine(config, host)
     runner = engine.executor
-    print(f"async scheduling: {'on' if engine.async_scheduling else 'off'}")
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.async_scheduling]
+    if True in modes and not engine.async_scheduling:
+        print("async scheduling: the executor cannot; measuring it off only")
+        modes = [False]
     results = []
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     for i, batch in enumerate(sizes):
-        r = run_batch(engine, tokenizer, batch, args.input_len, args.output_len, profile=(i == 0 or i == len(sizes) - 1))
-        r["forward_gpu_ms"] = forward_gpu_ms(runner, batch)
-        results.append(r)
+        for mode in modes:
+            engine.async_scheduling = mode  # a between-requests switch: nothing is in flight here
+            last = i == len(sizes) - 1 and mode == modes[-1]
+            r = run_batch(engine, tokenizer, batch, args.input_len, args.output_len, profile=args.cprofile and ((i == 0 and mode == modes[0]) or last))
+            r["forward_gpu_ms"] = forward_gpu_ms(runner, batch)
+            results.append(r)
+    print(f"{'batch':>5} {'async':>5} {'step ms':>8} {'GPU fwd ms':>10} {'host ms':>8} {'prefill s':>9} {'total s':>8} {'out tok/s':>9}")
     for r in results:
         gpu = r["forward_gpu_ms"]
-        print(f"batch {r['batch']:>4}: decode step {r['step_ms']:.2f} ms wall; forward on GPU "
-              f"{gpu if gpu is None else round(gpu, 2)} ms; host around it {r['step_ms'] - (gpu or 0):.2f} ms")  # fmt: skip
+        print(f"{r['batch']:>5} {'on' if r['async_scheduling'] else 'off':>5} {r['step_ms']:>8.2f} "
+              f"{'-' if gpu is None else f'{gpu:.2f}':>10} {r['step_ms'] - (gpu or 0):>8.2f} "
+              f"{r['prefill_s']:>9.2f} {r['total_s']:>8.2f} {r['output_tok_per_s']:>9.1f}")  # fmt: skip
     for r in results:
         if "profile" in r:
-            print(f"\n--- cProfile, batch {r['batch']} decode steps (tottime) ---\n{r.pop('profile')}")
+            print(f"\n--- cProfile, batch {r['batch']} async {r['async_scheduling']} decode steps (tottime) ---\n{r.pop('profile')}")
+    if args.kernel_profile:
+        engine.async_scheduling = False
+        print("\n--- kernels: batch-1 decode, 5 steps (CUDA graph replay) ---")
+        print(kernel_table(engine, tokenizer, "decode", 1, args.input_len))
+        graphs, runner.graph_runner = runner.graph_runner, None
+        print("\n--- kernels: batch-1 decode, 5 steps (eager) ---")
+        print(kernel_table(engine, tokenizer, "decode", 1, args.input_len))
+        runner.graph_runner = graphs
+        print("\n--- kernels: batch-256 decode, 5 steps (CUDA graph replay) ---")
+        print(kernel_table(engine, tokenizer, "decode", 256, args.input_len))
+        print(f"\n--- kernels: one prefill step of 16 x {args.input_len} tokens ---")
+        print(kernel_table(engine, tokenizer, "prefill", 16, args.input_len))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
