@@ -63,6 +63,25 @@ class InstantExecutor(ModelExecutor):
         sampled = [SampledToken(next(tokens), -1.0, []) if row is not None else None for row in batch.sample_rows]
         return ExecutorOutput(sampled=sampled, prompt_logprobs=[None] * len(step.entries))
 
+    # async scheduling: the engine's other path (launch now, read the tokens a step later)
+    supports_async_scheduling = True
+
+    def launch(self, step: ScheduledStep, feed=(), previous=None) -> "_Done":
+        output = self.execute(step)
+        return _Done(output, [i for i, s in enumerate(output.sampled) if s is not None])
+
+
+class _Done:
+    """A launched step whose results are there at once (what ``PendingStep`` gives the engine)."""
+
+    def __init__(self, output: ExecutorOutput, sampled_pos: list[int]) -> None:
+        self._output = output
+        self.sample_row = {i: j for j, i in enumerate(sampled_pos)}
+        self.token_ids = None
+
+    def result(self) -> ExecutorOutput:
+        return self._output
+
 
 def make_limits(batch: int, input_len: int, steps: int, block_size: int) -> EngineLimits:
     total = input_len + steps + PREFILL_SLACK
@@ -81,13 +100,14 @@ def make_limits(batch: int, input_len: int, steps: int, block_size: int) -> Engi
     )
 
 
-def run(tokenizer, batch: int, input_len: int, steps: int, block_size: int, seed: int) -> dict:
+def run(tokenizer, batch: int, input_len: int, steps: int, block_size: int, seed: int, async_scheduling: bool = False) -> dict:
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(len(tokenizer)) if i not in special]
     executor = InstantExecutor(block_size, vocab, seed)
-    engine = LLMEngine(executor, tokenizer, make_limits(batch, input_len, steps, block_size), eos_token_ids={tokenizer.eos_token_id})
+    engine = LLMEngine(executor, tokenizer, make_limits(batch, input_len, steps, block_size), eos_token_ids={tokenizer.eos_token_id},
+                       async_scheduling=async_scheduling)  # fmt: skip
     rng = random.Random(seed)
-    params = SamplingParams(max_new_tokens=steps + PREFILL_SLACK, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=steps + PREFILL_SLACK, ignore_eos=True, logprobs=True)  # as `lmport bench` asks
     for i in range(batch):
         prompt = tuple(rng.choice(vocab) for _ in range(input_len))
         engine.add_request(GenerationRequest(f"r{i}", prompt, params))
@@ -101,6 +121,8 @@ def run(tokenizer, batch: int, input_len: int, steps: int, block_size: int, seed
         times.append(time.perf_counter() - start)
         cpu_times.append(time.thread_time() - cpu_start)
         assert len(outputs) == batch and not any(o.finished for o in outputs), outputs[:1]
+    while engine.has_unfinished():  # (untimed) to the end, so nothing of this run is left over
+        engine.step()
     return {
         "batch": batch,
         "input_len": input_len,
@@ -122,14 +144,34 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="runs per batch size; the fastest is reported")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--async-scheduling", action="store_true", help="step through the engine's async path")
+    parser.add_argument("--wordlevel-vocab", type=int, default=0,
+                        help="use the benchmarks' WordLevel tokenizer of this many ids (128256: the GPU runs' Llama-3 shape) "
+                             "instead of the tiny trained BPE")  # fmt: skip
+    parser.add_argument("--cprofile", action="store_true", help="print cProfile's top functions over the last batch size")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    tokenizer = train_tiny_tokenizer(vocab_size=100_000)  # grows as far as its corpus allows
+    if args.wordlevel_vocab:
+        import tempfile
+
+        from lmport.bench.checkpoint import save_wordlevel_tokenizer
+
+        tokenizer = save_wordlevel_tokenizer(tempfile.mkdtemp(), args.wordlevel_vocab, bos_id=1, eos_id=2)
+    else:
+        tokenizer = train_tiny_tokenizer(vocab_size=100_000)  # grows as far as its corpus allows
     results = []
     for b in args.batch_sizes.split(","):
         # best of a few runs: other processes on a shared machine only ever add time
-        runs = [run(tokenizer, int(b), args.input_len, args.steps, args.block_size, args.seed) for _ in range(args.repeats)]
+        runs = [run(tokenizer, int(b), args.input_len, args.steps, args.block_size, args.seed, args.async_scheduling)
+                for _ in range(args.repeats)]  # fmt: skip
         results.append(min(runs, key=lambda r: r["cpu_ms_median"]))
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(run, tokenizer, int(b), args.input_len, args.steps, args.block_size, args.seed, args.async_scheduling)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     print(f"host time per decode step (CPU: {platform.processor() or platform.machine()}, vocab {len(tokenizer)}, "
           f"input {args.input_len}, block {args.block_size}, {args.steps} steps)")
     print(f"{'batch':>6} {'CPU ms':>8} {'wall ms':>8} {'wall mean':>10} {'batch build ms':>15} {'CPU us/seq':>11}")

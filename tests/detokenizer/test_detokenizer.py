@@ -187,3 +187,55 @@ def test_about_one_decode_per_token(byte_level_tokenizer):
     n = len(ids) - 5
     assert n > 60 and len(calls) <= 1.2 * n
     assert max(calls) <= 2 * 16 + 5  # windows stay short
+
+
+@pytest.mark.parametrize("name", ["byte_level_tokenizer", "sentencepiece_tokenizer"])
+def test_push_batch_streams_what_push_streams(name, request):
+    """A step's tokens for many sequences decoded in one batch give each sequence the pieces
+    it gets token by token (the engine's path under load), with mixed skip flags and lengths."""
+    from lmport.engine.detokenizer import push_batch
+
+    tok = request.getfixturevalue(name)
+    rng = random.Random(2)
+    cases = []
+    for _ in range(40):
+        prompt = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 8))]
+        output = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))]
+        cases.append((prompt, output, rng.random() < 0.5))
+    expected = [stream(tok, p, o, skip)[:-1] for p, o, skip in cases]
+    detoks = [IncrementalDetokenizer(tok, p, skip_special_tokens=skip) for p, _, skip in cases]
+    got: list[list[str]] = [[] for _ in cases]
+    for step in range(max(len(o) for _, o, _ in cases)):
+        live = [i for i, (_, o, _) in enumerate(cases) if step < len(o)]
+        pieces = push_batch([detoks[i] for i in live], [cases[i][1][step] for i in live])
+        for i, piece in zip(live, pieces):
+            got[i].append(piece)
+    assert got == expected
+
+
+def test_push_batch_fails_only_the_sequence_whose_decode_fails(byte_level_tokenizer, monkeypatch):
+    """A window the tokenizer cannot decode fails the batch decode; it is then decoded one by
+    one, and only that sequence gets an exception."""
+    from lmport.engine import detokenizer as D
+
+    tok = byte_level_tokenizer
+    real = D._rust_tokenizer(tok)
+    poison = 10**6
+
+    class Picky:  # the real Rust tokenizer, except that it refuses one id
+        def decode(self, ids, skip_special_tokens=True):
+            if poison in ids:
+                raise ValueError("cannot decode")
+            return real.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        def decode_batch(self, windows, skip_special_tokens=True):
+            return [self.decode(w, skip_special_tokens) for w in windows]
+
+    picky = Picky()
+    monkeypatch.setattr(D, "_rust_tokenizer", lambda t: picky)
+    good = D.IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+    bad = D.IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+    good._decode = bad._decode = picky.decode
+    word = tok.encode("hello", add_special_tokens=False)[0]
+    pieces = D.push_batch([good, bad], [word, poison])
+    assert pieces[0] == tok.decode([word]) and isinstance(pieces[1], ValueError)

@@ -35,7 +35,21 @@ def _owner(cls: type, name: str) -> type | None:
     return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
 
 
+_backend_cache: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
 def _rust_tokenizer(tokenizer: Any) -> Any:
+    """:func:`_find_rust_tokenizer`, remembered per tokenizer (it walks the class's MRO)."""
+    try:
+        return _backend_cache[tokenizer]
+    except KeyError:
+        backend = _backend_cache[tokenizer] = _find_rust_tokenizer(tokenizer)
+        return backend
+    except TypeError:  # not weakly referenceable: no cache
+        return _find_rust_tokenizer(tokenizer)
+
+
+def _find_rust_tokenizer(tokenizer: Any) -> Any:
     """The ``tokenizers.Tokenizer`` whose ``decode`` gives exactly ``tokenizer.decode``'s text, or None.
 
     That holds for a Hugging Face fast tokenizer whose class keeps the library's ``decode`` and
@@ -118,6 +132,17 @@ class IncrementalDetokenizer:
         """Add one generated token; return the new complete text it makes available."""
         self._ids.append(int(token_id))
         prefix_text, full_text = self._pending_text()
+        return self._accept(prefix_text, full_text)
+
+    def _windows(self) -> list[list[int]]:
+        """The id windows :meth:`_pending_text` would decode now (the prefix only when not cached)."""
+        full = self._ids[self._prefix_offset :]
+        if self._prefix_text is None:
+            return [self._ids[self._prefix_offset : self._read_offset], full]
+        return [full]
+
+    def _accept(self, prefix_text: str, full_text: str) -> str:
+        self._prefix_text = prefix_text
         if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT):
             return ""  # no text yet, or a character still waits for its next bytes
         return self._emit(prefix_text, full_text)
@@ -144,6 +169,53 @@ class IncrementalDetokenizer:
             self._read_offset = len(self._ids)
             self._prefix_text = full_text
         return new_text
+
+
+def push_batch(detokenizers: list["IncrementalDetokenizer"], token_ids: list[int]) -> list[str | Exception]:
+    """:meth:`IncrementalDetokenizer.push` for many sequences at once.
+
+    With a Rust tokenizer every window of the step is decoded in one ``decode_batch`` call
+    (Rust, in parallel, without the GIL) instead of one Python->Rust call per sequence: under
+    load this runs for every running sequence on every step. A sequence whose decode fails
+    gets its exception in its slot, so only that sequence fails.
+    """
+    results: list[str | Exception] = [""] * len(detokenizers)
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, (detokenizer, token_id) in enumerate(zip(detokenizers, token_ids)):
+        backend = _rust_tokenizer(detokenizer.tokenizer)
+        if backend is None:
+            results[i] = _push_one(detokenizer, token_id)
+            continue
+        detokenizer._ids.append(int(token_id))
+        groups.setdefault((id(backend), detokenizer.skip_special_tokens), []).append(i)
+    for (_, skip), members in groups.items():
+        windows, spans = [], []
+        for i in members:
+            w = detokenizers[i]._windows()
+            spans.append((len(windows), len(w)))
+            windows.extend(w)
+        try:
+            texts = _rust_tokenizer(detokenizers[members[0]].tokenizer).decode_batch(windows, skip_special_tokens=skip)
+        except Exception:  # one bad window: decode them one by one, so only its sequence fails
+            for i in members:
+                detokenizer = detokenizers[i]
+                try:
+                    results[i] = detokenizer._accept(*detokenizer._pending_text())
+                except Exception as exc:
+                    results[i] = exc
+            continue
+        for i, (start, count) in zip(members, spans):
+            detokenizer = detokenizers[i]
+            prefix = detokenizer._prefix_text if count == 1 else texts[start]
+            results[i] = detokenizer._accept(prefix, texts[start + count - 1])
+    return results
+
+
+def _push_one(detokenizer: IncrementalDetokenizer, token_id: int) -> str | Exception:
+    try:
+        return detokenizer.push(token_id)
+    except Exception as exc:
+        return exc
 
 
 _token_text_cache: "weakref.WeakKeyDictionary[Any, dict[int, str]]" = weakref.WeakKeyDictionary()

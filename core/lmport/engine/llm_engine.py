@@ -155,6 +155,7 @@ class LLMEngine:
             return self._fail([e.seq for e in step.entries], f"{type(exc).__name__}: {exc}")
         now = self.clock()
         outputs: list[RequestOutput] = []
+        texts = self._detokenize(step.entries, result.sampled)
         for entry, sampled, prompt in zip(step.entries, result.sampled, result.prompt_logprobs):
             seq = entry.seq
             seq.num_computed_tokens = entry.start + entry.num_new_tokens
@@ -163,7 +164,7 @@ class LLMEngine:
             self.block_manager.commit_computed(seq)
             if sampled is not None:
                 seq.append_token(sampled.token_id)
-            self._emit(seq, sampled, prompt, now, outputs)
+            self._emit(seq, sampled, prompt, now, outputs, texts)
         return outputs
 
     # ------------------------------------------------------------------ async scheduling
@@ -239,6 +240,7 @@ class LLMEngine:
             return self._fail([e.seq for e in step.entries], f"{type(exc).__name__}: {exc}")
         now = self.clock()
         outputs: list[RequestOutput] = []
+        texts = self._detokenize(step.entries, result.sampled)
         for entry, position, sampled, prompt in zip(step.entries, flight.positions, result.sampled, result.prompt_logprobs):
             seq = entry.seq
             if seq.is_finished:
@@ -246,13 +248,20 @@ class LLMEngine:
             if sampled is not None:
                 seq.fill_placeholder(position, sampled.token_id)
                 self.block_manager.commit_computed(seq)  # a block that ended on that token is known now
-            self._emit(seq, sampled, prompt, now, outputs)
+            self._emit(seq, sampled, prompt, now, outputs, texts)
         return outputs
 
-    def _emit(self, seq: Sequence, sampled, prompt, now: float, outputs: list[RequestOutput]) -> None:
+    def _detokenize(self, entries, sampled: list) -> dict[int, str | Exception]:
+        """The new text of every live sequence that sampled a token this step, in one batched decode."""
+        pairs = [(e.seq, s.token_id) for e, s in zip(entries, sampled) if s is not None and not e.seq.is_finished]
+        if not pairs:
+            return {}
+        return self.outputs.detokenize([seq for seq, _ in pairs], [token for _, token in pairs])
+
+    def _emit(self, seq: Sequence, sampled, prompt, now: float, outputs: list[RequestOutput], texts=None) -> None:
         """Turn one sequence's step result into its output (appended to ``outputs``); release it when finished."""
         try:
-            out = self.outputs.process(seq, sampled, prompt, now)
+            out = self.outputs.process(seq, sampled, prompt, now, texts)
         except Exception as exc:  # e.g. a detokenizer error: only this sequence fails
             log.exception("output processing failed for request %s", seq.request_id)
             outputs.extend(self._fail([seq], f"{type(exc).__name__}: {exc}"))

@@ -13,7 +13,7 @@ from typing import Any
 
 from lmport.engine.api import FinishReason, RequestOutput, TokenInfo
 from lmport.engine.batch import PromptLogprobs, SampledToken
-from lmport.engine.detokenizer import IncrementalDetokenizer, token_text
+from lmport.engine.detokenizer import IncrementalDetokenizer, push_batch, token_text
 from lmport.engine.sequence import Sequence
 from lmport.engine.stopping import StopCriteria
 
@@ -48,12 +48,27 @@ class OutputProcessor:
 
     # ------------------------------------------------------------------ per step
 
+    def detokenize(self, seqs: list[Sequence], token_ids: list[int]) -> dict[int, str | Exception]:
+        """Each sequence's new text for its new token, decoded for the whole step at once.
+
+        Pass the result to :meth:`process` (``texts``); a failed decode is an exception in its
+        sequence's slot, raised there, so it fails that sequence only.
+        """
+        detokenizers = [self._states[seq.seq_id].detokenizer for seq in seqs]
+        return {seq.seq_id: text for seq, text in zip(seqs, push_batch(detokenizers, token_ids))}
+
     def process(
-        self, seq: Sequence, sampled: SampledToken | None, prompt: PromptLogprobs | None, now: float
+        self,
+        seq: Sequence,
+        sampled: SampledToken | None,
+        prompt: PromptLogprobs | None,
+        now: float,
+        texts: dict[int, str | Exception] | None = None,
     ) -> RequestOutput | None:
         """Record this step's results for ``seq``; an output if it produced a token.
 
-        Sets ``seq.finish_reason`` when a stop condition is met (the caller frees it).
+        ``texts``: what :meth:`detokenize` returned for this step (else the token is decoded
+        here). Sets ``seq.finish_reason`` when a stop condition is met (the caller frees it).
         """
         state = self._states[seq.seq_id]
         if prompt is not None:
@@ -66,7 +81,11 @@ class OutputProcessor:
         token_id = sampled.token_id
         state.cumulative_logprob += sampled.logprob
         detokenizer, stop = state.detokenizer, state.stop
-        text = detokenizer.push(token_id)
+        text = texts.get(seq.seq_id) if texts is not None else None
+        if text is None:
+            text = detokenizer.push(token_id)
+        elif isinstance(text, Exception):
+            raise text
         # the whole text only where stop strings are searched in it (joining it costs per token)
         reason = stop.check(token_id, seq.num_known_output_tokens, detokenizer.text if stop.stop_strings else "")
         if reason is not None:
