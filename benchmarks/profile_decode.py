@@ -75,7 +75,8 @@ def kernel_table(engine, tokenizer, what: str, batch: int, input_len: int, rows:
     from torch.profiler import ProfilerActivity, profile
 
     prompts = random_prompts(batch, input_len, 1, len(tokenizer), seed=7 + batch + len(what), exclude=set(tokenizer.all_special_ids))
-    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    # long enough that the first prompts still decode when the last ones are prefilled
+    params = SamplingParams(max_new_tokens=64, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(GenerationRequest(f"k-{what}-{batch}-{i}", tuple(p.prompt_ids), params))
     if what == "decode":
@@ -88,8 +89,7 @@ def kernel_table(engine, tokenizer, what: str, batch: int, input_len: int, rows:
         for _ in range(5 if what == "decode" else 1):
             engine.step()
         torch.cuda.synchronize()
-    while engine.has_unfinished():
-        engine.step()
+    engine.abort_all()
     averages = prof.key_averages()
     for key in ("self_device_time_total", "self_cuda_time_total"):
         try:
