@@ -348,16 +348,6 @@ def validate_request(request: GenerationRequest, lim: EngineLimits, vocab_size: 
         raise RequestValidationError("`n` must be at least 1")
 
 
-def _reads_own_tokens(params) -> bool:
-    """Whether sampling this request reads its generated tokens on the host (they must be known)."""
-    return (
-        (params.repetition_penalty is not None and params.repetition_penalty != 1.0)
-        or bool(params.frequency_penalty)
-        or bool(params.presence_penalty)
-        or bool(params.watermark)
-    )
-
-
 class _InFlight:
     """A step launched but not yet processed (async scheduling)."""
 
@@ -378,6 +368,6 @@ class _InFlight:
     def needs_tokens(self) -> bool:
         """Whether a live sequence of this step samples from its own past tokens next."""
         return any(
-            position is not None and not entry.seq.is_finished and _reads_own_tokens(entry.seq.params)
+            position is not None and entry.seq.reads_own_tokens and not entry.seq.is_finished
             for entry, position in zip(self.step.entries, self.positions)
         )

@@ -63,6 +63,15 @@ class Sequence:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
         self.wants_prompt_logprobs = self.params.prompt_logprobs
+        # whether sampling reads this sequence's own past tokens on the host (penalties, the
+        # watermark): async scheduling must know them before the next step; asked every step
+        params = self.params
+        self.reads_own_tokens = (
+            (params.repetition_penalty is not None and params.repetition_penalty != 1.0)
+            or bool(params.frequency_penalty)
+            or bool(params.presence_penalty)
+            or bool(params.watermark)
+        )
 
     @property
     def num_prompt_tokens(self) -> int:
