@@ -47,6 +47,10 @@ class LaunchConfig:
     # overlaps the device's. None: on for accelerators, off on CPU (where the "device" is the
     # host itself and nothing would overlap)
     async_scheduling: bool | None = None
+    # run the engine loop in a child process, so the HTTP event loop and the step loop do not
+    # share one GIL. None: on when the selected backend's device is not the CPU, off on CPU
+    # (where the child would compete with the server for the same cores)
+    engine_process: bool | None = None
     # server
     hostname: str = "0.0.0.0"
     port: int = 3000

@@ -98,6 +98,9 @@ FLAGS: tuple[Flag, ...] = (
          help='decode batch sizes to capture as graphs, e.g. "1,2,4,8"; "0" disables (default: the backend\'s)'),
     Flag(("--async-scheduling",), ("LMPORT_ASYNC_SCHEDULING",), "async_scheduling", parse_bool,
          help="true/false: launch step N+1 before step N's tokens reach the host (default: on for accelerators, off on CPU)"),
+    Flag(("--engine-process",), ("LMPORT_ENGINE_PROCESS",), "engine_process", parse_bool,
+         help="true/false: run the engine loop in its own process, apart from the HTTP server's GIL "
+         "(default: on for accelerators, off on CPU)"),
     Flag(("--block-size",), ("LMPORT_BLOCK_SIZE",), "block_size", int, help="KV cache block size (default: the attention backend's)"),
     Flag(("--api-key",), ("API_KEY",), "api_key", help="require `Authorization: Bearer <key>` on generation routes"),
     Flag(("--payload-limit",), ("PAYLOAD_LIMIT",), "payload_limit", int, 2_000_000, "largest request body in bytes (413 above)"),

@@ -35,8 +35,23 @@ _FP8_KV = {"fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 
 
-def build_engine(config: LaunchConfig, host: Any, source: ModelSource | None = None) -> tuple[AsyncEngine, Any, ModelInfo]:
-    """The async engine (not started: ``start()``, or the first ``generate``, starts it), tokenizer and model info."""
+def build_engine(config: LaunchConfig, host: Any, source: ModelSource | None = None) -> tuple[Any, Any, ModelInfo]:
+    """The serving engine (not started: ``start()``, or the first ``generate``, starts it), tokenizer and model info.
+
+    With ``config.engine_process`` (None: on when the selected backend's device is not the
+    CPU) it is an :class:`~lmport.engine.engine_process.EngineProcessClient`, whose child
+    process has built the engine by the time this returns; otherwise an :class:`AsyncEngine`
+    stepping in a thread of this process. Both serve the same ``generate``/``abort``/``stats``.
+    """
+    if host.selection is None:
+        host.select_backend(config.backend)
+    use_process = config.engine_process
+    if use_process is None:
+        use_process = host.backend.device_type != "cpu"
+    if use_process:
+        from lmport.engine.engine_process import EngineProcessClient
+
+        return EngineProcessClient.launch(config, host, source)
     engine, tokenizer, info = build_llm_engine(config, host, source)
     return AsyncEngine(engine), tokenizer, info
 

@@ -15,7 +15,11 @@ from lmport.server.validation import Limits
 
 
 def engine_dtype(engine: Any, config: LaunchConfig) -> str:
-    """The dtype the model runs in, read off the loaded weights when reachable."""
+    """The dtype the model runs in: as the engine reports it (a process engine learns it from its
+    child), else read off the loaded weights when reachable."""
+    reported = getattr(engine, "model_dtype", None)
+    if isinstance(reported, str):
+        return reported
     model = getattr(getattr(getattr(engine, "engine", None), "executor", None), "model", None)
     try:
         return str(next(model.parameters()).dtype).removeprefix("torch.")
