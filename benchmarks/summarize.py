@@ -37,6 +37,39 @@ def decode_bytes_per_step(shape: str) -> float | None:
     return 2.0 * params
 
 
+def workload_ceiling(shape: str, spec: dict, bw: float | None, gemm: float | None) -> float | None:
+    """Output tok/s no implementation can beat on this GPU for the load test's workload.
+
+    All prompts prefill (2 x parameters FLOPs per token, plus causal attention FLOPs) at the
+    measured GEMM rate; then ``output_len - 1`` decode steps over all requests at once, each
+    bounded by the larger of its GEMM FLOPs at the GEMM rate and its weight bytes at the copy
+    bandwidth, plus reading every sequence's whole KV cache (K and V of every layer, bf16) at
+    the copy bandwidth. Assumes all requests run together (concurrency >= prompts).
+    """
+    try:
+        from lmport.bench.checkpoint import SHAPES, llama_config, parameter_count
+    except ImportError:
+        return None
+    if not bw or not gemm or not spec:
+        return None
+    f = SHAPES[shape]
+    n, inp, out = spec["num_prompts"], spec["input_len"], spec["output_len"]
+    if spec.get("max_concurrency") and spec["max_concurrency"] < n:
+        return None
+    layers, heads = f["num_hidden_layers"], f["num_attention_heads"]
+    head_dim = f.get("head_dim") or f["hidden_size"] // heads
+    params = parameter_count(llama_config(shape)) - f["vocab_size"] * f["hidden_size"]  # the input embedding is a gather
+    if f.get("tie_word_embeddings"):
+        params += f["vocab_size"] * f["hidden_size"]  # ... but tied, it is also the output projection
+    attention_flops = 2 * 2 * layers * heads * head_dim * inp * inp / 2  # QK^T and PV, causal
+    seconds = n * (2 * params * inp + attention_flops) / gemm
+    kv_bytes_per_token = 2 * layers * f["num_key_value_heads"] * head_dim * 2
+    for step in range(1, out):
+        context = inp + step
+        seconds += max(2 * params * n / gemm, 2 * params / bw) + n * context * kv_bytes_per_token / bw
+    return n * out / seconds
+
+
 def run_metrics(doc: dict | None) -> dict | None:
     if not doc or not doc.get("runs"):
         return None
@@ -113,12 +146,17 @@ def main() -> int:
             label = f"{spec['num_prompts']}x{spec['input_len']}in/{spec['output_len']}out c={spec['max_concurrency']} out tok/s"
             table.append(f"{'':<12} {label:<38} {fmt(load_tps):>9} "
                          f"{'generate_batch ' + fmt(hf_batch):>26} {ratio(load_tps, hf_batch):>7}")  # fmt: skip
+            ceiling_tps = workload_ceiling(model, spec, bw, roof.get("bf16_gemm_flops"))
+            table.append(f"{'':<12} {'  vs the workload ceiling':<38} {fmt(load_tps):>9} "
+                         f"{'ceiling ' + fmt(ceiling_tps, '.0f'):>26} {ratio(load_tps, ceiling_tps):>7}")  # fmt: skip
             table.append(f"{'':<12} {'  requests ok, TTFT p50/p99 ms':<38} {ok:>9} "
                          f"{fmt(loadm['ttft_ms']['median'], '.0f') + ' / ' + fmt(loadm['ttft_ms']['percentiles'].get('p99'), '.0f'):>26}")  # fmt: skip
             table.append(f"{'':<12} {'  ITL p50/p99 ms, TPOT mean ms':<38} {fmt(loadm['tpot_ms']['mean'], '.1f'):>9} "
                          f"{fmt(loadm['itl_ms']['median'], '.1f') + ' / ' + fmt(loadm['itl_ms']['percentiles'].get('p99'), '.1f'):>26}")  # fmt: skip
     lines += table
     lines.append("roofline = copy bandwidth / weight bytes one decode step reads (bf16, input embedding excluded unless tied)")
+    lines.append("workload ceiling = prefill FLOPs at the GEMM rate + per decode step max(GEMM FLOPs at the GEMM rate, "
+                 "weight bytes at copy bandwidth) + the KV cache read at copy bandwidth")
     text = "\n".join(lines)
     print(text)
     (out / "summary.txt").write_text(text + "\n")
