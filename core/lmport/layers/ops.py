@@ -48,6 +48,8 @@ FusedAddRmsNormOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], 
 # (query, key, cos, sin, head_dim) -> (query, key): see lmport.layers.rotary.apply_rotary
 RotaryOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 SiluAndMulOp = Callable[[torch.Tensor], torch.Tensor]
+# (x, weight, bias) -> x @ weight.T + bias: nn.Linear's layout
+LinearOp = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,16 @@ class LayerOps:
       with per-token float32 ``cos``/``sin`` of ``[tokens, rotary_dim]``; channels past
       ``rotary_dim`` pass through (see :func:`lmport.layers.rotary.apply_rotary`).
     - ``silu_and_mul(gate_up)``: ``[tokens, 2 * inter]`` -> ``silu(gate) * up``, ``[tokens, inter]``.
+    - ``linear(x, weight, bias)``: ``F.linear`` (``weight [out, in]``, ``bias`` may be ``None``); the
+      Llama family's projections and head run through it, so a backend can swap in a skinny
+      GEMM for decode's few rows. The reference *is* ``F.linear``: tokens stay bit-identical.
     """
 
     rms_norm: RmsNormOp = reference_rms_norm
     fused_add_rms_norm: FusedAddRmsNormOp = reference_fused_add_rms_norm
     rotary: RotaryOp = apply_rotary
     silu_and_mul: SiluAndMulOp = reference_silu_and_mul
+    linear: LinearOp = F.linear
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

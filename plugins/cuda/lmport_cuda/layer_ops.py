@@ -1,4 +1,5 @@
-"""The CUDA backend's answer to ``lmport_layer_ops``: Triton RMSNorm(+residual), RoPE and SiLU·mul.
+"""The CUDA backend's answer to ``lmport_layer_ops``: Triton RMSNorm(+residual), RoPE, SiLU·mul,
+and a skinny-GEMM ``linear`` for decode's few rows.
 
 Each op falls back to the core's reference for what its kernel does not take (a CPU tensor,
 a row too wide for one program, an odd rotary width), so binding these ops never narrows
@@ -13,10 +14,44 @@ import os
 from typing import Any, Callable
 
 import torch
+from torch.nn import functional as F
 
 from lmport.layers.ops import REFERENCE_OPS
 
 log = logging.getLogger(__name__)
+
+GEMV_MAX_ROWS_ENV = "LMPORT_CUDA_GEMV_MAX_ROWS"
+DEFAULT_GEMV_MAX_ROWS = 8
+
+
+def gemv_max_rows(environ: dict[str, str] | None = None) -> int:
+    """``LMPORT_CUDA_GEMV_MAX_ROWS`` (default 8; 0 turns the GEMV off), capped at the kernel's 16 rows."""
+    from lmport_cuda.kernels.gemv import MAX_ROWS
+
+    raw = (os.environ if environ is None else environ).get(GEMV_MAX_ROWS_ENV, "")
+    try:
+        rows = int(raw) if raw.strip() else DEFAULT_GEMV_MAX_ROWS
+    except ValueError:
+        log.warning("%s=%r is not an integer: using %d", GEMV_MAX_ROWS_ENV, raw, DEFAULT_GEMV_MAX_ROWS)
+        rows = DEFAULT_GEMV_MAX_ROWS
+    return max(0, min(rows, MAX_ROWS))
+
+
+def gemv_linear_op(
+    max_rows: int, runs_on: Callable[[torch.Tensor], bool] = lambda x: x.is_cuda
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """``linear`` that takes the Triton GEMV for 2-D inputs of at most ``max_rows`` rows (decode)
+    and ``F.linear`` (cuBLAS) for everything else; ``max_rows`` is fixed at bind time, so one
+    check of shapes decides and a captured graph replays the same kernel. ``runs_on`` lets the
+    CPU tests take the GEMV branch in Triton's interpreter."""
+    from lmport_cuda.kernels import gemv
+
+    def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() == 2 and 0 < x.shape[0] <= max_rows and runs_on(x) and gemv.supports(x, weight, bias):
+            return gemv.gemv(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    return linear_op
 
 
 def _triton_runs_on(x: torch.Tensor) -> bool:
@@ -56,9 +91,14 @@ def fused_layer_ops() -> dict[str, Callable[..., Any]] | None:
             return REFERENCE_OPS.silu_and_mul(gate_up)
         return activation.silu_and_mul(gate_up)
 
-    return {
+    table = {
         "rms_norm": rms_norm_op,
         "fused_add_rms_norm": fused_add_rms_norm_op,
         "rotary": rotary_op,
         "silu_and_mul": silu_and_mul_op,
     }
+    max_rows = gemv_max_rows()
+    # the GEMV runs on CUDA tensors only (in the interpreter it would crawl through whole models)
+    table["linear"] = gemv_linear_op(max_rows) if max_rows else REFERENCE_OPS.linear
+    log.info("linear: Triton GEMV up to %d rows, cuBLAS above (%s)", max_rows, GEMV_MAX_ROWS_ENV)
+    return table
