@@ -115,15 +115,25 @@ async def stream_outputs(
     outputs = engine.generate(request)
     remaining = valid.params.n
     try:
-        async for output in _engine_errors_mapped(outputs):
-            if output.error:
-                raise GenerationFailed(output.error)
-            timings.observe(output)
-            if output.finished:
-                remaining -= 1
-            yield output
-            if remaining <= 0:
-                return
+        # One generator between the engine and the route (this runs once per streamed token),
+        # so the engine's own refusals are mapped here rather than in a wrapper of its own.
+        try:
+            async for output in outputs:
+                if output.error:
+                    raise GenerationFailed(output.error)
+                if timings.scheduled is None or output.finished:
+                    timings.observe(output)
+                if output.finished:
+                    remaining -= 1
+                yield output
+                if remaining <= 0:
+                    return
+        except RequestValidationError as exc:  # TGI's answers: 422 validation, 429 overload, 424 dead engine
+            raise ValidationFailed(str(exc)) from exc
+        except EngineOverloadedError as exc:
+            raise Overloaded(str(exc)) from exc
+        except EngineDeadError as exc:
+            raise GenerationFailed(str(exc)) from exc
         raise IncompleteGeneration()
     finally:
         # Shielded: under anyio (Starlette) a cancelled scope re-cancels every await in it.
@@ -132,19 +142,6 @@ async def stream_outputs(
                 await abort(engine, request_id)
             with contextlib.suppress(Exception):
                 await outputs.aclose()
-
-
-async def _engine_errors_mapped(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    """The engine's own refusals as TGI's answers: 422 validation, 429 overload, 424 dead engine."""
-    try:
-        async for output in outputs:
-            yield output
-    except RequestValidationError as exc:
-        raise ValidationFailed(str(exc)) from exc
-    except EngineOverloadedError as exc:
-        raise Overloaded(str(exc)) from exc
-    except EngineDeadError as exc:
-        raise GenerationFailed(str(exc)) from exc
 
 
 async def abort(engine: Any, request_id: str) -> None:

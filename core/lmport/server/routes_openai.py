@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, aclosing
 from typing import AsyncIterator, Sequence
 
 from fastapi import APIRouter, Depends, Request
@@ -25,10 +25,8 @@ from lmport.server.generation import GenerationResult, SequenceResult, Timings, 
 from lmport.server.routes_tgi import ERRORS, record_failure, record_success, release_on_error, simple_tokens, state_of
 from lmport.server.schemas_openai import (
     ChatChoice,
-    ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatDelta,
     ChatRequest,
     ChoiceLogprobs,
     AssistantMessage,
@@ -44,7 +42,7 @@ from lmport.server.schemas_openai import (
 )
 from lmport.server.schemas_tgi import ChatTokenizeResponse, GenerateParameters
 from lmport.server.state import Permit, ServerState
-from lmport.server.streaming import EventStreamResponse, finite_or_none, sse_data, token_texts
+from lmport.server.streaming import ChunkTemplate, EventStreamResponse, finite_or_none, sse_data, token_texts
 from lmport.server.validation import ValidRequest
 
 router = APIRouter(tags=["OpenAI compatible"])
@@ -175,27 +173,33 @@ async def chat_events(
     state: ServerState, valid: ValidRequest, timings: Timings, completion_id: str,
     include_usage: bool, logprobs: bool, top: int, permit: Permit,
 ) -> AsyncIterator[bytes]:
+    """``ChatCompletionChunk`` events, one per engine output (see :class:`ChunkTemplate`: this runs per token)."""
     created, model = now(), state.model.model_id
+    chunks = ChunkTemplate(completion_id, "chat.completion.chunk", created, model, state.system_fingerprint)
     started: set[int] = set()
     generated = 0
     stop_cutter = StopCutter(valid.params.stop)
     try:
         async for output in stream_outputs(state.engine, valid, timings):
-            generated += len(output.tokens)
+            tokens = output.tokens
+            generated += len(tokens)
             texts = token_texts(output)
-            content = stop_cutter.feed(output.index, "".join(t for t, tok in zip(texts, output.tokens) if not tok.special), output)
-            delta = ChatDelta(content=content)
-            if output.index not in started:
+            if len(tokens) == 1:
+                plain = "" if tokens[0].special else texts[0]
+            else:
+                plain = "".join(t for t, tok in zip(texts, tokens) if not tok.special)
+            content = stop_cutter.feed(output.index, plain, output)
+            if output.index in started:
+                delta = {"content": content}
+            else:
                 started.add(output.index)
-                delta.role = "assistant"
-            choice = ChatChunkChoice(
-                index=output.index,
-                delta=delta,
-                logprobs=chat_logprobs(output.tokens, texts, top) if logprobs and output.tokens else None,
-                finish_reason=FINISH.get(output.finish_reason, "stop") if output.finished else None,
-            )
-            chunk = ChatCompletionChunk(id=completion_id, created=created, model=model, system_fingerprint=state.system_fingerprint, choices=[choice])
-            yield sse_data(chunk)
+                delta = {"role": "assistant", "content": content}
+            yield chunks.event({
+                "index": output.index,
+                "delta": delta,
+                "logprobs": chat_logprobs(tokens, texts, top).model_dump() if logprobs and tokens else None,
+                "finish_reason": FINISH.get(output.finish_reason, "stop") if output.finished else None,
+            })
         record_success(state, timings, generated)
         if include_usage:
             chunk = ChatCompletionChunk(
@@ -378,49 +382,35 @@ async def completion_events(
     state: ServerState, requests: list[tuple[str, ValidRequest]], n: int, completion_id: str,
     include_usage: bool, body: CompletionRequest, permits: list[Permit],
 ) -> AsyncIterator[bytes]:
+    """``Completion`` chunks, one per engine output of any prompt (see :class:`ChunkTemplate`: this runs per token)."""
     created, model = now(), state.model.model_id
-    queue: asyncio.Queue[tuple[int, RequestOutput | ApiError | None]] = asyncio.Queue()
+    chunks = ChunkTemplate(completion_id, "text_completion", created, model, state.system_fingerprint)
     generated = [0] * len(requests)
-
-    async def pump(prompt_index: int, valid: ValidRequest) -> None:
-        timings = Timings(start=time.monotonic())
-        try:
-            async for output in stream_outputs(state.engine, valid, timings):
-                await queue.put((prompt_index, output))
-            record_success(state, timings, generated[prompt_index])
-        except ApiError as exc:
-            await queue.put((prompt_index, exc))
-        finally:
-            await queue.put((prompt_index, None))
-
-    tasks = [asyncio.create_task(pump(i, valid)) for i, (_, valid) in enumerate(requests)]
     cutters = [StopCutter(valid.params.stop) for _, valid in requests]
+    logprobs = body.logprobs
     try:
         if body.echo:
             for i, (text, _) in enumerate(requests):
                 for seq_index in range(n):
-                    choice = CompletionChoice(index=i * n + seq_index, text=text, finish_reason=None)
-                    yield sse_data(Completion(id=completion_id, created=created, model=model, system_fingerprint=state.system_fingerprint, choices=[choice]))
-        running = len(tasks)
-        while running:
-            prompt_index, item = await queue.get()
-            if item is None:
-                running -= 1
-                continue
-            if isinstance(item, ApiError):
-                record_failure(state, item)
-                yield sse_data(item.body())
-                continue
-            generated[prompt_index] += len(item.tokens)
-            texts = token_texts(item)
-            plain = "".join(t for t, tok in zip(texts, item.tokens) if not tok.special)
-            text = cutters[prompt_index].feed(item.index, plain, item)
-            choice = CompletionChoice(
-                index=prompt_index * n + item.index, text=text,
-                logprobs=completion_logprobs(item.tokens, texts, body.logprobs, False) if body.logprobs is not None and item.tokens else None,
-                finish_reason=FINISH.get(item.finish_reason, "stop") if item.finished else None,
-            )
-            yield sse_data(Completion(id=completion_id, created=created, model=model, system_fingerprint=state.system_fingerprint, choices=[choice]))
+                    yield chunks.event({"index": i * n + seq_index, "text": text, "logprobs": None, "finish_reason": None})
+        async with aclosing(prompt_outputs(state, requests, generated)) as outputs:  # a client that leaves aborts now
+            async for prompt_index, item in outputs:
+                if isinstance(item, ApiError):
+                    record_failure(state, item)
+                    yield sse_data(item.body())
+                    continue
+                tokens = item.tokens
+                texts = token_texts(item)
+                if len(tokens) == 1:
+                    plain = "" if tokens[0].special else texts[0]
+                else:
+                    plain = "".join(t for t, tok in zip(texts, tokens) if not tok.special)
+                yield chunks.event({
+                    "index": prompt_index * n + item.index,
+                    "text": cutters[prompt_index].feed(item.index, plain, item),
+                    "logprobs": completion_logprobs(tokens, texts, logprobs, False).model_dump() if logprobs is not None and tokens else None,
+                    "finish_reason": FINISH.get(item.finish_reason, "stop") if item.finished else None,
+                })
         if include_usage:
             prompt_tokens = sum(valid.input_length for _, valid in requests)
             yield sse_data(Completion(
@@ -429,11 +419,57 @@ async def completion_events(
             ))
         yield sse_data("[DONE]")
     finally:
+        for permit in permits:
+            permit.release()
+
+
+async def prompt_outputs(
+    state: ServerState, requests: list[tuple[str, ValidRequest]], generated: list[int]
+) -> AsyncIterator[tuple[int, RequestOutput | ApiError]]:
+    """Every prompt's engine outputs as ``(prompt index, output)``, in the order they come.
+
+    A prompt that fails gives its :class:`ApiError` and the others go on. Counts each prompt's
+    tokens into ``generated`` and records each prompt's success when its stream ends. One
+    prompt (the usual case) is read directly; several are merged through a queue, a task each.
+    """
+    if len(requests) == 1:  # no task and no queue hop per token
+        timings = Timings(start=time.monotonic())
+        try:
+            async for output in stream_outputs(state.engine, requests[0][1], timings):
+                generated[0] += len(output.tokens)
+                yield 0, output
+            record_success(state, timings, generated[0])
+        except ApiError as exc:
+            yield 0, exc
+        return
+
+    queue: asyncio.Queue[tuple[int, RequestOutput | ApiError | None]] = asyncio.Queue()
+
+    async def pump(prompt_index: int, valid: ValidRequest) -> None:
+        timings = Timings(start=time.monotonic())
+        try:
+            async for output in stream_outputs(state.engine, valid, timings):
+                generated[prompt_index] += len(output.tokens)
+                await queue.put((prompt_index, output))
+            record_success(state, timings, generated[prompt_index])
+        except ApiError as exc:
+            await queue.put((prompt_index, exc))
+        finally:
+            await queue.put((prompt_index, None))
+
+    tasks = [asyncio.create_task(pump(i, valid)) for i, (_, valid) in enumerate(requests)]
+    try:
+        running = len(tasks)
+        while running:
+            prompt_index, item = await queue.get()
+            if item is None:
+                running -= 1
+            else:
+                yield prompt_index, item
+    finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for permit in permits:
-            permit.release()
 
 
 # ---------------------------------------------------------------------------- models

@@ -36,12 +36,18 @@ from lmport.server.schemas_tgi import (
     ErrorResponse,
     PrefillToken,
     SimpleToken,
-    StreamDetails,
-    StreamResponse,
     Token,
 )
 from lmport.server.state import Permit, ServerState
-from lmport.server.streaming import EventStreamResponse, finite_or_none, sse_data, token_json, token_texts, top_tokens_json
+from lmport.server.streaming import (
+    EventStreamResponse,
+    finite_or_none,
+    sse_data,
+    tgi_event,
+    token_json,
+    token_texts,
+    top_tokens_json,
+)
 from lmport.server.validation import ValidRequest
 
 router = APIRouter(tags=["Text Generation Inference"])
@@ -242,34 +248,38 @@ async def start_stream(state: ServerState, body: GenerateRequest) -> Response:
 async def tgi_events(
     state: ServerState, valid: ValidRequest, timings: Timings, prefix: str, details: bool, permit: Permit
 ) -> AsyncIterator[bytes]:
+    """``StreamResponse`` events, one per token; the last carries the text and (with ``details``) its details.
+
+    Built as dicts by :func:`tgi_event`: this runs once per streamed token.
+    """
     index = 0
     text_parts: list[str] = []
     last_id = 0
+    special_ids = state.special_ids if valid.top_n_tokens else None
     try:
         async for output in stream_outputs(state.engine, valid, timings):
             text_parts.append(output.text)
-            tokens = list(zip(output.tokens, token_texts(output)))
+            tokens = output.tokens
+            texts = token_texts(output)
             if output.finished and not tokens:  # finished without a new token: close with an empty one
-                tokens = [(TokenInfo(token_id=last_id, logprob=0.0, text="", special=True), "")]
-            for position, (token, text) in enumerate(tokens):
+                tokens, texts = [TokenInfo(token_id=last_id, logprob=0.0, text="", special=True)], [""]
+            last = len(tokens) - 1
+            for position, token in enumerate(tokens):
                 index += 1
                 last_id = token.token_id
-                event = StreamResponse(
-                    index=index,
-                    token=Token(**token_json(token, text)),
-                    top_tokens=[Token(**t) for t in top_tokens_json(token, state.special_ids)] if valid.top_n_tokens else [],
-                )
-                if output.finished and position == len(tokens) - 1:
-                    event.generated_text = prefix + "".join(text_parts)
+                generated_text = event_details = None
+                if output.finished and position == last:
+                    generated_text = prefix + "".join(text_parts)
                     if details:
-                        event.details = StreamDetails(
-                            finish_reason=tgi_finish_reason(output.finish_reason),
-                            generated_tokens=output.num_generated_tokens or index,
-                            seed=output.seed if output.seed is not None else valid.params.seed,
-                            input_length=valid.input_length,
-                        )
+                        event_details = {  # StreamDetails
+                            "finish_reason": tgi_finish_reason(output.finish_reason),
+                            "generated_tokens": output.num_generated_tokens or index,
+                            "seed": output.seed if output.seed is not None else valid.params.seed,
+                            "input_length": valid.input_length,
+                        }
                     record_success(state, timings, output.num_generated_tokens or index)
-                yield sse_data(event)
+                top = top_tokens_json(token, special_ids) if special_ids is not None else None
+                yield tgi_event(index, token_json(token, texts[position]), top, generated_text, event_details)
     except ApiError as exc:
         record_failure(state, exc)
         yield sse_data(exc.body())

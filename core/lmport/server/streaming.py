@@ -1,5 +1,12 @@
-"""Server-sent events: TGI's wire format (``data:{json}\\n\\n``) and a response that always
-closes its generator, so a client that leaves aborts its request at once.
+"""Server-sent events: TGI's wire format (``data:{json}\\n\\n``), the per-token event
+encoders, and a response that always closes its generator, so a client that leaves aborts its
+request at once.
+
+Token events are the server's hot path (one per streamed token, hundreds per engine step), so
+they are built as plain dicts and serialized by the stdlib's C encoder, with the part of a
+chunk that never changes within a stream serialized once (:class:`ChunkTemplate`). The
+pydantic response models in ``schemas_*`` stay the documented shape; tests check that these
+encoders write the same JSON as those models.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ from lmport.engine.api import RequestOutput, TokenInfo
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+# ensure_ascii off, as pydantic writes JSON: non-ASCII text goes as UTF-8, not \u escapes
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+
 
 def sse_data(payload: BaseModel | dict[str, Any] | str) -> bytes:
     """One SSE event. JSON goes as TGI (axum's ``json_data``) writes it, ``data:{...}``; a
@@ -24,8 +34,39 @@ def sse_data(payload: BaseModel | dict[str, Any] | str) -> bytes:
     if isinstance(payload, BaseModel):
         return f"data:{payload.model_dump_json()}\n\n".encode()
     if isinstance(payload, dict):
-        return f"data:{json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n".encode()
+        return f"data:{_encode(payload)}\n\n".encode()
     return f"data: {payload}\n\n".encode()
+
+
+class ChunkTemplate:
+    """An OpenAI stream's chunks: ``{id, object, created, model, system_fingerprint, choices: [choice]}``.
+
+    Everything but the choice is the same for every chunk of a stream, so it is serialized
+    once; a token's event is then that prefix, one small dict through the C encoder, and the
+    closing brackets (the layout of ``ChatCompletionChunk`` / ``Completion`` without usage).
+    """
+
+    __slots__ = ("_prefix",)
+
+    def __init__(self, completion_id: str, object_type: str, created: int, model: str, system_fingerprint: str):
+        head = {"id": completion_id, "object": object_type, "created": created, "model": model, "system_fingerprint": system_fingerprint}
+        self._prefix = f"data:{_encode(head)[:-1]},\"choices\":[".encode()
+
+    def event(self, choice: dict[str, Any]) -> bytes:
+        return self._prefix + _encode(choice).encode() + b"]}\n\n"
+
+
+def tgi_event(
+    index: int, token: dict[str, Any], top_tokens: list[dict[str, Any]] | None,
+    generated_text: str | None = None, details: dict[str, Any] | None = None,
+) -> bytes:
+    """One ``/generate_stream`` event, laid out as ``StreamResponse`` (``top_tokens`` left out when empty)."""
+    event: dict[str, Any] = {"index": index, "token": token}
+    if top_tokens:
+        event["top_tokens"] = top_tokens
+    event["generated_text"] = generated_text
+    event["details"] = details
+    return b"data:" + _encode(event).encode() + b"\n\n"
 
 
 class EventStreamResponse(StreamingResponse):
@@ -60,6 +101,9 @@ def token_texts(output: RequestOutput) -> list[str]:
     own text (TGI shows ``</s>`` with ``special: true``) and add nothing to the text.
     """
     tokens = output.tokens
+    if len(tokens) == 1:  # a decode step's output: the one token carries the step's text
+        token = tokens[0]
+        return [token.text if token.special else output.text]
     if not tokens:
         return []
     plain = [t for t in tokens if not t.special]
@@ -83,6 +127,6 @@ def top_tokens_json(token: TokenInfo, special_ids: frozenset[int]) -> list[dict[
 
 
 def finite_or_none(value: float | None) -> float | None:
-    if value is None or value != value or value in (float("inf"), float("-inf")):
+    if value is None or value - value != 0.0:  # inf - inf and nan - nan are nan
         return None
     return float(value)
