@@ -103,7 +103,7 @@ def max_error(fn, x, w, bias) -> float:
     return (fn(w).float() - ref).abs().max().item()
 
 
-def candidates(m: int, n: int, k: int) -> list[G.GemvConfig]:
+def candidates(m: int, n: int, k: int, dot: bool = True) -> list[G.GemvConfig]:
     """The autotune grid: fma tiles (m <= 8) and dot tiles, each at split 1 and the rule's split."""
     out: list[G.GemvConfig] = []
     if m <= G.MAX_FMA_ROWS:
@@ -112,7 +112,7 @@ def candidates(m: int, n: int, k: int) -> list[G.GemvConfig]:
             if not 8 <= per_thread <= 64 or m * per_thread // 8 > 64:
                 continue
             out.append(G.GemvConfig(bn, bk, 1, warps, 1))
-    for bn, bk, stages in itertools.product((16, 32, 64), (128, 256), (3, 5)):
+    for bn, bk, stages in itertools.product((16, 32, 64), (128, 256), (3, 5)) if dot or m > G.MAX_FMA_ROWS else ():
         out.append(G.GemvConfig(bn, bk, 1, 4, stages, use_dot=True))
     seen, grid = set(), []
     for cfg in out:
@@ -144,7 +144,7 @@ def run(args) -> dict:
             cfg = G.pick_config(m, n, k)
             if args.autotune:
                 best = None
-                for cand in candidates(m, n, k):
+                for cand in candidates(m, n, k, dot=not args.no_dot):
                     try:
                         t = time_graph(lambda w, c=cand: G.gemv(x, w, bias, c), weights, max(3, args.replays // 4))
                     except Exception as exc:  # a config the compiler rejects (shared memory ...)
@@ -200,6 +200,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=30, help="eager calls timed per case")
     parser.add_argument("--replays", type=int, default=20, help="graph replays timed per case")
     parser.add_argument("--autotune", action="store_true", help="search configs per shape (minutes) and print FROZEN lines")
+    parser.add_argument("--no-dot", action="store_true", help="autotune: leave the tensor-core tiles out where fma ones apply (faster)")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

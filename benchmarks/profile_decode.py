@@ -33,6 +33,26 @@ def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, pr
     params = SamplingParams(max_new_tokens=output_len, ignore_eos=True, logprobs=True)
     tag = f"b{batch}-{'async' if engine.async_scheduling else 'sync'}"
     torch.cuda.synchronize()
+    timeline: list[tuple[int, int, float]] = []  # per step: sequences, tokens fed, wall seconds of step()
+    schedule = engine.scheduler.schedule
+
+    def traced_schedule():
+        step = schedule()
+        timeline.append((len(step.entries), sum(e.num_new_tokens for e in step.entries), 0.0))
+        return step
+
+    engine.scheduler.schedule = traced_schedule
+    timed_step = engine.step
+
+    def step_and_time():
+        start = time.perf_counter()
+        out = timed_step()
+        if timeline:
+            n, t, _ = timeline[-1]
+            timeline[-1] = (n, t, time.perf_counter() - start)
+        return out
+
+    engine.step = step_and_time
     started = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(GenerationRequest(f"{tag}-{i}", tuple(p.prompt_ids), params))
@@ -53,11 +73,18 @@ def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, pr
             profiler.disable()
         times.append(time.perf_counter() - start)
     total = time.perf_counter() - started
+    del engine.step, engine.scheduler.schedule  # back to the class's methods
     times = times[2:-1] or times
+    mixed = [(n, t, w) for n, t, w in timeline if t > n]
+    decode = [(n, t, w) for n, t, w in timeline if t == n]
     result = {
         "batch": batch, "async_scheduling": engine.async_scheduling, "decode_steps": len(times),
         "step_ms": 1000 * sum(times) / len(times), "prefill_steps": prefill_steps,
         "prefill_s": prefilled - started, "total_s": total, "output_tok_per_s": batch * output_len / total,
+        # where the run's wall time went: steps that fed prompt tokens vs pure decode steps
+        "steps_with_prompt": len(mixed), "steps_with_prompt_s": sum(w for *_, w in mixed),
+        "decode_only_steps": len(decode), "decode_only_s": sum(w for *_, w in decode),
+        "decode_only_mean_batch": sum(n for n, *_ in decode) / max(len(decode), 1),
     }  # fmt: skip
     if profiler:
         buf = io.StringIO()
@@ -163,6 +190,10 @@ def main() -> int:
         print(f"{r['batch']:>5} {'on' if r['async_scheduling'] else 'off':>5} {r['step_ms']:>8.2f} "
               f"{'-' if gpu is None else f'{gpu:.2f}':>10} {r['step_ms'] - (gpu or 0):>8.2f} "
               f"{r['prefill_s']:>9.2f} {r['total_s']:>8.2f} {r['output_tok_per_s']:>9.1f}")  # fmt: skip
+    for r in results:
+        print(f"batch {r['batch']} async {r['async_scheduling']}: {r['steps_with_prompt']} steps with prompt tokens "
+              f"{r['steps_with_prompt_s']:.2f} s; {r['decode_only_steps']} decode-only steps {r['decode_only_s']:.2f} s "
+              f"(mean batch {r['decode_only_mean_batch']:.0f})")  # fmt: skip
     for r in results:
         if "profile" in r:
             print(f"\n--- cProfile, batch {r['batch']} async {r['async_scheduling']} decode steps (tottime) ---\n{r.pop('profile')}")

@@ -21,11 +21,14 @@ from lmport.layers.ops import REFERENCE_OPS
 log = logging.getLogger(__name__)
 
 GEMV_MAX_ROWS_ENV = "LMPORT_CUDA_GEMV_MAX_ROWS"
-DEFAULT_GEMV_MAX_ROWS = 8
+# measured on an H200 (benchmarks/gemv_bench.py, Llama-3-8B shapes, in CUDA graphs): at one
+# row the GEMV beats cuBLAS on every projection (1.03-1.15x; 4.84 -> 4.56 ms per batch-1
+# decode step); from two rows cuBLAS wins on the down projection, from four on all of them
+DEFAULT_GEMV_MAX_ROWS = 1
 
 
 def gemv_max_rows(environ: dict[str, str] | None = None) -> int:
-    """``LMPORT_CUDA_GEMV_MAX_ROWS`` (default 8; 0 turns the GEMV off), capped at the kernel's 16 rows."""
+    """``LMPORT_CUDA_GEMV_MAX_ROWS`` (default 1; 0 turns the GEMV off), capped at the kernel's 16 rows."""
     from lmport_cuda.kernels.gemv import MAX_ROWS
 
     raw = (os.environ if environ is None else environ).get(GEMV_MAX_ROWS_ENV, "")

@@ -83,10 +83,10 @@ def test_the_linear_op_routes_by_rows_and_the_env_switch(device, monkeypatch):
     from lmport_cuda import layer_ops
     from lmport_cuda.kernels import gemv
 
-    assert layer_ops.gemv_max_rows({}) == 8
+    assert layer_ops.gemv_max_rows({}) == layer_ops.DEFAULT_GEMV_MAX_ROWS == 1
     assert layer_ops.gemv_max_rows({"LMPORT_CUDA_GEMV_MAX_ROWS": "0"}) == 0
     assert layer_ops.gemv_max_rows({"LMPORT_CUDA_GEMV_MAX_ROWS": "64"}) == gemv.MAX_ROWS
-    assert layer_ops.gemv_max_rows({"LMPORT_CUDA_GEMV_MAX_ROWS": "x"}) == 8
+    assert layer_ops.gemv_max_rows({"LMPORT_CUDA_GEMV_MAX_ROWS": "x"}) == layer_ops.DEFAULT_GEMV_MAX_ROWS
     calls = []
     monkeypatch.setattr(gemv, "gemv", lambda *a: calls.append(a[0].shape[0]) or F.linear(*a))
     op = layer_ops.gemv_linear_op(4, runs_on=lambda x: True)
