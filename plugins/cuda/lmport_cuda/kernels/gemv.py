@@ -53,9 +53,20 @@ class GemvConfig:
         return f"{kind} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
 
 
-# (max rows, N, K) -> config: winners of `gemv_bench.py --autotune` on an H200, pasted here.
-# Empty until the lead's run; the rule below answers meanwhile.
-FROZEN: dict[tuple[int, int, int], GemvConfig] = {}
+# (rows bucket, N, K) -> config, from `benchmarks/gemv_bench.py --autotune --no-dot --rows 1`
+# on an NVIDIA H200 (2026-11-27): Llama-3-8B and Llama-3.2-1B projections and heads
+FROZEN: dict[tuple[int, int, int], GemvConfig] = {
+    (1, 2048, 2048): GemvConfig(4, 1024, 1, 8, 1, use_dot=False),
+    (1, 2048, 8192): GemvConfig(4, 1024, 1, 8, 1, use_dot=False),
+    (1, 3072, 2048): GemvConfig(4, 1024, 1, 4, 1, use_dot=False),
+    (1, 4096, 4096): GemvConfig(4, 1024, 1, 4, 1, use_dot=False),
+    (1, 4096, 14336): GemvConfig(8, 1024, 1, 8, 1, use_dot=False),
+    (1, 6144, 4096): GemvConfig(4, 512, 1, 4, 1, use_dot=False),
+    (1, 16384, 2048): GemvConfig(4, 1024, 1, 8, 1, use_dot=False),
+    (1, 28672, 4096): GemvConfig(8, 512, 1, 4, 1, use_dot=False),
+    (1, 128256, 2048): GemvConfig(4, 1024, 1, 8, 1, use_dot=False),
+    (1, 128256, 4096): GemvConfig(16, 512, 1, 4, 1, use_dot=False),
+}
 
 
 def rows_bucket(m: int) -> int:
