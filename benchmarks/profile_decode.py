@@ -26,7 +26,7 @@ from lmport.engine.factory import build_llm_engine
 from lmport.plugins import PluginHost
 
 
-def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, profile: bool) -> dict:
+def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, profile: bool, sync_debug: bool = False) -> dict:
     # a new seed per run: the prefix cache must not serve one run's prompts to the next
     seed = batch + 1000 * int(engine.async_scheduling)
     prompts = random_prompts(batch, input_len, 1, len(tokenizer), seed=seed, exclude=set(tokenizer.all_special_ids))
@@ -64,6 +64,10 @@ def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, pr
     prefilled = time.perf_counter()
     profiler = cProfile.Profile() if profile else None
     times = []
+    if sync_debug:  # warn (with the caller's line) on every op that waits for the device
+        torch.cuda.set_sync_debug_mode("warn")
+    waits = _WaitClock()  # host time blocked on the device during the decode steps
+    waits.install()
     while engine.has_unfinished():
         start = time.perf_counter()
         if profiler:
@@ -72,6 +76,9 @@ def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, pr
         if profiler:
             profiler.disable()
         times.append(time.perf_counter() - start)
+    waits.uninstall()
+    if sync_debug:
+        torch.cuda.set_sync_debug_mode("default")
     total = time.perf_counter() - started
     del engine.step, engine.scheduler.schedule  # back to the class's methods
     times = times[2:-1] or times
@@ -85,12 +92,43 @@ def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, pr
         "steps_with_prompt": len(mixed), "steps_with_prompt_s": sum(w for *_, w in mixed),
         "decode_only_steps": len(decode), "decode_only_s": sum(w for *_, w in decode),
         "decode_only_mean_batch": sum(n for n, *_ in decode) / max(len(decode), 1),
+        # of the decode phase's wall time: blocked in Event.synchronize / CUDAGraph.replay (the
+        # host waiting for the device); the rest is host work the device may be waiting for
+        "decode_wait_event_ms": 1000 * waits.seconds["event"] / max(len(times), 1),
+        "decode_wait_replay_ms": 1000 * waits.seconds["replay"] / max(len(times), 1),
     }  # fmt: skip
     if profiler:
         buf = io.StringIO()
         pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(45)
         result["profile"] = buf.getvalue()
     return result
+
+
+class _WaitClock:
+    """Times the host's waits on the device by wrapping ``Event.synchronize`` and ``CUDAGraph.replay``."""
+
+    def __init__(self) -> None:
+        self.seconds = {"event": 0.0, "replay": 0.0}
+        self._originals = {}
+
+    def install(self) -> None:
+        for key, owner, name in (("event", torch.cuda.Event, "synchronize"), ("replay", torch.cuda.CUDAGraph, "replay")):
+            original = getattr(owner, name)
+            self._originals[(owner, name)] = original
+
+            def timed(obj, *args, _original=original, _key=key, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(obj, *args, **kwargs)
+                finally:
+                    self.seconds[_key] += time.perf_counter() - start
+
+            setattr(owner, name, timed)
+
+    def uninstall(self) -> None:
+        for (owner, name), original in self._originals.items():
+            setattr(owner, name, original)
 
 
 def kernel_table(engine, tokenizer, what: str, batch: int, input_len: int, rows: int = 18) -> str:
@@ -158,6 +196,8 @@ def main() -> int:
                         help="launch step N+1 before step N's tokens reach the host; both: each batch size twice, off then on")  # fmt: skip
     parser.add_argument("--cprofile", action="store_true",
                         help="cProfile the decode steps of the first and the last run (slows Python-heavy steps 2-3x)")  # fmt: skip
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="warn at every host-device synchronisation during the decode steps (torch.cuda.set_sync_debug_mode)")  # fmt: skip
     parser.add_argument("--kernel-profile", action="store_true",
                         help="also print torch.profiler's top kernels: batch-1 decode (graph and eager) and a prefill step")  # fmt: skip
     args = parser.parse_args()
@@ -181,7 +221,8 @@ def main() -> int:
         for mode in modes:
             engine.async_scheduling = mode  # a between-requests switch: nothing is in flight here
             last = i == len(sizes) - 1 and mode == modes[-1]
-            r = run_batch(engine, tokenizer, batch, args.input_len, args.output_len, profile=args.cprofile and ((i == 0 and mode == modes[0]) or last))
+            r = run_batch(engine, tokenizer, batch, args.input_len, args.output_len, profile=args.cprofile and ((i == 0 and mode == modes[0]) or last),
+                          sync_debug=args.sync_debug)  # fmt: skip
             r["forward_gpu_ms"] = forward_gpu_ms(runner, batch)
             results.append(r)
     print(f"{'batch':>5} {'async':>5} {'step ms':>8} {'GPU fwd ms':>10} {'host ms':>8} {'prefill s':>9} {'total s':>8} {'out tok/s':>9}")
@@ -193,7 +234,8 @@ def main() -> int:
     for r in results:
         print(f"batch {r['batch']} async {r['async_scheduling']}: {r['steps_with_prompt']} steps with prompt tokens "
               f"{r['steps_with_prompt_s']:.2f} s; {r['decode_only_steps']} decode-only steps {r['decode_only_s']:.2f} s "
-              f"(mean batch {r['decode_only_mean_batch']:.0f})")  # fmt: skip
+              f"(mean batch {r['decode_only_mean_batch']:.0f}); per decode step blocked on the device: "
+              f"event {r['decode_wait_event_ms']:.2f} ms, graph replay {r['decode_wait_replay_ms']:.2f} ms")  # fmt: skip
     for r in results:
         if "profile" in r:
             print(f"\n--- cProfile, batch {r['batch']} async {r['async_scheduling']} decode steps (tottime) ---\n{r.pop('profile')}")
