@@ -66,7 +66,7 @@ run_stage roofline 20 60 python3 benchmarks/roofline.py --json "$OUT/roofline.js
 run_stage tests 60 240 python3 -m pytest plugins/cuda/tests -q -p no:cacheprovider
 run_stage ckpt-8b 60 180 python3 benchmarks/make_checkpoint.py llama3-8b "$CKPT_ROOT/llama3-8b"
 run_stage lmport-8b 120 300 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3-8b" llama3-8b "$OUT" "$PORT"
-run_stage profile-8b 60 150 python3 benchmarks/profile_decode.py --model "$CKPT_ROOT/llama3-8b" --batch-sizes 1,256 --output-len 128 --kernel-profile --json "$OUT/profile-8b.json"
+run_stage profile-8b 60 150 python3 benchmarks/profile_decode.py --model "$CKPT_ROOT/llama3-8b" --batch-sizes 1,256 --output-len 128 --async-scheduling on --kernel-profile --segments --json "$OUT/profile-8b.json"
 run_stage hf-8b 100 240 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3-8b" --json "$OUT/hf-llama3-8b.json"
 run_stage attention 40 120 python3 benchmarks/attention_bench.py --roofline "$OUT/roofline.json" --json "$OUT/attention.json"
 run_stage layer-ops 20 60 python3 benchmarks/layer_ops_bench.py --json "$OUT/layer_ops.json"

@@ -26,7 +26,8 @@ from lmport.engine.factory import build_llm_engine
 from lmport.plugins import PluginHost
 
 
-def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, profile: bool, sync_debug: bool = False) -> dict:
+def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, profile: bool, sync_debug: bool = False,
+              segments: bool = False) -> dict:  # fmt: skip
     # a new seed per run: the prefix cache must not serve one run's prompts to the next
     seed = batch + 1000 * int(engine.async_scheduling)
     prompts = random_prompts(batch, input_len, 1, len(tokenizer), seed=seed, exclude=set(tokenizer.all_special_ids))
@@ -68,6 +69,9 @@ def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, pr
         torch.cuda.set_sync_debug_mode("warn")
     waits = _WaitClock()  # host time blocked on the device during the decode steps
     waits.install()
+    parts = _Segments() if segments else None
+    if parts:
+        parts.install()
     while engine.has_unfinished():
         start = time.perf_counter()
         if profiler:
@@ -77,6 +81,8 @@ def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, pr
             profiler.disable()
         times.append(time.perf_counter() - start)
     waits.uninstall()
+    if parts:
+        parts.uninstall()
     if sync_debug:
         torch.cuda.set_sync_debug_mode("default")
     total = time.perf_counter() - started
@@ -96,6 +102,7 @@ def run_batch(engine, tokenizer, batch: int, input_len: int, output_len: int, pr
         # host waiting for the device); the rest is host work the device may be waiting for
         "decode_wait_event_ms": 1000 * waits.seconds["event"] / max(len(times), 1),
         "decode_wait_replay_ms": 1000 * waits.seconds["replay"] / max(len(times), 1),
+        "segments_ms_per_step": {k: 1000 * v / max(len(times), 1) for k, v in (parts.seconds if parts else {}).items()},
     }  # fmt: skip
     if profiler:
         buf = io.StringIO()
@@ -129,6 +136,61 @@ class _WaitClock:
     def uninstall(self) -> None:
         for (owner, name), original in self._originals.items():
             setattr(owner, name, original)
+
+
+class _Segments:
+    """Wall time per engine segment during the decode steps (``--segments``): which host work a step spends its time in."""
+
+    TARGETS = (
+        ("lmport.engine.scheduler", "Scheduler", "schedule"),
+        ("lmport.engine.llm_engine", "LLMEngine", "_feed"),
+        ("lmport.engine.llm_engine", "LLMEngine", "_advance"),
+        ("lmport.engine.llm_engine", "LLMEngine", "_finish_step"),
+        ("lmport.engine.llm_engine", "LLMEngine", "_detokenize"),
+        ("lmport.engine.model_runner", "PagedModelRunner", "launch"),
+        ("lmport.engine.model_runner", "PagedModelRunner", "_forward"),
+        ("lmport.engine.model_runner", "PagedModelRunner", "_sampling_row"),
+        ("lmport.engine.model_runner", "PendingStep", "__init__"),
+        ("lmport.engine.model_runner", "PendingStep", "result"),
+        ("lmport.engine.sampling.sampler", "Sampler", "sample"),
+        ("lmport.engine.outputs", "OutputProcessor", "process"),
+    )
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._originals = []
+
+    def install(self) -> None:
+        import importlib
+
+        from lmport.engine import model_runner
+
+        targets = [(importlib.import_module(m), c, f) for m, c, f in self.TARGETS]
+        for module, cls_name, name in targets:
+            owner = getattr(module, cls_name)
+            self._wrap(owner, name, f"{cls_name}.{name}")
+        self._wrap(model_runner, "build_flat_batch", "build_flat_batch")
+        self._wrap(model_runner, "_start_copy", "_start_copy")
+        self._wrap(model_runner.PagedModelRunner, "_run", "PagedModelRunner._run")
+
+    def _wrap(self, owner, name: str, label: str) -> None:
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        self._originals.append((owner, name, original))
+        seconds = self.seconds
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def uninstall(self) -> None:
+        for owner, name, original in reversed(self._originals):
+            setattr(owner, name, original)
+        self._originals = []
 
 
 def kernel_table(engine, tokenizer, what: str, batch: int, input_len: int, rows: int = 18) -> str:
@@ -198,6 +260,8 @@ def main() -> int:
                         help="cProfile the decode steps of the first and the last run (slows Python-heavy steps 2-3x)")  # fmt: skip
     parser.add_argument("--sync-debug", action="store_true",
                         help="warn at every host-device synchronisation during the decode steps (torch.cuda.set_sync_debug_mode)")  # fmt: skip
+    parser.add_argument("--segments", action="store_true",
+                        help="time the engine's host segments (schedule, batch build, sampler, output processing ...) per decode step")  # fmt: skip
     parser.add_argument("--kernel-profile", action="store_true",
                         help="also print torch.profiler's top kernels: batch-1 decode (graph and eager) and a prefill step")  # fmt: skip
     args = parser.parse_args()
@@ -222,7 +286,7 @@ def main() -> int:
             engine.async_scheduling = mode  # a between-requests switch: nothing is in flight here
             last = i == len(sizes) - 1 and mode == modes[-1]
             r = run_batch(engine, tokenizer, batch, args.input_len, args.output_len, profile=args.cprofile and ((i == 0 and mode == modes[0]) or last),
-                          sync_debug=args.sync_debug)  # fmt: skip
+                          sync_debug=args.sync_debug, segments=args.segments)  # fmt: skip
             r["forward_gpu_ms"] = forward_gpu_ms(runner, batch)
             results.append(r)
     print(f"{'batch':>5} {'async':>5} {'step ms':>8} {'GPU fwd ms':>10} {'host ms':>8} {'prefill s':>9} {'total s':>8} {'out tok/s':>9}")
@@ -236,6 +300,10 @@ def main() -> int:
               f"{r['steps_with_prompt_s']:.2f} s; {r['decode_only_steps']} decode-only steps {r['decode_only_s']:.2f} s "
               f"(mean batch {r['decode_only_mean_batch']:.0f}); per decode step blocked on the device: "
               f"event {r['decode_wait_event_ms']:.2f} ms, graph replay {r['decode_wait_replay_ms']:.2f} ms")  # fmt: skip
+    for r in results:
+        if r["segments_ms_per_step"]:
+            print(f"batch {r['batch']} async {r['async_scheduling']}: ms per decode step (nested segments overlap): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["segments_ms_per_step"].items(), key=lambda kv: -kv[1])))  # fmt: skip
     for r in results:
         if "profile" in r:
             print(f"\n--- cProfile, batch {r['batch']} async {r['async_scheduling']} decode steps (tottime) ---\n{r.pop('profile')}")

@@ -54,6 +54,9 @@ python3 -m lmport.cli bench --base-url "$URL" --max-concurrency 1 --num-prompts 
 echo "[$(date +%T)] load: $N requests of $IN in / $GEN out, concurrency $CONC"
 python3 -m lmport.cli bench --base-url "$URL" --max-concurrency "$CONC" --num-prompts "$N" --input-len "$IN" --output-len "$GEN" \
   --no-progress --result-json "$OUT/lmport-$NAME-load.json" || rc=$?
+# which processes hold GPU memory (the engine process; the HTTP parent should hold none)
+nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv > "$OUT/lmport-$NAME-gpu-apps.txt" 2>&1
+echo "server pid $(cat "$PIDFILE")" >> "$OUT/lmport-$NAME-gpu-apps.txt"
 echo "[$(date +%T)] done (bench exit status $rc); server log tail:"
 tail -n 15 "$SERVER_LOG"
 exit $rc
