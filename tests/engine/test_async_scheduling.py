@@ -297,3 +297,18 @@ def test_seeded_sampling_and_penalties_equal_the_synchronous_engine(make_engine,
 
     assert_same(got, want)
     assert engine.stats().kv_blocks_used == 0
+
+
+
+def test_async_scheduling_defaults_to_on_for_accelerators_only():
+    """The launcher's default (``None``) resolves by device; an explicit setting always wins."""
+    import torch
+
+    from lmport.config import LaunchConfig
+    from lmport.engine.factory import wants_async_scheduling
+
+    assert LaunchConfig().async_scheduling is None
+    assert wants_async_scheduling(LaunchConfig(), torch.device("cuda")) is True
+    assert wants_async_scheduling(LaunchConfig(), torch.device("cpu")) is False
+    assert wants_async_scheduling(LaunchConfig(async_scheduling=False), torch.device("cuda")) is False
+    assert wants_async_scheduling(LaunchConfig(async_scheduling=True), torch.device("cpu")) is True

@@ -66,6 +66,8 @@ ENV_CASES = {
     "DISABLE_GRAMMAR_SUPPORT": ("true", "disable_grammar_support", True),
     "NUM_SHARD": ("1", "num_shard", 1),
     "LMPORT_BACKEND": ("cpu", "backend", "cpu"),
+    "LMPORT_ASYNC_SCHEDULING": ("true", "async_scheduling", True),
+    "LMPORT_ENGINE_PROCESS": ("false", "engine_process", False),
 }
 
 

@@ -102,13 +102,19 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
     engine = LLMEngine(
         executor, tokenizer, limits, eos_token_ids=eos_token_ids(info.path, tokenizer, info.hf_config),
         vocab_size=model_vocab_size(info.hf_config, tokenizer),
-        async_scheduling=device.type != "cpu" if config.async_scheduling is None else config.async_scheduling,
+        async_scheduling=wants_async_scheduling(config, device),
     )
     log.info("engine ready in %.1f s", time.monotonic() - started)
     return engine, tokenizer, info
 
 
 # ---------------------------------------------------------------------- steps
+
+
+def wants_async_scheduling(config: LaunchConfig, device: torch.device) -> bool:
+    """``--async-scheduling``, or by default: on for an accelerator (the host's work overlaps the
+    device's), off on the CPU (there the "device" is the host: nothing would overlap)."""
+    return device.type != "cpu" if config.async_scheduling is None else bool(config.async_scheduling)
 
 
 def load_tokenizer(config: LaunchConfig, path: Path) -> Any:
