@@ -204,3 +204,27 @@ def test_an_error_while_aborting_fails_the_requests_instead_of_killing_the_loop(
     assert other[-1].error is None or "abort bookkeeping bug" in other[-1].error
     assert tokens_of(good) == hf_greedy(hf_model, [4, 5, 6], 8)[0]
     assert engine.is_healthy and engine.stats().kv_blocks_used == 0
+
+
+def test_a_request_opened_while_the_loop_dies_fails_instead_of_waiting_forever(async_engine, monkeypatch):
+    """The loop dies between a request's health check and its stream's registration: the loop's
+    one pass failing open streams has run already, so the request must fail on its own."""
+    engine, _ = async_engine()
+    engine.start()
+    dead = EngineDeadError("the loop died")
+    checked = []
+
+    def healthy_then_dies(self):  # the check passes; the loop dies and fails streams right after
+        checked.append(True)
+        self._error = dead
+        self._fail_streams(dead)
+        return True
+
+    monkeypatch.setattr(AsyncEngine, "is_healthy", property(healthy_then_dies))
+
+    async def main():
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(collect(engine, request("late", [3, 4, 5])), timeout=5)
+
+    asyncio.run(main())
+    assert checked and "late" not in engine._streams

@@ -145,6 +145,12 @@ class AsyncEngine:
             if len(self._streams) >= self.engine.limits.max_concurrent_requests:
                 raise EngineOverloadedError("Model is overloaded")
             self._streams[request.request_id] = stream
+        if self._error is not None:
+            # the engine died after the health check above: its failing pass over the open
+            # streams may have run before this one was registered, so nothing would end it
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+            raise EngineDeadError(f"the engine is not serving: {self._error}")
         if request.arrival_time is None:
             request = dataclasses.replace(request, arrival_time=time.monotonic())
         self.start()

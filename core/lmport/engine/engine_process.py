@@ -278,6 +278,12 @@ class EngineProcessClient:
             if len(self._streams) >= self._limits.max_concurrent_requests:
                 raise EngineOverloadedError("Model is overloaded")
             self._streams[request.request_id] = stream
+        if self._error is not None:
+            # the engine died after the health check above: its failing pass over the open
+            # streams may have run before this one was registered, so nothing would end it
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+            raise EngineDeadError(f"the engine is not serving: {self._error}")
         if request.arrival_time is None:
             request = dataclasses.replace(request, arrival_time=time.monotonic())
         self.start()
