@@ -104,6 +104,10 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
         vocab_size=model_vocab_size(info.hf_config, tokenizer),
         async_scheduling=wants_async_scheduling(config, device),
     )
+    if device.type != "cpu":  # compile-on-first-use kernels: compile them now, not in the first burst
+        from lmport.engine.warmup import warm_up_engine
+
+        warm_up_engine(engine)
     log.info("engine ready in %.1f s", time.monotonic() - started)
     return engine, tokenizer, info
 
