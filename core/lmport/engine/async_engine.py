@@ -8,45 +8,22 @@ the loop can later move into a process of its own without touching the server.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from lmport.engine.api import EngineStats, GenerationRequest, RequestOutput
-from lmport.engine.errors import EngineDeadError, EngineOverloadedError, RequestValidationError
+from lmport.engine.errors import EngineDeadError
 from lmport.engine.llm_engine import LLMEngine
+from lmport.engine.streams import StreamingFrontend
 
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 1.0
 
 
-@dataclass
-class _Stream:
-    """Where one request's outputs go: a queue on the caller's event loop."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-
-    def put(self, item: RequestOutput | BaseException) -> bool:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody listens any more
-            return False
-        return True
-
-
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
-class AsyncEngine:
+class AsyncEngine(StreamingFrontend):
     """Serves :class:`LLMEngine` to asyncio callers from a background thread.
 
     ``generate(request)`` is an async iterator of :class:`RequestOutput` (one per step per
@@ -59,11 +36,10 @@ class AsyncEngine:
     """
 
     def __init__(self, engine: LLMEngine) -> None:
+        super().__init__()
         self.engine = engine
         self._inbox: deque[tuple[str, object]] = deque()
         self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}
-        self._lock = threading.Lock()  # guards _streams against the loop thread
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._error: BaseException | None = None
@@ -116,46 +92,11 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ requests
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the outputs of ``request``; raises the validation or overload error up front."""
-        stream = self._open(request)
-        remaining = request.params.n
-        try:
-            while remaining:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    remaining -= 1
-                yield item
-        finally:
-            with self._lock:
-                self._streams.pop(request.request_id, None)
-            if remaining:
-                self.abort(request.request_id)
-
-    def _open(self, request: GenerationRequest) -> _Stream:
-        if not self.is_healthy:
-            raise EngineDeadError(f"the engine is not serving: {self._error or 'shut down'}")
+    def validate(self, request: GenerationRequest) -> None:
         self.engine.validate(request)
-        stream = _Stream(asyncio.get_running_loop())
-        with self._lock:
-            if request.request_id in self._streams:
-                raise RequestValidationError(f"request id {request.request_id!r} is already in flight")
-            if len(self._streams) >= self.engine.limits.max_concurrent_requests:
-                raise EngineOverloadedError("Model is overloaded")
-            self._streams[request.request_id] = stream
-        if self._error is not None:
-            # the engine died after the health check above: its failing pass over the open
-            # streams may have run before this one was registered, so nothing would end it
-            with self._lock:
-                self._streams.pop(request.request_id, None)
-            raise EngineDeadError(f"the engine is not serving: {self._error}")
-        if request.arrival_time is None:
-            request = dataclasses.replace(request, arrival_time=time.monotonic())
-        self.start()
+
+    def _submit(self, request: GenerationRequest) -> None:
         self._post("add", request)
-        return stream
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; its blocks are freed on the loop's next turn."""
@@ -205,32 +146,8 @@ class AsyncEngine:
                 self._deliver(self.engine.abort(payload))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """Hand a step's outputs over: one wake-up per event loop, not one per output.
-
-        Under load a step has an output per running sequence; a ``call_soon_threadsafe`` each
-        would cost a self-pipe write and an event-loop turn per token.
-        """
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        unheard: list[str] = []
-        with self._lock:
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is None:
-                    unheard.append(out.request_id)
-                else:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that loop is closed: nobody listens any more
-                unheard.extend(out.request_id for _, out in items)
-        for request_id in unheard:
+        for request_id in self._dispatch(outputs):  # nobody listens: stop generating for it
             self.engine.abort(request_id)
-
-    def _send(self, request_id: str, item: RequestOutput | BaseException) -> bool:
-        with self._lock:
-            stream = self._streams.get(request_id)
-        return stream.put(item) if stream is not None else False
 
     def _recover(self, exc: BaseException) -> bool:
         message = f"{type(exc).__name__}: {exc}"
@@ -242,9 +159,3 @@ class AsyncEngine:
             self._fail_streams(EngineDeadError(f"engine failed: {message}"))
             return False
         return True
-
-    def _fail_streams(self, exc: BaseException) -> None:
-        with self._lock:
-            streams = list(self._streams.values())
-        for stream in streams:
-            stream.put(exc)

@@ -24,8 +24,6 @@ system-wide clock.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import multiprocessing
 import os
@@ -34,14 +32,15 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, Mapping
 
 from lmport.config import LaunchConfig
 from lmport.engine.api import EngineStats, GenerationRequest, RequestOutput
-from lmport.engine.errors import EngineDeadError, EngineOverloadedError, RequestValidationError
+from lmport.engine.errors import EngineDeadError
 from lmport.engine.limits import EngineLimits
+from lmport.engine.streams import StreamingFrontend
 from lmport.models.base import ModelInfo
 from lmport.models.resolve import ModelSource, model_info_for, resolve_model_source
 
@@ -82,20 +81,7 @@ class _Ready:
     stats: EngineStats
 
 
-@dataclass
-class _Stream:
-    """Where one request's outputs go: a queue on the caller's event loop."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-
-
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
-class EngineProcessClient:
+class EngineProcessClient(StreamingFrontend):
     """Serves an :class:`~lmport.engine.llm_engine.LLMEngine` that runs in a spawned child process.
 
     Construction spawns the child and waits until its engine is built (weights loaded, KV cache
@@ -112,8 +98,7 @@ class EngineProcessClient:
         if host.selection is None:
             host.select_backend(config.backend)
         source = source or resolve_model_source(config.model_id, config.revision)
-        self._streams: dict[str, _Stream] = {}
-        self._lock = threading.Lock()  # guards _streams against the reader thread
+        super().__init__()
         self._send_lock = threading.Lock()  # one writer at a time on the pipe to the child
         self._stopping = False
         self._error: BaseException | None = None
@@ -249,46 +234,8 @@ class EngineProcessClient:
 
         validate_request(request, self._limits, self._vocab_size)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the outputs of ``request``; raises the validation or overload error up front."""
-        stream = self._open(request)
-        remaining = request.params.n
-        try:
-            while remaining:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    remaining -= 1
-                yield item
-        finally:
-            with self._lock:
-                self._streams.pop(request.request_id, None)
-            if remaining:
-                self.abort(request.request_id)
-
-    def _open(self, request: GenerationRequest) -> _Stream:
-        if not self.is_healthy:
-            raise EngineDeadError(f"the engine is not serving: {self._error or 'shut down'}")
-        self.validate(request)
-        stream = _Stream(asyncio.get_running_loop())
-        with self._lock:
-            if request.request_id in self._streams:
-                raise RequestValidationError(f"request id {request.request_id!r} is already in flight")
-            if len(self._streams) >= self._limits.max_concurrent_requests:
-                raise EngineOverloadedError("Model is overloaded")
-            self._streams[request.request_id] = stream
-        if self._error is not None:
-            # the engine died after the health check above: its failing pass over the open
-            # streams may have run before this one was registered, so nothing would end it
-            with self._lock:
-                self._streams.pop(request.request_id, None)
-            raise EngineDeadError(f"the engine is not serving: {self._error}")
-        if request.arrival_time is None:
-            request = dataclasses.replace(request, arrival_time=time.monotonic())
-        self.start()
+    def _submit(self, request: GenerationRequest) -> None:
         self._post(("add", request))
-        return stream
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; the child frees its blocks on its loop's next turn."""
@@ -332,43 +279,12 @@ class EngineProcessClient:
             self._die(EngineDeadError(f"the engine process exited (exit code {code})"))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs to their streams: one wake-up per event loop, not one per output."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        unheard: list[str] = []
-        with self._lock:
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is None:
-                    if not out.finished:
-                        unheard.append(out.request_id)
-                else:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that loop is closed: nobody listens any more
-                unheard.extend(out.request_id for _, out in items if not out.finished)
-        for request_id in dict.fromkeys(unheard):
+        for request_id in self._dispatch(outputs):  # nobody listens: the child stops generating for it
             self.abort(request_id)
-
-    def _send(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        with self._lock:
-            stream = self._streams.get(request_id)
-        if stream is not None:
-            try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-            except RuntimeError:
-                pass
 
     def _die(self, exc: EngineDeadError) -> None:
         self._error = exc
         self._fail_streams(exc)
-
-    def _fail_streams(self, exc: BaseException) -> None:
-        with self._lock:
-            streams = list(self._streams.items())
-        for request_id, _ in streams:
-            self._send(request_id, exc)
 
 
 # ---------------------------------------------------------------------- the child
