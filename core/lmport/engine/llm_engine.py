@@ -139,15 +139,9 @@ class LLMEngine:
         """
         if self.async_scheduling:
             return self._step_async()
-        step = self.scheduler.schedule()
-        self._last_batch_size = len(step.entries)
+        step = self._schedule()
         if step.is_empty:
             return []
-        self.num_steps += 1
-        now = self.clock()
-        for entry in step.entries:
-            if entry.seq.first_scheduled_time is None:
-                entry.seq.first_scheduled_time = now
         try:
             result = self.executor.execute(step)
         except Exception as exc:  # fail this step's requests, keep serving the rest
@@ -167,6 +161,18 @@ class LLMEngine:
             self._emit(seq, sampled, prompt, now, outputs, texts)
         return outputs
 
+    def _schedule(self):
+        """The next step from the scheduler, counted, with its sequences' first scheduling time set."""
+        step = self.scheduler.schedule()
+        self._last_batch_size = len(step.entries)
+        if not step.is_empty:
+            self.num_steps += 1
+            now = self.clock()
+            for entry in step.entries:
+                if entry.seq.first_scheduled_time is None:
+                    entry.seq.first_scheduled_time = now
+        return step
+
     # ------------------------------------------------------------------ async scheduling
 
     def _step_async(self) -> list[RequestOutput]:
@@ -176,15 +182,9 @@ class LLMEngine:
             self._in_flight = None  # a sampler reads the sequences' own tokens: they must be known first
             outputs += self._finish_step(previous)
             previous = None
-        step = self.scheduler.schedule()
-        self._last_batch_size = len(step.entries)
+        step = self._schedule()
         launched, error = None, None
         if not step.is_empty:
-            self.num_steps += 1
-            now = self.clock()
-            for entry in step.entries:
-                if entry.seq.first_scheduled_time is None:
-                    entry.seq.first_scheduled_time = now
             try:
                 feed = self._feed(step, previous)
                 pending = self.executor.launch(step, feed, previous.pending if previous else None)
