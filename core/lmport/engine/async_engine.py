@@ -42,7 +42,6 @@ class AsyncEngine(StreamingFrontend):
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._error: BaseException | None = None
         self._stats = engine.stats()
         self.started_at: float | None = None
 
@@ -81,10 +80,6 @@ class AsyncEngine(StreamingFrontend):
     @property
     def is_healthy(self) -> bool:
         return self._error is None and not self._stopping and (self._thread is None or self._thread.is_alive())
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
 
     def stats(self) -> EngineStats:
         """The counts after the last step (read without stopping the loop)."""

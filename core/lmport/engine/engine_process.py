@@ -101,7 +101,6 @@ class EngineProcessClient(StreamingFrontend):
         super().__init__()
         self._send_lock = threading.Lock()  # one writer at a time on the pipe to the child
         self._stopping = False
-        self._error: BaseException | None = None
         self.started_at: float | None = None
 
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
@@ -217,10 +216,6 @@ class EngineProcessClient(StreamingFrontend):
     @property
     def is_healthy(self) -> bool:
         return self._error is None and not self._stopping and self._process.is_alive()
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
 
     def stats(self) -> EngineStats:
         """The counts the child sent with its last step (or when it went idle)."""

@@ -38,14 +38,19 @@ def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
 class StreamingFrontend:
     """``generate`` for asyncio callers of an engine that runs in another thread or process.
 
-    Subclasses provide ``is_healthy``, ``_error``, ``limits``, ``validate(request)``,
+    Subclasses provide ``is_healthy``, ``limits``, ``validate(request)``,
     ``start()``, ``abort(request_id)`` and ``_submit(request)`` (hand an accepted request to
-    the engine), and call :meth:`_dispatch` with each step's outputs.
+    the engine), set ``_error`` when the engine dies, and call :meth:`_dispatch` with each step's outputs.
     """
 
     def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # guards _streams against the thread that delivers outputs
+        self._error: BaseException | None = None  # why the engine stopped serving, once it has
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Stream the outputs of ``request``; raises the validation or overload error up front.
