@@ -47,7 +47,7 @@ def workload_ceiling(shape: str, spec: dict, bw: float | None, gemm: float | Non
     the copy bandwidth. Assumes all requests run together (concurrency >= prompts).
     """
     try:
-        from lmport.bench.checkpoint import SHAPES, llama_config, parameter_count
+        from lmport.bench.checkpoint import SHAPES
     except ImportError:
         return None
     if not bw or not gemm or not spec:
@@ -58,9 +58,7 @@ def workload_ceiling(shape: str, spec: dict, bw: float | None, gemm: float | Non
         return None
     layers, heads = f["num_hidden_layers"], f["num_attention_heads"]
     head_dim = f.get("head_dim") or f["hidden_size"] // heads
-    params = parameter_count(llama_config(shape)) - f["vocab_size"] * f["hidden_size"]  # the input embedding is a gather
-    if f.get("tie_word_embeddings"):
-        params += f["vocab_size"] * f["hidden_size"]  # ... but tied, it is also the output projection
+    params = decode_bytes_per_step(shape) / 2  # the weights a token passes through (bf16 bytes / 2)
     attention_flops = 2 * 2 * layers * heads * head_dim * inp * inp / 2  # QK^T and PV, causal
     seconds = n * (2 * params * inp + attention_flops) / gemm
     kv_bytes_per_token = 2 * layers * f["num_key_value_heads"] * head_dim * 2
