@@ -79,7 +79,8 @@ def fmt(value: float | None, spec: str = ".1f") -> str:
 
 
 def ratio(a: float | None, b: float | None) -> str:
-    return "-" if not a or not b else f"{a / b:.2f}x"
+    # three significant digits: two decimals would print 0.696 as 0.70, on the right side of a 70 % target
+    return "-" if not a or not b else f"{a / b:.3g}x"
 
 
 def main() -> int:
