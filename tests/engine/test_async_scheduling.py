@@ -235,16 +235,21 @@ def test_abort_while_a_step_is_in_flight_drops_its_token_and_frees_blocks(make_a
 
 
 def test_a_failing_launch_fails_only_its_requests(make_async_engine, random_prompts, hf_greedy):
+    """A failed launch is executed again synchronously (after the step in flight), where the
+    culprit fails again, alone."""
     engine, hf_model = make_async_engine("llama", max_batch_size=1)
     bad_prompt, good_prompt = random_prompts([5, 9], seed=9)
-    launch = engine.executor.launch
+    launch, execute = engine.executor.launch, engine.executor.execute
 
-    def flaky(step, feed=(), previous=None):
-        if any(e.seq.request_id == "bad" for e in step.entries):
-            raise RuntimeError("device fell over")
-        return launch(step, feed, previous)
+    def flaky(run):
+        def call(step, *args):
+            if any(e.seq.request_id == "bad" for e in step.entries):
+                raise RuntimeError("device fell over")
+            return run(step, *args)
 
-    engine.executor.launch = flaky
+        return call
+
+    engine.executor.launch, engine.executor.execute = flaky(launch), flaky(execute)
     engine.add_request(request("bad", bad_prompt))
     engine.add_request(request("good", good_prompt))
     (failed,) = engine.step()

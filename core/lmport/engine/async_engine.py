@@ -30,7 +30,7 @@ class AsyncEngine(StreamingFrontend):
     sequence; for ``n > 1`` the sequences' outputs interleave, told apart by ``index``); it
     ends when every sequence has finished. Leaving the iteration early (break, cancellation,
     client disconnect) aborts the request and frees its blocks. A step that raises fails only
-    the requests in that step (their last output has ``error`` set); an error outside a step
+    the requests that make it raise (their last output has ``error`` set); an error outside a step
     fails every request, and the engine keeps serving if it can recover, else
     ``is_healthy`` turns False and ``error`` says why.
     """

@@ -19,7 +19,7 @@ from lmport.config import LaunchConfig
 from lmport.engine.async_engine import AsyncEngine
 from lmport.engine.executor import ModelExecutor
 from lmport.engine.kv_cache_sizing import size_kv_cache
-from lmport.engine.limits import model_max_positions, resolve_limits
+from lmport.engine.limits import check_positions, model_max_positions, resolve_limits
 from lmport.engine.llm_engine import LLMEngine
 from lmport.engine.model_runner import PagedModelRunner
 from lmport.engine.stopping import eos_token_ids
@@ -77,6 +77,8 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
     info = model_info_for(source, config.trust_remote_code)
     path = source.path
     log.info("model %s (%s) from %s on backend '%s'", info.model_id, info.architecture, path, caps.backend)
+    if config.max_total_tokens:  # before any weight is read (the default is clamped to the positions)
+        check_positions(config.max_total_tokens, info.hf_config)
     tokenizer = load_tokenizer(config, path)
     dtype = pick_dtype(config.dtype, info.hf_config, device, caps)
     log.info("dtype %s on %s", str(dtype).removeprefix("torch."), device)

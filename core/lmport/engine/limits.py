@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from lmport.config import LaunchConfig
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 256
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
@@ -35,11 +38,64 @@ class EngineLimits:
 
 def model_max_positions(hf_config: Any, default: int = 4096) -> int:
     """The longest sequence the model was built for (ALiBi models name none: ``default``)."""
+    found = model_position_limit(hf_config)
+    return found[1] if found else default
+
+
+def model_position_limit(hf_config: Any) -> tuple[str, int] | None:
+    """``(config key, value)`` of the model's declared position limit, or None if it names none."""
     for key in _POSITION_KEYS:
         value = getattr(hf_config, key, None)
         if isinstance(value, int) and value > 0:
-            return value
-    return default
+            return key, value
+    return None
+
+
+def check_positions(max_total_tokens: int, hf_config: Any) -> None:
+    """Refuse a ``max_total_tokens`` the user gave past the longest sequence the model runs.
+
+    That is the declared positions, stretched by a RoPE scaling factor as vLLM derives it
+    (linear and dynamic NTK: ``positions * factor``; YaRN: ``original * factor``; llama3 and
+    longrope declare the stretched length already). Past it a model with learned positions
+    (GPT-2, OPT, StarCoder) indexes its position table out of range inside the step. ALiBi
+    and T5's relative buckets have no table: there it is only logged.
+    """
+    found = model_position_limit(hf_config)
+    if found is None:
+        return
+    key, declared = found
+    limit = _stretched_positions(hf_config, declared)
+    if max_total_tokens <= limit:
+        return
+    if _has_no_position_table(hf_config):
+        log.warning("max_total_tokens (%d) is past the model's %s (%d); it has no position table, so it runs, "
+                    "outside what it was trained on", max_total_tokens, key, declared)
+        return
+    scaled = f" stretched by its rope scaling to {limit}" if limit != declared else ""
+    raise ValueError(
+        f"max_total_tokens ({max_total_tokens}) is larger than the model's {key} ({declared}{scaled}): "
+        f"a longer sequence cannot run on it; give --max-total-tokens {limit} or less"
+    )
+
+
+def _stretched_positions(hf_config: Any, declared: int) -> int:
+    from lmport.layers.rotary import rope_parameters
+
+    params = rope_parameters(hf_config)
+    factor = params.get("factor")
+    if not isinstance(factor, (int, float)) or factor <= 1:
+        return declared
+    if params["rope_type"] in ("linear", "dynamic"):
+        return int(declared * factor)
+    if params["rope_type"] == "yarn":
+        return int((params.get("original_max_position_embeddings") or declared) * factor)
+    return declared
+
+
+def _has_no_position_table(hf_config: Any) -> bool:
+    attn = getattr(hf_config, "attn_config", None)
+    alibi = attn.get("alibi") if isinstance(attn, dict) else getattr(attn, "alibi", False)
+    return bool(getattr(hf_config, "alibi", False) or alibi or getattr(hf_config, "relative_attention_num_buckets", None))
 
 
 def resolve_limits(

@@ -16,12 +16,14 @@ It owns the scheduler, the block manager and the output processor, and drives on
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
 from typing import Any, Callable, Iterable
 
 from lmport.engine.api import EngineStats, GenerationRequest, RequestOutput
+from lmport.engine.batch import ExecutorOutput
 from lmport.engine.block_manager import BlockManager
 from lmport.engine.errors import RequestValidationError, check_token_ids
 from lmport.engine.executor import ModelExecutor
@@ -142,15 +144,15 @@ class LLMEngine:
         step = self._schedule()
         if step.is_empty:
             return []
-        try:
-            result = self.executor.execute(step)
-        except Exception as exc:  # fail this step's requests, keep serving the rest
-            log.exception("step failed; failing the %d sequences in it", len(step.entries))
-            return self._fail([e.seq for e in step.entries], f"{type(exc).__name__}: {exc}")
-        now = self.clock()
+        return self._execute(step)
+
+    def _execute(self, step) -> list[RequestOutput]:
+        """Execute ``step`` synchronously and process its results; a failure fails only its culprits."""
         outputs: list[RequestOutput] = []
-        texts = self._detokenize(step.entries, result.sampled)
-        for entry, sampled, prompt in zip(step.entries, result.sampled, result.prompt_logprobs):
+        entries, result = self._execute_isolating(step, outputs)
+        now = self.clock()
+        texts = self._detokenize(entries, result.sampled)
+        for entry, sampled, prompt in zip(entries, result.sampled, result.prompt_logprobs):
             seq = entry.seq
             seq.num_computed_tokens = entry.start + entry.num_new_tokens
             if seq.num_computed_tokens >= seq.num_prompt_tokens - 1:
@@ -160,6 +162,35 @@ class LLMEngine:
                 seq.append_token(sampled.token_id)
             self._emit(seq, sampled, prompt, now, outputs, texts)
         return outputs
+
+    def _execute_isolating(self, step, failed: list[RequestOutput]) -> tuple[list, ExecutorOutput]:
+        """``executor.execute(step)``; when it raises, the halves of the step are executed apart
+        (recursively), so only the sequences that fail alone fail (their outputs go to ``failed``).
+
+        Returns the entries that ran and their results, in step order. A retry feeds the same
+        tokens at the same positions and writes their K/V slots again, so the sequences that
+        did not cause the failure get the tokens they would have got (only a seeded sampler
+        that drew before the failure draws its next numbers).
+        """
+        try:
+            return step.entries, self.executor.execute(step)
+        except Exception as exc:
+            if len(step.entries) == 1:
+                seq = step.entries[0].seq
+                log.exception("request %s failed its step alone; failing it", seq.request_id)
+                failed.extend(self._fail([seq], f"{type(exc).__name__}: {exc}"))
+                return [], ExecutorOutput(sampled=[], prompt_logprobs=[])
+            log.warning("a step of %d sequences failed (%s: %s); running its halves apart to find the culprit",
+                        len(step.entries), type(exc).__name__, exc)
+        mid = len(step.entries) // 2
+        entries: list = []
+        merged = ExecutorOutput(sampled=[], prompt_logprobs=[])
+        for part in (step.entries[:mid], step.entries[mid:]):
+            ran, result = self._execute_isolating(dataclasses.replace(step, entries=part), failed)
+            entries += ran
+            merged.sampled += result.sampled
+            merged.prompt_logprobs += result.prompt_logprobs
+        return entries, merged
 
     def _schedule(self):
         """The next step from the scheduler, counted, with its sequences' first scheduling time set."""
@@ -183,21 +214,24 @@ class LLMEngine:
             outputs += self._finish_step(previous)
             previous = None
         step = self._schedule()
-        launched, error = None, None
+        launched, failed = None, False
         if not step.is_empty:
             try:
                 feed = self._feed(step, previous)
                 pending = self.executor.launch(step, feed, previous.pending if previous else None)
-            except Exception as exc:  # fail this step's requests (after the previous step's outputs)
-                log.exception("step failed; failing the %d sequences in it", len(step.entries))
-                error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # run it again synchronously, once the previous step's tokens are known
+                log.warning("launching a step of %d sequences failed (%s: %s); executing it synchronously",
+                            len(step.entries), type(exc).__name__, exc)
+                failed = True
             else:
                 launched = _InFlight(step, pending, self._advance(step))
         self._in_flight = launched
         if previous is not None:
             outputs += self._finish_step(previous)
-        if error is not None:
-            outputs += self._fail([e.seq for e in step.entries], error)
+        if failed:  # the sequences that ended in the previous step drop out; only culprits fail
+            live = [e for e in step.entries if not e.seq.is_finished]
+            if live:
+                outputs += self._execute(dataclasses.replace(step, entries=live))
         if launched is not None and not self._requests:
             self._in_flight = None  # nothing left to read from it (its sequences ended); the device finishes it
         return outputs

@@ -1,0 +1,50 @@
+"""Fixtures for the reliability tests: tiny random checkpoints with a trained tokenizer,
+engines built through the real factory, servers on 127.0.0.1 (bounded load, loopback only).
+
+- ``tiny_checkpoint(name)``: ``(path, hf_model)``, built once per session.
+- ``build_engine_for(name, **settings)``: a synchronous :class:`LLMEngine` via ``build_llm_engine``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmport.config import LaunchConfig
+from lmport.engine.factory import build_llm_engine
+from lmport.plugins import PluginHost
+from lmport.testing.tiny_models import make_checkpoint
+from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
+from lmport.testing.torch_threads import one_torch_thread  # noqa: F401  (autouse: one intra-op thread)
+
+
+def cpu_host() -> PluginHost:
+    host = PluginHost(environ={}, load_entry_points=False).load()
+    host.select_backend("cpu")
+    return host
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    built: dict[str, tuple[Path, Any]] = {}
+
+    def get(name: str) -> tuple[Path, Any]:
+        if name not in built:
+            path = tmp_path_factory.mktemp(f"reliability-{name}")
+            hf_model = make_checkpoint(name, path)
+            train_tiny_tokenizer(chat=True).save_pretrained(path)
+            built[name] = (path, hf_model)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture
+def build_engine_for(tiny_checkpoint):
+    def build(name: str, **settings: Any):
+        path, _ = tiny_checkpoint(name)
+        return build_llm_engine(LaunchConfig(model_id=str(path), **settings), cpu_host())[0]
+
+    return build
