@@ -137,8 +137,8 @@ def _row_products(w, x_ptr, row: tl.constexpr, stride_xm, ks, mask_k, EVEN_K: tl
 
 
 @triton.jit
-def _store_row(acc, row: tl.constexpr, offs_n, mask_n, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT: tl.constexpr):
-    out = tl.sum(acc, axis=1)
+def _store_row(acc, row: tl.constexpr, offs_n, mask_n, scale, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT: tl.constexpr):
+    out = tl.sum(acc, axis=1) * scale  # scaled before the split-K sum: it is linear
     if SPLIT:
         tl.store(partial_ptr + (pid_k * M + row).to(tl.int64) * N + offs_n, out, mask=mask_n)
     else:
@@ -146,11 +146,21 @@ def _store_row(acc, row: tl.constexpr, offs_n, mask_n, bias, y_ptr, stride_ym, p
 
 
 @triton.jit
+def fp8_bits_to_float(w):
+    """float8 e4m3 bytes (uint8) as float32 by bit moves, for GPUs and Triton's interpreter without
+    a native fp8 conversion: sign and the 7 exponent/mantissa bits go to their float32 places,
+    and ``2**120`` re-biases the exponent (7 -> 127); subnormals come out right too."""
+    b = w.to(tl.int32)
+    bits = ((b & 0x80) << 24) | ((b & 0x7F) << 20)
+    return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36
+
+
+@triton.jit
 def _gemv_fma_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr,
+    x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, scale_ptr,
     N, K, stride_xm, stride_wn, stride_ym, k_per_split,
     ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr = 0, FP8_BITS: tl.constexpr = False,
 ):  # fmt: skip
     """One ``[BLOCK_N, BLOCK_K // VEC]`` float32 accumulator per row of x (ROWS <= 8, unrolled at
     compile time): each keeps the weight tile's own register layout, so the loop is loads and
@@ -185,7 +195,10 @@ def _gemv_fma_kernel(
                 w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None], other=0.0)
         else:
             w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        w = w.to(tl.float32)
+        if FP8_BITS:
+            w = fp8_bits_to_float(w)
+        else:
+            w = w.to(tl.float32)
         acc0 += _row_products(w, x_ptr, 0, stride_xm, ks, mask_k, EVEN_K, VEC)
         if ROWS > 1:
             acc1 += _row_products(w, x_ptr, 1, stride_xm, ks, mask_k, EVEN_K, VEC)
@@ -202,24 +215,30 @@ def _gemv_fma_kernel(
         if ROWS > 7:
             acc7 += _row_products(w, x_ptr, 7, stride_xm, ks, mask_k, EVEN_K, VEC)
     M = ROWS
+    # SCALE: 0 none, 1 one scale for the whole weight, 2 one per output row (fp8 weights)
+    scale = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+    if SCALE == 1:
+        scale = scale * tl.load(scale_ptr).to(tl.float32)
+    if SCALE == 2:
+        scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if HAS_BIAS and not SPLIT:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    _store_row(acc0, 0, offs_n, mask_n, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
+    _store_row(acc0, 0, offs_n, mask_n, scale, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
     if ROWS > 1:
-        _store_row(acc1, 1, offs_n, mask_n, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
+        _store_row(acc1, 1, offs_n, mask_n, scale, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
     if ROWS > 2:
-        _store_row(acc2, 2, offs_n, mask_n, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
+        _store_row(acc2, 2, offs_n, mask_n, scale, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
     if ROWS > 3:
-        _store_row(acc3, 3, offs_n, mask_n, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
+        _store_row(acc3, 3, offs_n, mask_n, scale, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
     if ROWS > 4:
-        _store_row(acc4, 4, offs_n, mask_n, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
+        _store_row(acc4, 4, offs_n, mask_n, scale, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
     if ROWS > 5:
-        _store_row(acc5, 5, offs_n, mask_n, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
+        _store_row(acc5, 5, offs_n, mask_n, scale, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
     if ROWS > 6:
-        _store_row(acc6, 6, offs_n, mask_n, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
+        _store_row(acc6, 6, offs_n, mask_n, scale, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
     if ROWS > 7:
-        _store_row(acc7, 7, offs_n, mask_n, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
+        _store_row(acc7, 7, offs_n, mask_n, scale, bias, y_ptr, stride_ym, partial_ptr, pid_k, M, N, SPLIT)
 
 
 @triton.jit
@@ -285,9 +304,18 @@ def _split_k_reduce_kernel(
 
 
 def gemv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    weight_scale: torch.Tensor | None = None,
+    fp8_bits: bool = False,
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for ``x [M, K]`` with M <= 16 (see :func:`supports`)."""
+    """``F.linear(x, weight, bias)`` for ``x [M, K]`` with M <= 16 (see :func:`supports`).
+
+    ``weight_scale`` (float32 ``[]`` or ``[N]``) multiplies each output column before the bias:
+    the fp8 GEMV (``weight`` float8 e4m3, M <= 8, fma kernel only). ``fp8_bits``: ``weight`` is
+    those bytes as uint8, converted by bit moves (GPUs without fp8 conversion, the interpreter)."""
     m, k = x.shape
     n = weight.shape[0]
     if x.stride(1) != 1:
@@ -306,12 +334,18 @@ def gemv(
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     args = (x, weight, bias if bias is not None else y, y, partial)
+    scaled = weight_scale is not None or fp8_bits or weight.dtype == torch.float8_e4m3fn
+    if scaled:
+        assert m <= MAX_FMA_ROWS and not cfg.use_dot, "the fp8 GEMV runs the fma kernel (<= 8 rows)"
     if cfg.use_dot or m > MAX_FMA_ROWS:
         # Triton's interpreter (CPU tensors) mishandles a bf16 tl.dot: float32 operands there
         _gemv_dot_kernel[grid](*args, m, n, k, x.stride(0), weight.stride(0), y.stride(0), k_per_split,
                                DOT_FP32=not x.is_cuda, **common)  # fmt: skip
     else:
-        _gemv_fma_kernel[grid](*args, n, k, x.stride(0), weight.stride(0), y.stride(0), k_per_split, ROWS=m, **common)
+        scale = 0 if weight_scale is None else 1 if weight_scale.numel() == 1 else 2
+        _gemv_fma_kernel[grid](*args, weight_scale if weight_scale is not None else y,
+                               n, k, x.stride(0), weight.stride(0), y.stride(0), k_per_split, ROWS=m,
+                               SCALE=scale, FP8_BITS=fp8_bits, **common)  # fmt: skip
     if split:
         _split_k_reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK))](
             partial, bias if bias is not None else y, y, m, n, y.stride(0),

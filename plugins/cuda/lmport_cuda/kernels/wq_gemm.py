@@ -1,0 +1,323 @@
+"""Integer weight-only linear (``linear_wq``): ``y = x @ dequant(qweight) + bias`` (Triton).
+
+The canonical layout every integer format is repacked into at load (GPTQ order):
+``qweight`` int32 ``[K * bits // 32, N]``, row ``k``'s value in word ``k // (32 // bits)`` at
+shift ``bits * (k % (32 // bits))``; ``scales``/``zeros`` ``[K // group_size, N]`` in x's dtype
+(float zero points); ``w[k, n] = (q[k, n] - zeros[g, n]) * scales[g, n]`` with ``g = k // group_size``.
+
+Three paths, picked by the row count (:func:`linear_wq`):
+
+- ``gemv`` (one row, decode): each program streams a ``[BLOCK_K // pack, BLOCK_N]`` tile of packed
+  words (16-byte loads along N) over its share of K and never dequantizes a weight: value ``j``
+  of a word is masked into the top of a float32 mantissa, ``1 + q * 2**-bits`` (exact; a shift
+  and one AND/OR per weight), and multiplied into ``x``. Per K tile (inside one group)
+  ``sum x*q = 2**bits * (P - sum x)``, so the group's scale and zero are applied once per column:
+  ``y += s * (2**bits * P - (2**bits + z) * sum x)``. About three ALU operations per weight,
+  which is what one row can afford at int4's byte rate. Split-K over ``split_k`` programs with
+  float32 partials summed by a second kernel (deterministic, no atomics).
+- ``gemm`` (a few to a few hundred rows): tiles of x times the tile's integer values converted to
+  x's dtype on tensor cores (``tl.dot``, float32 accumulation), the same per-tile scale/zero
+  correction; the weight bytes are read once per ``BLOCK_M`` rows.
+- ``dequant`` (large M, prefill): the weight dequantized to x's dtype by one Triton kernel, then
+  cuBLAS; the extra pass over ``K * N`` elements is small next to ``2 * M * K * N`` FLOPs.
+
+A K tile never straddles a group (``BLOCK_K`` divides ``group_size``). Configs come from shapes
+only (no host reads), so CUDA graphs capture the launches as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lmport_cuda.kernels.gemv import REDUCE_BLOCK, SM_COUNT_GUESS, _split_k_reduce_kernel
+
+BITS = (4, 8)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# measured on an NVIDIA H200 (benchmarks/quant_bench.py, Llama-3-8B projections): the row counts
+# up to which each path wins; see docs/benchmarks.md
+GEMV_MAX_ROWS = 1
+GEMM_MAX_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class WqConfig:
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    block_m: int = 16  # gemm only
+
+    def short(self) -> str:
+        return f"m{self.block_m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
+
+
+def supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> bool:
+    """Whether these kernels take the operands (shapes and dtypes only; no host sync)."""
+    if x.dim() != 2 or qweight.dim() != 2 or bits not in BITS or x.dtype not in DTYPES:
+        return False
+    k = x.shape[1]
+    return (
+        qweight.dtype == torch.int32
+        and qweight.shape[0] * (32 // bits) == k
+        and qweight.stride(1) == 1
+        and scales.dim() == 2
+        and scales.shape == (k // group_size, qweight.shape[1])
+        and k % group_size == 0
+        and group_size % 16 == 0
+    )
+
+
+def _block_k(group_size: int, cap: int) -> int:
+    """The largest power of two <= cap that divides the group (tiles stay inside one group)."""
+    block = cap
+    while group_size % block:
+        block //= 2
+    return block
+
+
+def with_split(cfg: WqConfig, n: int, k: int, programs_per_sm: int = 2) -> WqConfig:
+    """Split K (powers of two, each split >= 2 tiles) while the grid is short of the SMs' worth."""
+    blocks, split = triton.cdiv(n, cfg.block_n), 1
+    while (
+        blocks * split < programs_per_sm * SM_COUNT_GUESS
+        and k % (2 * split * cfg.block_k) == 0
+        and k // (2 * split) >= 2 * cfg.block_k
+    ):
+        split *= 2
+    return dataclasses.replace(cfg, split_k=split)
+
+
+def pick_gemv_config(n: int, k: int, group_size: int, bits: int) -> WqConfig:
+    cfg = WqConfig(block_n=256, block_k=_block_k(group_size, 128), num_warps=4, num_stages=3)
+    return with_split(cfg, n, k)
+
+
+def pick_gemm_config(m: int, n: int, k: int, group_size: int, bits: int) -> WqConfig:
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    block_n = 64 if m <= 64 else 128
+    cfg = WqConfig(block_m=block_m, block_n=block_n, block_k=_block_k(group_size, 128 if m <= 64 else 64),
+                   num_warps=4, num_stages=4)  # fmt: skip
+    if m <= 64:
+        return with_split(cfg, n, k)
+    return cfg
+
+
+@triton.jit
+def _value_as_float(w, j: tl.constexpr, BITS: tl.constexpr):
+    """Value ``j`` of each packed word as the float32 ``1 + q * 2**-BITS`` (exact): the value is
+    moved to the top of the mantissa and OR-ed with the exponent of 1.0."""
+    SHIFT: tl.constexpr = 23 - BITS - BITS * j  # left; negative means right
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
+    if SHIFT >= 0:
+        v = w << SHIFT
+    else:
+        v = w >> (-SHIFT)
+    return ((v & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _wq_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, partial_ptr,
+    N, K, stride_qk, stride_g, group_size, k_per_split,
+    BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    PACK: tl.constexpr = 32 // BITS
+    KP: tl.constexpr = BLOCK_K // PACK
+    ONE: tl.constexpr = 1 << BITS
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+    mask_n = offs_n < N
+    offs_kp = tl.arange(0, KP)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        w_ptrs = qw_ptr + (k0 // PACK + offs_kp).to(tl.int64)[:, None] * stride_qk + offs_n[None, :]
+        if EVEN_N:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+        g = k0 // group_size
+        s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        p = tl.zeros((KP, BLOCK_N), dtype=tl.float32)
+        xs = tl.zeros((KP,), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            xj = tl.load(x_ptr + k0 + offs_kp * PACK + j).to(tl.float32)
+            p += _value_as_float(w, j, BITS) * xj[:, None]
+            xs += xj
+        x_sum = tl.sum(xs, axis=0)
+        acc += s * (ONE * tl.sum(p, axis=0) - (ONE + z) * x_sum)
+    if SPLIT:
+        tl.store(partial_ptr + pid_k.to(tl.int64) * N + offs_n, acc, mask=mask_n)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _unpack(w, offs_k, BITS: tl.constexpr):
+    """``[BLOCK_K, BLOCK_N]`` integer values from words loaded once per row (row k reads word k // pack)."""
+    PACK: tl.constexpr = 32 // BITS
+    return (w >> ((offs_k % PACK) * BITS)[:, None]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _wq_gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, partial_ptr,
+    M, N, K, stride_xm, stride_qk, stride_g, stride_ym, group_size, k_per_split,
+    BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    PACK: tl.constexpr = 32 // BITS
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        ks = k0 + offs_k
+        x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None], other=0.0)
+        w = tl.load(qw_ptr + (ks // PACK).to(tl.int64)[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
+        q = _unpack(w, ks, BITS)
+        g = k0 // group_size
+        s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if DOT_FP32:
+            d = tl.dot(x.to(tl.float32), q.to(tl.float32), input_precision="ieee")
+        else:
+            d = tl.dot(x, q.to(x.dtype))  # values < 256: exact in bf16/fp16
+        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        acc += s[None, :] * (d - x_sum[:, None] * z[None, :])
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT:
+        tl.store(partial_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :], acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qk, stride_g, stride_wk, group_size,
+    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    PACK: tl.constexpr = 32 // BITS
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    w = tl.load(qw_ptr + (offs_k // PACK).to(tl.int64)[:, None] * stride_qk + offs_n[None, :], mask=mask, other=0)
+    q = _unpack(w, offs_k, BITS).to(tl.float32)
+    g = (offs_k // group_size)[:, None] * stride_g + offs_n[None, :]
+    s = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    out = ((q - z) * s).to(w_ptr.dtype.element_ty)
+    tl.store(w_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :], out, mask=mask)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """The weight ``[K, N]`` in the scales' dtype: ``(q - zeros) * scales`` per group."""
+    pack = 32 // bits
+    k, n = qweight.shape[0] * pack, qweight.shape[1]
+    out = torch.empty((k, n), dtype=scales.dtype, device=qweight.device)
+    block_k, block_n = 32, 128
+    _dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+        qweight, scales, zeros, out, n, k, qweight.stride(0), scales.stride(0), out.stride(0), group_size,
+        BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def _finish_split(partial, bias, y, m, n, split_k):
+    _split_k_reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK))](
+        partial, bias if bias is not None else y, y, m, n, y.stride(0),
+        SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
+    )  # fmt: skip
+
+
+def _splits(k: int, cfg: WqConfig) -> tuple[int, int]:
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    return k_per_split, triton.cdiv(k, k_per_split)
+
+
+def wq_gemv(x, qweight, scales, zeros, bits, group_size, bias=None, config: WqConfig | None = None) -> torch.Tensor:
+    """One row: ``x [1, K]`` (see the module docstring)."""
+    k, n = x.shape[1], qweight.shape[1]
+    cfg = config or pick_gemv_config(n, k, group_size, bits)
+    assert group_size % cfg.block_k == 0 and cfg.block_k % (32 // bits) == 0, cfg
+    x = x.contiguous()
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    k_per_split, split_k = _splits(k, cfg)
+    split = split_k > 1
+    partial = torch.empty((split_k, 1, n), dtype=torch.float32, device=x.device) if split else y
+    _wq_gemv_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
+        x, qweight, scales, zeros, bias if bias is not None else y, y, partial,
+        n, k, qweight.stride(0), scales.stride(0), group_size, k_per_split,
+        BITS=bits, HAS_BIAS=bias is not None, SPLIT=split, EVEN_N=n % cfg.block_n == 0,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split:
+        _finish_split(partial, bias, y, 1, n, split_k)
+    return y
+
+
+def wq_gemm(x, qweight, scales, zeros, bits, group_size, bias=None, config: WqConfig | None = None) -> torch.Tensor:
+    """Any rows, on tensor cores (see the module docstring)."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    cfg = config or pick_gemm_config(m, n, k, group_size, bits)
+    assert group_size % cfg.block_k == 0 and cfg.block_k % (32 // bits) == 0, cfg
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    k_per_split, split_k = _splits(k, cfg)
+    split = split_k > 1
+    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split else y
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split_k)
+    _wq_gemm_kernel[grid](
+        x, qweight, scales, zeros, bias if bias is not None else y, y, partial,
+        m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), group_size, k_per_split,
+        # float32 x, and Triton's interpreter (which mishandles a bf16 tl.dot), take float32 operands
+        BITS=bits, HAS_BIAS=bias is not None, SPLIT=split, DOT_FP32=x.dtype == torch.float32 or not x.is_cuda,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split:
+        _finish_split(partial, bias, y, m, n, split_k)
+    return y
+
+
+def wq_dequant_matmul(x, qweight, scales, zeros, bits, group_size, bias=None) -> torch.Tensor:
+    """Dequantize to x's dtype, then cuBLAS."""
+    w = dequantize(qweight, scales.to(x.dtype), zeros.to(x.dtype), bits, group_size)
+    y = x @ w
+    return y + bias if bias is not None else y
+
+
+def linear_wq(x, qweight, scales, zeros, bits, group_size, bias=None) -> torch.Tensor:
+    """``linear_wq`` by row count: the GEMV for one row, the fused GEMM up to
+    :data:`GEMM_MAX_ROWS`, dequantize + cuBLAS above (assumes :func:`supports`)."""
+    m = x.shape[0]
+    if m <= GEMV_MAX_ROWS:
+        return wq_gemv(x, qweight, scales, zeros, bits, group_size, bias)
+    if m <= GEMM_MAX_ROWS:
+        return wq_gemm(x, qweight, scales, zeros, bits, group_size, bias)
+    return wq_dequant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
