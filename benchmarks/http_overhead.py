@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -107,28 +108,42 @@ class StandInEngine:
     def stats(self) -> Any:
         return self._stats
 
+    model_dtype = "float32"
+    error = None
+    started_at = None
+
+    @property
+    def num_open(self) -> int:
+        return len(self._open)
+
     def validate(self, request: Any) -> None:
-        from lmport.engine.llm_engine import validate_request
+        from lmport.engine.rules import validate_request
 
         validate_request(request, self.limits, self.vocab_size)
 
-    async def generate(self, request: Any) -> AsyncIterator[Any]:
-        self.validate(request)
-        entry = _Open(request, asyncio.Queue(), asyncio.get_running_loop(), [0] * request.params.n)
-        with self._lock:
-            self._open[request.request_id] = entry
+    def submit(self, requests: list[Any]) -> list["_StandInStream"]:
+        """EngineClient.submit: validate, register, wake the step thread."""
+        loop = asyncio.get_running_loop()
+        streams = []
+        for request in requests:
+            self.validate(request)
+        for request in requests:
+            request = dataclasses.replace(request, arrival_time=request.arrival_time or time.monotonic())
+            entry = _Open(request, asyncio.Queue(), loop, [0] * request.params.n)
+            with self._lock:
+                self._open[request.request_id] = entry
+            streams.append(_StandInStream(self, entry))
         self.start()
         self._wake.set()
-        remaining = request.params.n
+        return streams
+
+    async def generate(self, request: Any) -> AsyncIterator[Any]:
+        (stream,) = self.submit([request])
         try:
-            while remaining:
-                item = await entry.queue.get()
-                if item.finished:
-                    remaining -= 1
+            async for item in stream:
                 yield item
         finally:
-            if remaining:
-                self.abort(request.request_id)
+            stream.close()
 
     def abort(self, request_id: str) -> None:
         self._aborted.append(request_id)
@@ -193,6 +208,32 @@ class StandInEngine:
         # Queued behind the wake-ups of the requests just fed: the next step starts once the
         # server has turned this one's outputs into writes, as when it keeps pace with a GPU.
         asyncio.get_running_loop().call_soon(self._taken.set)
+
+
+class _StandInStream:
+    """One request's outputs from the stand-in (EngineClient's OutputStream)."""
+
+    def __init__(self, engine: StandInEngine, entry: _Open):
+        self.request_id = entry.request.request_id
+        self.arrival_time = entry.request.arrival_time
+        self._engine, self._queue = engine, entry.queue
+        self._remaining = entry.request.params.n
+
+    def __aiter__(self) -> "_StandInStream":
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._remaining <= 0:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item.finished:
+            self._remaining -= 1
+        return item
+
+    def close(self) -> None:
+        if self._remaining > 0:
+            self._remaining = 0
+            self._engine.abort(self.request_id)
 
 
 # ---------------------------------------------------------------------------- the server process

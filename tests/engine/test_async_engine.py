@@ -228,3 +228,24 @@ def test_a_request_opened_while_the_loop_dies_fails_instead_of_waiting_forever(a
 
     asyncio.run(main())
     assert checked and "late" not in engine._streams
+
+
+def test_submit_admits_all_requests_or_none(async_engine):
+    """One admission control: a submission of several requests that would pass
+    max_concurrent_requests is refused whole, and nothing of it reaches the engine."""
+    engine, _ = async_engine(max_concurrent_requests=3)
+
+    async def main():
+        held = engine.submit([request("held", [3, 4, 5], max_new=30)])
+        with pytest.raises(EngineOverloadedError):
+            engine.submit([request(f"many-{i}", [3, 4, 5]) for i in range(3)])
+        assert engine.num_open == 1
+        pair = engine.submit([request("a", [3, 4, 5], max_new=2), request("b", [3, 4, 5], max_new=2)])
+        assert engine.num_open == 3
+        for stream in pair:
+            outs = [out async for out in stream]
+            assert outs[-1].finished and outs[-1].request_id == stream.request_id
+        held[0].close()  # closing an unfinished stream aborts it and frees its slot
+        assert engine.num_open == 0
+
+    asyncio.run(main())

@@ -141,7 +141,7 @@ def test_stop_token_and_eos_end_generation(make_engine, random_prompts, hf_greed
 def test_requests_that_can_never_run_are_refused(make_engine):
     engine, _ = make_engine("llama", max_input_tokens=10, max_total_tokens=16)
     with pytest.raises(RequestValidationError, match="less than 10"):
-        engine.add_request(request("long", list(range(3, 14))))
+        engine.add_request(request("long", list(range(3, 14)), max_new=4))  # only the prompt is too long
     with pytest.raises(RequestValidationError, match="<= 16"):
         engine.add_request(request("total", list(range(3, 13)), max_new=7))
     with pytest.raises(RequestValidationError):
@@ -188,3 +188,19 @@ def test_a_failing_step_fails_only_its_requests(make_engine, random_prompts, hf_
     assert all(o.error is None for o in outputs)
     assert tokens_of(outputs) == hf_greedy(hf_model, good_prompt, 8)[0]
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_stop_string_s_position_comes_with_the_last_output(make_engine, random_prompts):
+    """The engine says where the stop string that ended a sequence begins in its whole text,
+    so the OpenAI routes cut there instead of searching the text again."""
+    engine, _ = make_engine("llama")
+    prompt = random_prompts([6], seed=3)[0]
+    free = engine.generate([request("free", prompt, max_new=12)])["free"]
+    text = "".join(o.text for o in free)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), f"the tiny model's text has no usable middle: {text!r}"
+    outs = engine.generate([request("stopped", prompt, max_new=12, stop=(stop,))])["stopped"]
+    stopped_text = "".join(o.text for o in outs)
+    assert outs[-1].finish_reason == "stop_sequence"
+    assert outs[-1].stop_text_offset == text.find(stop) == stopped_text.find(stop)
+    assert all(o.stop_text_offset is None for o in outs[:-1]) and free[-1].stop_text_offset is None

@@ -1,4 +1,7 @@
-"""The engine's public types: what the HTTP layer submits and what it receives per step.
+"""The engine's public types: what the HTTP layer submits, what it receives per step, and
+:class:`EngineClient`, the surface both frontends (the thread's
+:class:`~lmport.engine.async_engine.AsyncEngine`, the process's
+:class:`~lmport.engine.engine_process.EngineProcessClient`) offer the server.
 
 Kept small and plain (dataclasses of builtins) so the engine can move into its own process
 without changing the server.
@@ -7,7 +10,12 @@ without changing the server.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, AsyncIterator, Literal, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from lmport.engine.limits import EngineLimits
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "abort"]
 
@@ -16,7 +24,8 @@ FinishReason = Literal["length", "eos_token", "stop_sequence", "abort"]
 class SamplingParams:
     """TGI's generation parameters (and the OpenAI ones mapped onto them).
 
-    Validation of ranges is the server's job (it answers 422); the engine trusts these.
+    Ranges and limits are checked by the engine's rules (:mod:`lmport.engine.rules`) when the
+    request is submitted; the server answers their :class:`RequestValidationError` with 422.
     """
 
     max_new_tokens: int = 20
@@ -49,7 +58,7 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
-    arrival_time: float | None = None  # time.monotonic(); set by the engine if None
+    arrival_time: float | None = None  # time.monotonic(); stamped when the engine accepts it (submit) if None
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,9 @@ class RequestOutput:
     first_token_time: float | None = None
     finished_time: float | None = None
     error: str | None = None  # set when generation failed (server answers 424)
+    # finish_reason "stop_sequence" on a stop string: where that string begins in the sequence's
+    # whole text (the concatenated ``text`` of its outputs), so a caller can cut it off (OpenAI does)
+    stop_text_offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,3 +106,70 @@ class EngineStats:
     prefix_cache_hits: int
     batch_size: int = 0
     extra: dict = field(default_factory=dict)
+
+
+class OutputStream(Protocol):
+    """One submitted request's outputs, in order; ends when all ``n`` sequences have finished.
+
+    Raises the engine's failure (:class:`~lmport.engine.errors.EngineDeadError`) where it happens.
+    ``close`` (idempotent) aborts the request if it is unfinished and frees its admission slot.
+    """
+
+    request_id: str
+    arrival_time: float
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
+
+    async def __anext__(self) -> RequestOutput: ...
+
+    def close(self) -> None: ...
+
+
+class EngineClient(Protocol):
+    """What the HTTP layer uses of an engine that runs in a thread or a process.
+
+    ``submit`` is the one admission control: it validates every request by the engine's rules
+    (:class:`~lmport.engine.errors.RequestValidationError`), admits all of them or none
+    against ``limits.max_concurrent_requests``
+    (:class:`~lmport.engine.errors.EngineOverloadedError`), refuses when the engine is not
+    serving (:class:`~lmport.engine.errors.EngineDeadError`), and hands them to the engine.
+    """
+
+    started_at: float | None
+
+    @property
+    def limits(self) -> EngineLimits: ...
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+    @property
+    def vocab_size(self) -> int | None: ...
+
+    @property
+    def model_dtype(self) -> str | None: ...
+
+    @property
+    def is_healthy(self) -> bool: ...
+
+    @property
+    def error(self) -> BaseException | None: ...
+
+    @property
+    def num_open(self) -> int:
+        """Requests admitted and not yet closed (what ``max_concurrent_requests`` counts)."""
+        ...
+
+    def start(self) -> EngineClient: ...
+
+    def shutdown(self, timeout: float | None = 10.0) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def validate(self, request: GenerationRequest) -> None: ...
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> list[OutputStream]: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...

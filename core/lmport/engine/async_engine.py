@@ -2,8 +2,8 @@
 
 The HTTP server's event loop never runs a model step: ``generate`` posts the request to the
 loop thread's inbox and awaits outputs that the thread hands back with
-``loop.call_soon_threadsafe``. The API is small (``generate``, ``abort``, ``stats``) so that
-the loop can later move into a process of its own without touching the server.
+``loop.call_soon_threadsafe``. It implements :class:`~lmport.engine.api.EngineClient`, as
+:class:`~lmport.engine.engine_process.EngineProcessClient` does for a loop in its own process.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections import deque
 
 from lmport.engine.api import EngineStats, GenerationRequest, RequestOutput
 from lmport.engine.errors import EngineDeadError
-from lmport.engine.llm_engine import LLMEngine
+from lmport.engine.llm_engine import LLMEngine, weights_dtype
 from lmport.engine.streams import StreamingFrontend
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ class AsyncEngine(StreamingFrontend):
     def vocab_size(self) -> int | None:
         return self.engine.vocab_size
 
+    @property
+    def model_dtype(self) -> str | None:
+        return weights_dtype(self.engine)
+
     def start(self) -> "AsyncEngine":
         """Start the loop thread (idempotent)."""
         if self._thread is None:
@@ -86,9 +90,6 @@ class AsyncEngine(StreamingFrontend):
         return self._stats
 
     # ------------------------------------------------------------------ requests
-
-    def validate(self, request: GenerationRequest) -> None:
-        self.engine.validate(request)
 
     def _submit(self, request: GenerationRequest) -> None:
         self._post("add", request)
@@ -134,7 +135,7 @@ class AsyncEngine(StreamingFrontend):
             kind, payload = self._inbox.popleft()
             if kind == "add":
                 try:
-                    self.engine.add_request(payload)
+                    self.engine.add_validated(payload)  # submit() validated it
                 except Exception as exc:
                     self._send(payload.request_id, exc)
             else:

@@ -6,9 +6,8 @@ H200 with a Llama-3-8B-shape model, the threaded :class:`~lmport.engine.async_en
 served 4,398 output tok/s over HTTP against 6,448 stepping the engine directly. vLLM V1 runs
 its engine core in a separate process for the same reason.
 
-:class:`EngineProcessClient` has the surface the server uses from ``AsyncEngine`` (``generate``,
-``abort``, ``stats``, ``is_healthy``, ``error``, ``start``, ``shutdown``, ``started_at``,
-``limits``, ``tokenizer``, ``vocab_size``, ``validate``). What crosses the two one-way pipes:
+:class:`EngineProcessClient` implements :class:`~lmport.engine.api.EngineClient`, as
+``AsyncEngine`` does. What crosses the two one-way pipes:
 
 - parent -> child: ``("add", GenerationRequest)``, ``("abort", request_id)``, ``("stop",)``;
 - child -> parent: once ``("ready", _Ready)`` or ``("error", text)``; then per step
@@ -16,8 +15,9 @@ its engine core in a separate process for the same reason.
   ``("failed", request_id, exception)`` for an add the engine refused, ``("stats", EngineStats)``
   when the idle engine's counts change, and ``("dead", text)`` before a fatal exit.
 
-Requests are validated in the parent (:func:`~lmport.engine.llm_engine.validate_request` and the
-``max_concurrent_requests`` check), so a refusal costs no round trip. Timestamps in outputs are
+Requests are validated and admitted in the parent (:meth:`StreamingFrontend.submit
+<lmport.engine.streams.StreamingFrontend.submit>`: the engine's rules and the
+``max_concurrent_requests`` check), so a refusal costs no round trip; the child queues them as they come. Timestamps in outputs are
 ``time.monotonic()`` of the child, comparable with the parent's: on Linux and macOS it is one
 system-wide clock.
 """
@@ -223,12 +223,6 @@ class EngineProcessClient(StreamingFrontend):
 
     # ------------------------------------------------------------------ requests
 
-    def validate(self, request: GenerationRequest) -> None:
-        """Raise :class:`RequestValidationError` for a request that can never run; no round trip."""
-        from lmport.engine.llm_engine import validate_request
-
-        validate_request(request, self._limits, self._vocab_size)
-
     def _submit(self, request: GenerationRequest) -> None:
         self._post(("add", request))
 
@@ -294,6 +288,7 @@ def _child_main(spec: _ChildSpec, inbound: Connection, outbound: Connection) -> 
     import torch
 
     from lmport.engine.factory import build_llm_engine
+    from lmport.engine.llm_engine import weights_dtype
     from lmport.plugins import PluginHost
 
     torch.set_num_threads(spec.torch_threads)
@@ -309,7 +304,7 @@ def _child_main(spec: _ChildSpec, inbound: Connection, outbound: Connection) -> 
         pid=os.getpid(),
         limits=engine.limits,
         vocab_size=engine.vocab_size,
-        model_dtype=_weights_dtype(engine),
+        model_dtype=weights_dtype(engine),
         fallbacks=tuple(host.fallbacks),
         stats=engine.stats(),
     )
@@ -395,7 +390,7 @@ class _ChildLoop:
             kind, payload = self.inbox.popleft()
             if kind == "add":
                 try:
-                    self.engine.add_request(payload)
+                    self.engine.add_validated(payload)  # the parent's submit() validated it
                 except Exception as exc:
                     self.outbound.send(("failed", payload.request_id, _crossable(exc)))
             elif kind == "abort":
@@ -419,15 +414,6 @@ def _send_quietly(conn: Connection, message: tuple) -> None:
         conn.send(message)
     except Exception:  # the parent is gone: nobody to tell
         pass
-
-
-def _weights_dtype(engine: Any) -> str | None:
-    """The dtype of the loaded weights, for ``/info`` (the parent cannot see the model)."""
-    model = getattr(getattr(engine, "executor", None), "model", None)
-    try:
-        return str(next(model.parameters()).dtype).removeprefix("torch.")
-    except (AttributeError, StopIteration, TypeError):
-        return None
 
 
 def _torch_threads() -> int:

@@ -16,7 +16,9 @@ _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """What the scheduler plans with and what the server validates requests against.
+    """What the scheduler plans with and what every request is validated against (the engine's
+    rules in :mod:`lmport.engine.rules`; the server reads the same object, built once by
+    :func:`resolve_limits`).
 
     ``max_batch_total_tokens`` is the KV cache's capacity in tokens
     (``num_blocks * block_size``); a request whose prompt plus ``max_new_tokens`` exceeds
@@ -34,6 +36,12 @@ class EngineLimits:
     block_size: int
     num_blocks: int
     enable_prefix_caching: bool = True
+    # per-request limits on fields (TGI's flags of the same names)
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_client_batch_size: int = 4
+    disable_grammar_support: bool = False
 
 
 def model_max_positions(hf_config: Any, default: int = 4096) -> int:
@@ -134,4 +142,9 @@ def resolve_limits(
         block_size=block_size,
         num_blocks=num_blocks,
         enable_prefix_caching=config.enable_prefix_caching,
+        max_best_of=config.max_best_of,
+        max_stop_sequences=config.max_stop_sequences,
+        max_top_n_tokens=config.max_top_n_tokens,
+        max_client_batch_size=config.max_client_batch_size,
+        disable_grammar_support=config.disable_grammar_support,
     )

@@ -25,10 +25,11 @@ from typing import Any, Callable, Iterable
 from lmport.engine.api import EngineStats, GenerationRequest, RequestOutput
 from lmport.engine.batch import ExecutorOutput
 from lmport.engine.block_manager import BlockManager
-from lmport.engine.errors import RequestValidationError, check_token_ids
+from lmport.engine.errors import RequestValidationError
 from lmport.engine.executor import ModelExecutor
 from lmport.engine.limits import EngineLimits
 from lmport.engine.outputs import OutputProcessor
+from lmport.engine.rules import validate_request
 from lmport.engine.scheduler import Scheduler
 from lmport.engine.sequence import Sequence
 
@@ -81,8 +82,12 @@ class LLMEngine:
         validate_request(request, self.limits, self.vocab_size)
 
     def add_request(self, request: GenerationRequest) -> None:
-        """Queue a request as ``params.n`` sequences (seeds ``seed + i`` when a seed is given)."""
+        """Validate and queue a request as ``params.n`` sequences (seeds ``seed + i`` when a seed is given)."""
         self.validate(request)
+        self.add_validated(request)
+
+    def add_validated(self, request: GenerationRequest) -> None:
+        """Queue a request its frontend validated already (by the same rules, in ``submit``)."""
         if request.request_id in self._requests:
             raise RequestValidationError(f"request id {request.request_id!r} is already in flight")
         arrival = request.arrival_time if request.arrival_time is not None else self.clock()
@@ -359,27 +364,13 @@ class LLMEngine:
 
 
 
-def validate_request(request: GenerationRequest, lim: EngineLimits, vocab_size: int | None) -> None:
-    """Raise :class:`RequestValidationError` for a request that can never run under ``lim``.
-
-    Pure: a front end that holds no engine (another process runs it) validates with this.
-    """
-    n_prompt = len(request.prompt_token_ids)
-    params = request.params
-    if n_prompt == 0:
-        raise RequestValidationError("`inputs` must have at least one token")
-    check_token_ids(request.prompt_token_ids, vocab_size)
-    if n_prompt > lim.max_input_tokens:
-        raise RequestValidationError(f"`inputs` must have less than {lim.max_input_tokens} tokens. Given: {n_prompt}")
-    if params.max_new_tokens < 1:
-        raise RequestValidationError("`max_new_tokens` must be strictly positive")
-    if n_prompt + params.max_new_tokens > lim.max_total_tokens:
-        raise RequestValidationError(
-            f"`inputs` tokens + `max_new_tokens` must be <= {lim.max_total_tokens}. "
-            f"Given: {n_prompt} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`"
-        )
-    if params.n < 1:
-        raise RequestValidationError("`n` must be at least 1")
+def weights_dtype(engine: LLMEngine) -> str | None:
+    """The dtype of the loaded weights, for ``/info`` (None when the executor shows no model)."""
+    model = getattr(engine.executor, "model", None)  # executors need not expose one
+    try:
+        return str(next(model.parameters()).dtype).removeprefix("torch.")
+    except (AttributeError, StopIteration, TypeError):
+        return None
 
 
 class _InFlight:

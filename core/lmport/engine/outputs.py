@@ -102,6 +102,8 @@ class OutputProcessor:
         )
         out = self._output(seq, state, [token], text)
         if reason is not None:
+            if reason == "stop_sequence" and stop.stop_match is not None:
+                out.stop_text_offset = stop.stop_match[1]
             self._finish(seq, out, reason, now)
         return out
 

@@ -7,11 +7,10 @@ down after uvicorn has drained the in-flight requests.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -20,12 +19,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmport import __version__
-from lmport.engine.api import SamplingParams
+from lmport.engine.api import GenerationRequest, SamplingParams
 from lmport.server import routes_info, routes_openai, routes_tgi
 from lmport.server.errors import install_error_handlers
-from lmport.server.generation import ClientDisconnected, Timings, collect
+from lmport.server.generation import ClientDisconnected
 from lmport.server.state import ServerState
-from lmport.server.validation import ValidRequest
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +69,18 @@ class PayloadLimit:
         return f"Payload too large: {size} bytes is over the limit of {self.limit} bytes (--payload-limit)"
 
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
 async def warm_up(state: ServerState) -> None:
     """Start the engine and push one short request through it; then /health says 200."""
     started = time.monotonic()
-    start = getattr(state.engine, "start", None)
-    if callable(start):
-        await _maybe_await(start())
-    warmup = getattr(state.engine, "warmup", None)
-    if callable(warmup):
-        await _maybe_await(warmup())
-    else:
-        first_token = state.model.eos_token_ids[0] if state.model.eos_token_ids else 0
-        prompt = getattr(state.tokenizer, "bos_token_id", None)
-        ids = (prompt if prompt is not None else first_token,)
-        valid = ValidRequest(prompt_ids=ids, params=SamplingParams(max_new_tokens=2, ignore_eos=True), input_length=1)
-        await collect(state.engine, valid, Timings(start=time.monotonic()))
+    state.engine.start()
+    first_token = state.model.eos_token_ids[0] if state.model.eos_token_ids else 0
+    prompt = state.tokenizer.bos_token_id  # None for tokenizers without a BOS
+    ids = (prompt if prompt is not None else first_token,)
+    request = GenerationRequest("warmup", ids, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    (stream,) = state.engine.submit([request])
+    async for output in stream:
+        if output.error:
+            raise RuntimeError(f"the warm-up request failed: {output.error}")
     state.ready = True
     log.info("warm-up done in %.1f s; ready", time.monotonic() - started)
 
@@ -108,9 +99,7 @@ def build_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
         finally:
             state.ready = False
             if manage_engine:
-                shutdown = getattr(state.engine, "shutdown", None)
-                if callable(shutdown):
-                    await _maybe_await(shutdown())
+                state.engine.shutdown()
 
     app = FastAPI(
         title="lmport",

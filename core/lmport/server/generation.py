@@ -1,28 +1,30 @@
-"""Running one validated request through the engine: the stream of its outputs, the collected
-result, its timings, and the abort when the client goes away.
+"""Running validated requests through the engine: the route scope that admits, counts and
+closes them, the stream of their outputs, the collected result, its timings, and the abort when
+the client goes away.
 
-The engine speaks :mod:`lmport.engine.api`; this module is the only place the HTTP layer
-touches it (``generate``, ``abort``), so the routes stay about JSON.
+The engine speaks :mod:`lmport.engine.api` (:class:`~lmport.engine.api.EngineClient`); this
+module is the only place the HTTP layer submits to it, so the routes stay about JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Iterator, Sequence, TypeVar
 
-import anyio
 from starlette.requests import Request
 
-from lmport.engine.api import GenerationRequest, RequestOutput, TokenInfo
+from lmport.engine.api import GenerationRequest, OutputStream, RequestOutput, TokenInfo
 from lmport.engine.errors import EngineDeadError, EngineOverloadedError, RequestValidationError
-from lmport.server.errors import GenerationFailed, IncompleteGeneration, Overloaded, ValidationFailed
+from lmport.server.errors import ApiError, GenerationFailed, IncompleteGeneration, Overloaded, ValidationFailed
 from lmport.server.streaming import token_texts
 from lmport.server.validation import ValidRequest
+
+if TYPE_CHECKING:
+    from lmport.server.state import ServerState
 
 T = TypeVar("T")
 
@@ -42,10 +44,17 @@ class SequenceResult:
     finish_reason: str | None = None
     seed: int | None = None
     cumulative_logprob: float = 0.0
+    stop_text_offset: int | None = None  # where the stop string that ended it begins in ``text``
 
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+    @property
+    def text_before_stop(self) -> str:
+        """The text without the stop string that ended it and what followed (OpenAI's text)."""
+        text = self.text
+        return text if self.stop_text_offset is None else text[: self.stop_text_offset]
 
     @property
     def generated_tokens(self) -> int:
@@ -101,24 +110,107 @@ def new_request_id(prefix: str = "req") -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def stream_outputs(
-    engine: Any, valid: ValidRequest, timings: Timings, request_id: str | None = None
-) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for ``valid``; the request is aborted if the consumer stops early.
+FAILURE_KIND = {"incomplete_generation": "incomplete"}  # metrics' label for an error_type
+
+
+class RouteScope:
+    """One generating HTTP request, as each of the four generating routes enters it: counted
+    once, its engine requests admitted together (the engine's :meth:`~EngineClient.submit` is the
+    only admission control), its failure or its successes recorded, its streams closed (which
+    aborts what is unfinished) however it ends.
+
+    ``with scope:`` around a whole request (non-streaming routes). A streaming route enters
+    ``with scope.opening():`` to validate and submit (a refusal is recorded and closes what was
+    opened), then the event generator records what happens later and calls :meth:`close` last.
+    """
+
+    def __init__(self, state: "ServerState") -> None:
+        self.state = state
+        self.started = time.monotonic()
+        self.streams: list[OutputStream] = []
+        state.metrics.request()
+
+    # ------------------------------------------------------------------ entering
+
+    def __enter__(self) -> "RouteScope":
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        try:
+            self._record(exc)
+        finally:
+            self.close()
+
+    @contextlib.contextmanager
+    def opening(self) -> Iterator["RouteScope"]:
+        try:
+            yield self
+        except BaseException as exc:
+            self._record(exc)
+            self.close()
+            raise
+
+    def _record(self, exc: BaseException | None) -> None:
+        if isinstance(exc, ApiError):
+            self.failed(exc)
+        elif isinstance(exc, ClientDisconnected):
+            self.state.metrics.failure("disconnected")
+
+    # ------------------------------------------------------------------ the engine
+
+    def open(self, valids: Sequence[ValidRequest]) -> list[OutputStream]:
+        """Submit ``valids`` to the engine, all admitted or none; its refusals as TGI's errors."""
+        requests = [GenerationRequest(new_request_id(), v.prompt_ids, v.params) for v in valids]
+        try:
+            streams = self.state.engine.submit(requests)
+        except RequestValidationError as exc:  # TGI's answers: 422 validation, 429 overload, 424 dead engine
+            raise ValidationFailed(str(exc)) from exc
+        except EngineOverloadedError as exc:
+            raise Overloaded(str(exc)) from exc
+        except EngineDeadError as exc:
+            raise GenerationFailed(str(exc)) from exc
+        self.streams.extend(streams)
+        metrics = self.state.metrics
+        for valid in valids:
+            metrics.input_length.observe(valid.input_length)
+            metrics.max_new_tokens.observe(valid.params.max_new_tokens)
+        return streams
+
+    def timings(self, stream: OutputStream) -> "Timings":
+        """The timings of one of this request's streams (validation ends when it was admitted)."""
+        return Timings(start=self.started, queued=stream.arrival_time)
+
+    # ------------------------------------------------------------------ leaving
+
+    def failed(self, exc: ApiError) -> None:
+        self.state.metrics.failure(FAILURE_KIND.get(exc.error_type, exc.error_type))
+
+    def succeeded(self, timings: "Timings", generated: int) -> dict[str, float]:
+        """Record one stream's success; its seconds in validation, queue, inference and in total."""
+        split = timings.split()
+        self.state.metrics.success(
+            total=split["total"], validation=split["validation"], queue=split["queue"],
+            inference=split["inference"], generated=generated,
+        )
+        return split
+
+    def close(self) -> None:
+        """Close every stream (idempotent): unfinished requests are aborted, their slots freed."""
+        for stream in self.streams:
+            stream.close()
+
+
+async def stream_outputs(stream: OutputStream, timings: Timings, n: int = 1) -> AsyncIterator[RequestOutput]:
+    """The outputs of a submitted request of ``n`` sequences; closing this early closes (aborts) the stream.
 
     A failed generation (``RequestOutput.error``) raises :class:`GenerationFailed` (424); an
     engine stream that ends before every sequence finished raises :class:`IncompleteGeneration`.
     """
-    request_id = request_id or new_request_id()
-    timings.queued = time.monotonic()
-    request = GenerationRequest(request_id, valid.prompt_ids, valid.params, arrival_time=timings.queued)
-    outputs = engine.generate(request)
-    remaining = valid.params.n
+    remaining = n
     try:
-        # One generator between the engine and the route (this runs once per streamed token),
-        # so the engine's own refusals are mapped here rather than in a wrapper of its own.
         try:
-            async for output in outputs:
+            # one generator between the engine and the route: this runs once per streamed token
+            async for output in stream:
                 if output.error:
                     raise GenerationFailed(output.error)
                 if timings.scheduled is None or output.finished:
@@ -126,38 +218,19 @@ async def stream_outputs(
                 if output.finished:
                     remaining -= 1
                 yield output
-                if remaining <= 0:
-                    return
-        except RequestValidationError as exc:  # TGI's answers: 422 validation, 429 overload, 424 dead engine
-            raise ValidationFailed(str(exc)) from exc
-        except EngineOverloadedError as exc:
-            raise Overloaded(str(exc)) from exc
         except EngineDeadError as exc:
             raise GenerationFailed(str(exc)) from exc
-        raise IncompleteGeneration()
+        if remaining > 0:
+            raise IncompleteGeneration()
     finally:
-        # Shielded: under anyio (Starlette) a cancelled scope re-cancels every await in it.
-        with anyio.CancelScope(shield=True):
-            if remaining > 0:  # the consumer left early, failed or was cancelled: free the KV blocks
-                await abort(engine, request_id)
-            with contextlib.suppress(Exception):
-                await outputs.aclose()
+        stream.close()  # synchronous: a cancelled consumer still frees the KV blocks now
 
 
-async def abort(engine: Any, request_id: str) -> None:
-    """``engine.abort``, whether the engine made it a plain or an async method."""
-    with contextlib.suppress(Exception):
-        result = engine.abort(request_id)
-        if inspect.isawaitable(result):
-            await result
-
-
-async def collect(engine: Any, valid: ValidRequest, timings: Timings) -> GenerationResult:
-    """Run ``valid`` to completion and gather every sequence."""
-    request_id = new_request_id()
+async def collect(stream: OutputStream, valid: ValidRequest, timings: Timings) -> GenerationResult:
+    """Run a submitted request to completion and gather every sequence."""
     sequences = {i: SequenceResult(i) for i in range(valid.params.n)}
     prompt_tokens: list[TokenInfo] | None = None
-    async for output in stream_outputs(engine, valid, timings, request_id):
+    async for output in stream_outputs(stream, timings, valid.params.n):
         seq = sequences.setdefault(output.index, SequenceResult(output.index))
         seq.tokens.extend(output.tokens)
         seq.token_texts.extend(token_texts(output))
@@ -169,8 +242,9 @@ async def collect(engine: Any, valid: ValidRequest, timings: Timings) -> Generat
             prompt_tokens = output.prompt_tokens
         if output.finished:
             seq.finish_reason = output.finish_reason
+            seq.stop_text_offset = output.stop_text_offset
     ordered = [sequences[i] for i in sorted(sequences)]
-    return GenerationResult(request_id, valid.input_length, ordered, prompt_tokens, timings)
+    return GenerationResult(stream.request_id, valid.input_length, ordered, prompt_tokens, timings)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -82,7 +82,7 @@ async def health(request: Request) -> Response:
     state = _state(request)
     if not state.ready:
         raise Unhealthy("unhealthy: warming up")
-    if not await state.engine_alive():
+    if not state.engine_alive():
         raise Unhealthy()
     return Response(status_code=200)
 

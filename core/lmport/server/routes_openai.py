@@ -11,18 +11,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from contextlib import ExitStack, aclosing
+from contextlib import aclosing
 from typing import AsyncIterator, Sequence
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from lmport.engine.api import RequestOutput, TokenInfo
+from lmport.engine.api import OutputStream, RequestOutput, TokenInfo
 from lmport.server.auth import require_api_key
 from lmport.server.chat import render_chat
 from lmport.server.errors import ApiError, ValidationFailed
-from lmport.server.generation import GenerationResult, SequenceResult, Timings, collect, stream_outputs, until_disconnect
-from lmport.server.routes_tgi import ERRORS, record_failure, record_success, release_on_error, simple_tokens, state_of
+from lmport.server.generation import GenerationResult, RouteScope, SequenceResult, collect, stream_outputs, until_disconnect
+from lmport.server.routes_tgi import ERRORS, simple_tokens, state_of
 from lmport.server.schemas_openai import (
     ChatChoice,
     ChatCompletion,
@@ -41,7 +41,7 @@ from lmport.server.schemas_openai import (
     Usage,
 )
 from lmport.server.schemas_tgi import ChatTokenizeResponse, GenerateParameters
-from lmport.server.state import Permit, ServerState
+from lmport.server.state import ServerState
 from lmport.server.streaming import ChunkTemplate, EventStreamResponse, finite_or_none, sse_data, token_texts
 from lmport.server.validation import ValidRequest
 
@@ -67,14 +67,6 @@ def openai_parameters(
         top_n_tokens=top_logprobs or None,
         details=True,
     )
-
-
-def cut_stop(text: str, stops: Sequence[str], finish_reason: str | None) -> str:
-    """OpenAI leaves out the stop sequence that ended the text (and anything after it)."""
-    if finish_reason != "stop_sequence":
-        return text
-    found = [at for at in (text.find(stop) for stop in stops if stop) if at >= 0]
-    return text[: min(found)] if found else text
 
 
 def now() -> int:
@@ -108,33 +100,25 @@ def chat_request_to_valid(state: ServerState, body: ChatRequest) -> ValidRequest
 async def chat_completions(body: ChatRequest, request: Request) -> Response:
     """Chat completion through the model's chat template; ``stream`` gives OpenAI's chunks."""
     state = state_of(request)
-    timings = Timings(start=time.monotonic())
-    state.metrics.request()
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    try:
-        permit = state.limiter.acquire()
-        with release_on_error(permit):
-            valid = chat_request_to_valid(state, body)
-    except ApiError as exc:
-        record_failure(state, exc)
-        raise
-    state.metrics.input_length.observe(valid.input_length)
+    scope = RouteScope(state)
     if body.stream:
+        with scope.opening():
+            valid = chat_request_to_valid(state, body)
+            (stream,) = scope.open([valid])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = chat_events(state, valid, timings, completion_id, include_usage, bool(body.logprobs), body.top_logprobs or 0, permit)
+        events = chat_events(scope, stream, valid, completion_id, include_usage, bool(body.logprobs), body.top_logprobs or 0)
         return EventStreamResponse(events)
-    try:
-        with permit:
-            result = await until_disconnect(request, collect(state.engine, valid, timings))
-    except ApiError as exc:
-        record_failure(state, exc)
-        raise
-    record_success(state, timings, result.generated_tokens)
-    stops = valid.params.stop
+    with scope:
+        valid = chat_request_to_valid(state, body)
+        (stream,) = scope.open([valid])
+        timings = scope.timings(stream)
+        result = await until_disconnect(request, collect(stream, valid, timings))
+    scope.succeeded(timings, result.generated_tokens)
     choices = [
         ChatChoice(
             index=seq.index,
-            message=AssistantMessage(content=cut_stop(seq.text, stops, seq.finish_reason)),
+            message=AssistantMessage(content=seq.text_before_stop),
             logprobs=chat_logprobs(seq.tokens, seq.token_texts, body.top_logprobs or 0) if body.logprobs else None,
             finish_reason=FINISH.get(seq.finish_reason, "stop"),
         )
@@ -170,17 +154,19 @@ def chat_logprobs(tokens: list[TokenInfo], texts: list[str], top: int) -> Choice
 
 
 async def chat_events(
-    state: ServerState, valid: ValidRequest, timings: Timings, completion_id: str,
-    include_usage: bool, logprobs: bool, top: int, permit: Permit,
+    scope: RouteScope, stream: OutputStream, valid: ValidRequest, completion_id: str,
+    include_usage: bool, logprobs: bool, top: int,
 ) -> AsyncIterator[bytes]:
     """``ChatCompletionChunk`` events, one per engine output (see :class:`ChunkTemplate`: this runs per token)."""
+    state = scope.state
     created, model = now(), state.model.model_id
     chunks = ChunkTemplate(completion_id, "chat.completion.chunk", created, model, state.system_fingerprint)
     started: set[int] = set()
     generated = 0
     stop_cutter = StopCutter(valid.params.stop)
+    timings = scope.timings(stream)
     try:
-        async for output in stream_outputs(state.engine, valid, timings):
+        async for output in stream_outputs(stream, timings, valid.params.n):
             tokens = output.tokens
             generated += len(tokens)
             texts = token_texts(output)
@@ -200,7 +186,7 @@ async def chat_events(
                 "logprobs": chat_logprobs(tokens, texts, top).model_dump() if logprobs and tokens else None,
                 "finish_reason": FINISH.get(output.finish_reason, "stop") if output.finished else None,
             })
-        record_success(state, timings, generated)
+        scope.succeeded(timings, generated)
         if include_usage:
             chunk = ChatCompletionChunk(
                 id=completion_id, created=created, model=model, system_fingerprint=state.system_fingerprint,
@@ -209,33 +195,39 @@ async def chat_events(
             yield sse_data(chunk)
         yield sse_data("[DONE]")
     except ApiError as exc:
-        record_failure(state, exc)
+        scope.failed(exc)
         yield sse_data(exc.body())
     finally:
-        permit.release()
+        scope.close()
 
 
 class StopCutter:
     """Streams text without the stop sequence: holds back the last ``len(longest stop) - 1``
-    characters of each sequence until it is clear they do not start the stop string."""
+    characters of each sequence until it is clear they do not start a stop string, and cuts
+    the last output where the engine says the stop string began (``stop_text_offset``)."""
 
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.pending: dict[int, str] = {}
+        self.sent: dict[int, int] = {}  # characters of each sequence's text already streamed
 
     def feed(self, index: int, text: str, output: RequestOutput) -> str:
         if not self.stops:
             return text
         pending = self.pending.get(index, "") + text
+        sent = self.sent.get(index, 0)
         if output.finished:
             self.pending.pop(index, None)
-            return cut_stop(pending, self.stops, output.finish_reason)
+            if output.stop_text_offset is not None:
+                return pending[: max(output.stop_text_offset - sent, 0)]
+            return pending
         cut = len(pending) - self.hold
         if cut <= 0:
             self.pending[index] = pending
             return ""
         self.pending[index] = pending[cut:]
+        self.sent[index] = sent + cut
         return pending[:cut]
 
 
@@ -300,32 +292,25 @@ def completion_requests(state: ServerState, body: CompletionRequest) -> list[tup
 async def completions(body: CompletionRequest, request: Request) -> Response:
     """Text completion for one prompt or several (strings or token ids); ``echo`` and ``logprobs``."""
     state = state_of(request)
-    state.metrics.request()
-    try:
-        requests = completion_requests(state, body)
-        permits = state.limiter.acquire_many(len(requests))
-    except ApiError as exc:
-        record_failure(state, exc)
-        raise
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     n = body.n or 1
+    scope = RouteScope(state)
     if body.stream:
+        with scope.opening():
+            requests = completion_requests(state, body)
+            streams = scope.open([valid for _, valid in requests])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(completion_events(state, requests, n, completion_id, include_usage, body, permits))
-    timings = [Timings(start=time.monotonic()) for _ in requests]
-    try:
-        with ExitStack() as stack:
-            for permit in permits:
-                stack.enter_context(permit)
-            results = await until_disconnect(
-                request, asyncio.gather(*(collect(state.engine, valid, t) for (_, valid), t in zip(requests, timings)))
-            )
-    except ApiError as exc:
-        record_failure(state, exc)
-        raise
+        return EventStreamResponse(completion_events(scope, requests, streams, n, completion_id, include_usage, body))
+    with scope:
+        requests = completion_requests(state, body)
+        streams = scope.open([valid for _, valid in requests])
+        timings = [scope.timings(stream) for stream in streams]
+        results = await until_disconnect(
+            request, asyncio.gather(*(collect(s, valid, t) for (_, valid), s, t in zip(requests, streams, timings)))
+        )
     choices = []
     for prompt_index, ((text, valid), result, t) in enumerate(zip(requests, results, timings)):
-        record_success(state, t, result.generated_tokens)
+        scope.succeeded(t, result.generated_tokens)
         for seq in result.sequences:
             choices.append(completion_choice(state, body, prompt_index * n + seq.index, text, valid, result, seq))
     total_prompt = sum(r.input_length for r in results)
@@ -341,7 +326,7 @@ def completion_choice(
     state: ServerState, body: CompletionRequest, index: int, prompt_text: str, valid: ValidRequest,
     result: GenerationResult, seq: SequenceResult,
 ) -> CompletionChoice:
-    text = cut_stop(seq.text, valid.params.stop, seq.finish_reason)
+    text = seq.text_before_stop
     logprobs = None
     if body.logprobs is not None:
         tokens, texts = list(seq.tokens), list(seq.token_texts)
@@ -379,10 +364,11 @@ def completion_logprobs(tokens: list[TokenInfo], texts: list[str], top: int, fir
 
 
 async def completion_events(
-    state: ServerState, requests: list[tuple[str, ValidRequest]], n: int, completion_id: str,
-    include_usage: bool, body: CompletionRequest, permits: list[Permit],
+    scope: RouteScope, requests: list[tuple[str, ValidRequest]], streams: list[OutputStream], n: int,
+    completion_id: str, include_usage: bool, body: CompletionRequest,
 ) -> AsyncIterator[bytes]:
     """``Completion`` chunks, one per engine output of any prompt (see :class:`ChunkTemplate`: this runs per token)."""
+    state = scope.state
     created, model = now(), state.model.model_id
     chunks = ChunkTemplate(completion_id, "text_completion", created, model, state.system_fingerprint)
     generated = [0] * len(requests)
@@ -393,10 +379,10 @@ async def completion_events(
             for i, (text, _) in enumerate(requests):
                 for seq_index in range(n):
                     yield chunks.event({"index": i * n + seq_index, "text": text, "logprobs": None, "finish_reason": None})
-        async with aclosing(prompt_outputs(state, requests, generated)) as outputs:  # a client that leaves aborts now
+        async with aclosing(prompt_outputs(scope, requests, streams, generated)) as outputs:  # a client that leaves aborts now
             async for prompt_index, item in outputs:
                 if isinstance(item, ApiError):
-                    record_failure(state, item)
+                    scope.failed(item)
                     yield sse_data(item.body())
                     continue
                 tokens = item.tokens
@@ -419,12 +405,11 @@ async def completion_events(
             ))
         yield sse_data("[DONE]")
     finally:
-        for permit in permits:
-            permit.release()
+        scope.close()
 
 
 async def prompt_outputs(
-    state: ServerState, requests: list[tuple[str, ValidRequest]], generated: list[int]
+    scope: RouteScope, requests: list[tuple[str, ValidRequest]], streams: list[OutputStream], generated: list[int]
 ) -> AsyncIterator[tuple[int, RequestOutput | ApiError]]:
     """Every prompt's engine outputs as ``(prompt index, output)``, in the order they come.
 
@@ -433,31 +418,31 @@ async def prompt_outputs(
     prompt (the usual case) is read directly; several are merged through a queue, a task each.
     """
     if len(requests) == 1:  # no task and no queue hop per token
-        timings = Timings(start=time.monotonic())
+        timings = scope.timings(streams[0])
         try:
-            async for output in stream_outputs(state.engine, requests[0][1], timings):
+            async for output in stream_outputs(streams[0], timings, requests[0][1].params.n):
                 generated[0] += len(output.tokens)
                 yield 0, output
-            record_success(state, timings, generated[0])
+            scope.succeeded(timings, generated[0])
         except ApiError as exc:
             yield 0, exc
         return
 
     queue: asyncio.Queue[tuple[int, RequestOutput | ApiError | None]] = asyncio.Queue()
 
-    async def pump(prompt_index: int, valid: ValidRequest) -> None:
-        timings = Timings(start=time.monotonic())
+    async def pump(prompt_index: int, valid: ValidRequest, stream: OutputStream) -> None:
+        timings = scope.timings(stream)
         try:
-            async for output in stream_outputs(state.engine, valid, timings):
+            async for output in stream_outputs(stream, timings, valid.params.n):
                 generated[prompt_index] += len(output.tokens)
                 await queue.put((prompt_index, output))
-            record_success(state, timings, generated[prompt_index])
+            scope.succeeded(timings, generated[prompt_index])
         except ApiError as exc:
             await queue.put((prompt_index, exc))
         finally:
             await queue.put((prompt_index, None))
 
-    tasks = [asyncio.create_task(pump(i, valid)) for i, (_, valid) in enumerate(requests)]
+    tasks = [asyncio.create_task(pump(i, valid, stream)) for i, ((_, valid), stream) in enumerate(zip(requests, streams))]
     try:
         running = len(tasks)
         while running:

@@ -8,21 +8,18 @@ error event; clients handle both, and a status is easier to act on.
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from lmport.engine.api import TokenInfo
+from lmport.engine.api import OutputStream, TokenInfo
 from lmport.server.auth import require_api_key
 from lmport.server.errors import ApiError
 from lmport.server.generation import (
-    ClientDisconnected,
     GenerationResult,
+    RouteScope,
     SequenceResult,
-    Timings,
     collect,
     stream_outputs,
     until_disconnect,
@@ -38,7 +35,7 @@ from lmport.server.schemas_tgi import (
     SimpleToken,
     Token,
 )
-from lmport.server.state import Permit, ServerState
+from lmport.server.state import ServerState
 from lmport.server.streaming import (
     EventStreamResponse,
     finite_or_none,
@@ -58,15 +55,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse, "description": "Model is overloaded"},
     500: {"model": ErrorResponse, "description": "Incomplete generation"},
 }
-FAILURE_KIND = {"incomplete_generation": "incomplete"}
 
 
 def state_of(request: Request) -> ServerState:
     return request.app.state.lmport
-
-
-def record_failure(state: ServerState, exc: ApiError) -> None:
-    state.metrics.failure(FAILURE_KIND.get(exc.error_type, exc.error_type))
 
 
 # ---------------------------------------------------------------------------- routes
@@ -126,24 +118,15 @@ def simple_tokens(tokenizer: Any, text: str, add_special_tokens: bool) -> list[S
 
 
 async def generate_one(state: ServerState, body: GenerateRequest, request: Request) -> tuple[GenerateResponse, dict[str, str]]:
-    timings = Timings(start=time.monotonic())
-    state.metrics.request()
-    try:
-        with state.limiter.acquire():
-            valid = state.validator.validate(body.parameters, inputs=body.inputs, add_special_tokens=body.add_special_tokens)
-            state.metrics.input_length.observe(valid.input_length)
-            state.metrics.max_new_tokens.observe(valid.params.max_new_tokens)
-            result = await until_disconnect(request, collect(state.engine, valid, timings))
-    except ApiError as exc:
-        record_failure(state, exc)
-        raise
-    except ClientDisconnected:
-        state.metrics.failure("disconnected")
-        raise
+    with RouteScope(state) as scope:
+        valid = state.validator.validate(body.parameters, inputs=body.inputs, add_special_tokens=body.add_special_tokens)
+        (stream,) = scope.open([valid])
+        timings = scope.timings(stream)
+        result = await until_disconnect(request, collect(stream, valid, timings))
     prefix = body.inputs if body.parameters.return_full_text else ""
     response = build_generate_response(state, valid, result, prefix)
     best = result.best() if valid.best_of > 1 else result.sequences[0]
-    split = record_success(state, timings, best.generated_tokens)
+    split = scope.succeeded(timings, best.generated_tokens)
     return response, timing_headers(state, body.inputs, split, valid.input_length, best.generated_tokens)
 
 
@@ -227,27 +210,18 @@ def timing_headers(state: ServerState, inputs: str, split: dict[str, float], inp
 
 
 async def start_stream(state: ServerState, body: GenerateRequest) -> Response:
-    """Validate now (so errors get their status), then stream; the permit lives with the stream."""
-    timings = Timings(start=time.monotonic())
-    state.metrics.request()
-    try:
-        permit = state.limiter.acquire()
-        with release_on_error(permit):
-            state.validator.check_stream(body.parameters)
-            valid = state.validator.validate(body.parameters, inputs=body.inputs, add_special_tokens=body.add_special_tokens)
-    except ApiError as exc:
-        record_failure(state, exc)
-        raise
-    state.metrics.input_length.observe(valid.input_length)
-    state.metrics.max_new_tokens.observe(valid.params.max_new_tokens)
+    """Validate and submit now (so refusals get their status), then stream; the scope lives with the stream."""
+    scope = RouteScope(state)
+    with scope.opening():
+        state.validator.check_stream(body.parameters)
+        valid = state.validator.validate(body.parameters, inputs=body.inputs, add_special_tokens=body.add_special_tokens)
+        (stream,) = scope.open([valid])
     prefix = body.inputs if body.parameters.return_full_text else ""
     headers = {"x-compute-type": state.compute_type, "x-compute-characters": str(len(body.inputs))}
-    return EventStreamResponse(tgi_events(state, valid, timings, prefix, body.parameters.details, permit), headers=headers)
+    return EventStreamResponse(tgi_events(scope, stream, valid, prefix, body.parameters.details), headers=headers)
 
 
-async def tgi_events(
-    state: ServerState, valid: ValidRequest, timings: Timings, prefix: str, details: bool, permit: Permit
-) -> AsyncIterator[bytes]:
+async def tgi_events(scope: RouteScope, stream: OutputStream, valid: ValidRequest, prefix: str, details: bool) -> AsyncIterator[bytes]:
     """``StreamResponse`` events, one per token; the last carries the text and (with ``details``) its details.
 
     Built as dicts by :func:`tgi_event`: this runs once per streamed token.
@@ -255,9 +229,10 @@ async def tgi_events(
     index = 0
     text_parts: list[str] = []
     last_id = 0
-    special_ids = state.special_ids if valid.top_n_tokens else None
+    special_ids = scope.state.special_ids if valid.top_n_tokens else None
+    timings = scope.timings(stream)
     try:
-        async for output in stream_outputs(state.engine, valid, timings):
+        async for output in stream_outputs(stream, timings, valid.params.n):
             text_parts.append(output.text)
             tokens = output.tokens
             texts = token_texts(output)
@@ -277,29 +252,11 @@ async def tgi_events(
                             "seed": output.seed if output.seed is not None else valid.params.seed,
                             "input_length": valid.input_length,
                         }
-                    record_success(state, timings, output.num_generated_tokens or index)
+                    scope.succeeded(timings, output.num_generated_tokens or index)
                 top = top_tokens_json(token, special_ids) if special_ids is not None else None
                 yield tgi_event(index, token_json(token, texts[position]), top, generated_text, event_details)
     except ApiError as exc:
-        record_failure(state, exc)
+        scope.failed(exc)
         yield sse_data(exc.body())
     finally:
-        permit.release()
-
-
-@contextmanager
-def release_on_error(permit: Permit) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        permit.release()
-        raise
-
-
-def record_success(state: ServerState, timings: Timings, generated: int) -> dict[str, float]:
-    split = timings.split()
-    state.metrics.success(
-        total=split["total"], validation=split["validation"], queue=split["queue"],
-        inference=split["inference"], generated=generated,
-    )
-    return split
+        scope.close()

@@ -1,8 +1,12 @@
-"""What every route needs: the engine, the tokenizer, the limits, metrics and health."""
+"""What every route needs: the engine, the tokenizer, the limits, metrics and health.
+
+The limits are the engine's (:class:`~lmport.engine.limits.EngineLimits`, built once by
+``resolve_limits``), and so is admission: ``max_concurrent_requests`` is counted by the
+engine's ``submit`` alone.
+"""
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from dataclasses import dataclass, field
@@ -10,10 +14,10 @@ from typing import Any
 
 from lmport import __version__
 from lmport.config import LaunchConfig
-from lmport.engine.api import EngineStats
-from lmport.server.errors import Overloaded
+from lmport.engine.api import EngineClient, EngineStats
+from lmport.engine.limits import EngineLimits
 from lmport.server.metrics import ServerMetrics
-from lmport.server.validation import Limits, Validator
+from lmport.server.validation import Validator
 
 
 @dataclass(frozen=True)
@@ -31,89 +35,37 @@ class ServedModel:
     block_size: int | None = None
 
 
-class Permit:
-    """One request's share of ``max_concurrent_requests``; ``release`` is idempotent."""
-
-    def __init__(self, limiter: "ConcurrencyLimiter"):
-        self._limiter: ConcurrencyLimiter | None = limiter
-
-    def release(self) -> None:
-        if self._limiter is not None:
-            self._limiter.in_use -= 1
-            self._limiter = None
-
-    def __enter__(self) -> "Permit":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-class ConcurrencyLimiter:
-    """TGI's ``max_concurrent_requests``: a permit per request, refused (429) when none is left.
-
-    Only touched from the event loop, so a plain counter is enough.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.in_use = 0
-
-    def acquire(self) -> Permit:
-        if self.in_use >= self.limit:
-            raise Overloaded()
-        self.in_use += 1
-        return Permit(self)
-
-    def acquire_many(self, count: int) -> list[Permit]:
-        if self.in_use + count > self.limit:
-            raise Overloaded()
-        return [self.acquire() for _ in range(count)]
-
-
 @dataclass
 class ServerState:
-    engine: Any
-    tokenizer: Any
+    engine: EngineClient
+    tokenizer: Any  # the HTTP layer's transformers tokenizer
     model: ServedModel
-    limits: Limits
     config: LaunchConfig = field(default_factory=LaunchConfig)
     host: Any = None  # PluginHost, for /info's backend section
     ready: bool = False  # set once warm-up is done; /health answers 503 until then
     started_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
-        self.validator = Validator(
-            self.limits, self.tokenizer, self.model.eos_token_ids, vocab_size=getattr(self.engine, "vocab_size", None)
-        )
-        self.limiter = ConcurrencyLimiter(self.limits.max_concurrent_requests)
+        self.validator = Validator(self.limits, self.tokenizer, self.model.eos_token_ids, vocab_size=self.engine.vocab_size)
         self.metrics = ServerMetrics(
             max_input_tokens=self.limits.max_input_tokens,
             max_total_tokens=self.limits.max_total_tokens,
             engine_stats=self.engine_stats,
-            in_flight=lambda: self.limiter.in_use,
+            in_flight=lambda: self.engine.num_open,
             block_size=self.model.block_size,
         )
         self.system_fingerprint = f"{__version__}-lmport"
-        self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", None) or ())
+        self.special_ids = frozenset(self.tokenizer.all_special_ids or ())
         # TGI's x-compute-type header comes from $COMPUTE_TYPE; read when the app is built
         self.compute_type = os.environ.get("COMPUTE_TYPE") or f"{self.model.device_type}+lmport"
 
-    def engine_stats(self) -> EngineStats | None:
-        stats = getattr(self.engine, "stats", None)
-        return stats() if callable(stats) else None
+    @property
+    def limits(self) -> EngineLimits:
+        return self.engine.limits
 
-    async def engine_alive(self) -> bool:
-        """The engine's own health verdict (a property or a plain/async method)."""
-        for name in ("is_healthy", "healthy", "is_alive", "alive", "health"):
-            probe = getattr(self.engine, name, None)
-            if probe is None:
-                continue
-            try:
-                value = probe() if callable(probe) else probe
-                if inspect.isawaitable(value):
-                    value = await value
-            except Exception:
-                return False
-            return bool(value)
-        return True
+    def engine_stats(self) -> EngineStats | None:
+        return self.engine.stats()
+
+    def engine_alive(self) -> bool:
+        """The engine's own health verdict."""
+        return bool(self.engine.is_healthy)

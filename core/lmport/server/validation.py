@@ -1,8 +1,12 @@
-"""Request validation with TGI's rules, order and messages (router/src/validation.rs).
+"""The HTTP side of request validation: TGI's wire format turned into the engine's request.
 
-Every check answers 422 ``error_type: "validation"`` with TGI's exact wording, so clients
-that match on messages keep working. The result is a :class:`ValidRequest`: prompt token ids
-and the engine's :class:`SamplingParams`.
+Checks here are the ones about the wire format only (``best_of`` and what streaming refuses,
+``truncate``, an empty ``inputs``, the tokenizer failing); TGI's ranges and limits
+(temperature, top-p, stop sequences, lengths, ``n`` ...) are the engine's rules
+(:mod:`lmport.engine.rules`), applied once when the request is submitted
+(:meth:`EngineClient.submit <lmport.engine.api.EngineClient.submit>`). Every refusal answers
+422 ``error_type: "validation"`` with TGI's exact wording. The result is a
+:class:`ValidRequest`: prompt token ids and the engine's :class:`SamplingParams`.
 """
 
 from __future__ import annotations
@@ -13,29 +17,17 @@ from typing import Any, Sequence
 
 from lmport.engine.api import SamplingParams
 from lmport.engine.errors import RequestValidationError, check_token_ids
+from lmport.engine.limits import EngineLimits
 from lmport.server.errors import ValidationFailed
 from lmport.server.schemas_tgi import GenerateParameters
 
 DEFAULT_GENERATION_LENGTH = 1024  # TGI: max_new_tokens when the client sets none
-MAX_SEQUENCES_PER_REQUEST = 128  # OpenAI's upper bound for n
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The launcher's request limits (TGI's names)."""
-
-    max_concurrent_requests: int = 128
-    max_best_of: int = 2
-    max_stop_sequences: int = 4
-    max_top_n_tokens: int = 5
-    max_input_tokens: int = 1023
-    max_total_tokens: int = 1024
-    max_client_batch_size: int = 4
-    disable_grammar_support: bool = False
 
 
 @dataclass(frozen=True)
 class ValidRequest:
+    """A request in the engine's terms, with what the route needs to answer it."""
+
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     input_length: int
@@ -46,7 +38,9 @@ class ValidRequest:
 
 
 class Validator:
-    def __init__(self, limits: Limits, tokenizer: Any, eos_token_ids: Sequence[int] = (), vocab_size: int | None = None):
+    """Builds :class:`ValidRequest` s from TGI's parameters under the engine's ``limits``."""
+
+    def __init__(self, limits: EngineLimits, tokenizer: Any, eos_token_ids: Sequence[int] = (), vocab_size: int | None = None):
         self.limits = limits
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
@@ -73,36 +67,15 @@ class Validator:
         # TGI samples when any warper is set, even with do_sample false
         return p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
 
-    def check_parameters(self, p: GenerateParameters, *, presence_penalty: float | None = None) -> None:
-        """Every range TGI validates before tokenizing, in TGI's order."""
-        limits = self.limits
+    def check_best_of_rules(self, p: GenerateParameters) -> None:
+        """TGI's ``best_of`` rules (a field of TGI's wire format; the engine sees only ``n``)."""
         best_of = p.best_of if p.best_of is not None else 1
         if best_of != 1:
             self.check_best_of(best_of)
         if best_of > 1 and not self.wants_sampling(p):
             raise ValidationFailed("you must use sampling when `best_of` is > 1")
-        if p.temperature is not None and p.temperature <= 0.0:
-            raise ValidationFailed("`temperature` must be strictly positive")
-        if p.repetition_penalty is not None and p.repetition_penalty <= 0.0:
-            raise ValidationFailed("`repetition_penalty` must be strictly positive")
-        if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
-            raise ValidationFailed("`frequency_penalty` must be >= -2.0 and <= 2.0")
-        if presence_penalty is not None and not -2.0 <= presence_penalty <= 2.0:
-            raise ValidationFailed("`presence_penalty` must be >= -2.0 and <= 2.0")
-        if p.top_p is not None and not 0.0 < p.top_p < 1.0:
-            raise ValidationFailed("`top_p` must be > 0.0 and < 1.0")
-        if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
-            raise ValidationFailed("`typical_p` must be > 0.0 and < 1.0")
-        if p.top_k is not None and p.top_k <= 0:
-            raise ValidationFailed("`top_k` must be strictly positive")
-        if p.max_new_tokens == 0:
-            raise ValidationFailed("`max_new_tokens` must be strictly positive")
-        if len(p.stop) > limits.max_stop_sequences:
-            raise ValidationFailed(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}")
         if p.seed is not None and best_of > 1:
             raise ValidationFailed("`seed` must not be set when `best_of` > 1")
-        if p.top_n_tokens is not None and p.top_n_tokens > limits.max_top_n_tokens:
-            raise ValidationFailed(f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {p.top_n_tokens}")
 
     def check_truncate(self, p: GenerateParameters) -> None:
         if p.truncate is not None and (p.truncate == 0 or p.truncate > self.limits.max_input_tokens):
@@ -145,8 +118,9 @@ class Validator:
         extra_stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
     ) -> ValidRequest:
-        """Check ``p`` and the prompt (text or ids) and build the engine request."""
-        self.check_parameters(p, presence_penalty=presence_penalty)
+        """Check ``p``'s wire format and the prompt (text or ids) and build the engine request
+        (the engine's rules check it when it is submitted)."""
+        self.check_best_of_rules(p)
         if prompt_ids is None:
             if not inputs:
                 raise ValidationFailed("`inputs` cannot be empty")
@@ -162,20 +136,9 @@ class Validator:
             ids = ids[-p.truncate:]  # TGI keeps the end of the prompt
         input_length = len(ids)
         max_new_tokens = p.max_new_tokens
-        if max_new_tokens is None:
+        if max_new_tokens is None:  # up to the budget (0 when the prompt fills it: the engine refuses that)
             max_new_tokens = min(max(self.limits.max_total_tokens - input_length, 0), DEFAULT_GENERATION_LENGTH)
-        if input_length + max_new_tokens > self.limits.max_total_tokens:
-            raise ValidationFailed(
-                f"`inputs` tokens + `max_new_tokens` must be <= {self.limits.max_total_tokens}. "
-                f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
-            )
-        if input_length > self.limits.max_input_tokens:
-            raise ValidationFailed(f"`inputs` must have less than {self.limits.max_input_tokens} tokens. Given: {input_length}")
-        if max_new_tokens == 0:  # the prompt fills the whole budget
-            raise ValidationFailed("`max_new_tokens` must be strictly positive")
         self.check_grammar(p)
-        if not 1 <= n <= MAX_SEQUENCES_PER_REQUEST:
-            raise ValidationFailed(f"`n` must be >= 1 and <= {MAX_SEQUENCES_PER_REQUEST}. Given: {n}")
 
         best_of = p.best_of if p.best_of is not None else 1
         sampling = self.wants_sampling(p)
