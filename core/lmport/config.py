@@ -54,7 +54,9 @@ class LaunchConfig:
     # server
     hostname: str = "0.0.0.0"
     port: int = 3000
+    served_model_name: str | None = None  # None: the hub id, or a local checkpoint's folder/file name
     api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # --api-key-file's keys; accepted besides api_key
     payload_limit: int = 2_000_000
     cors_allow_origin: tuple[str, ...] = ()
     json_output: bool = False

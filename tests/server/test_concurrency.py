@@ -10,18 +10,9 @@ import time
 
 import httpx
 
+from lmport.testing.http_checks import metric_value, wait_until_idle
+
 PROMPTS = ["The quick brown fox", "Servers stream tokens", "A chat template", "héllo wörld ☃"]
-
-
-def wait_until_idle(server, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    stats = server.state.engine.stats()
-    while time.monotonic() < deadline:
-        stats = server.state.engine.stats()
-        if stats.kv_blocks_used == 0 and stats.running == 0 and stats.waiting == 0:
-            return stats
-        time.sleep(0.02)
-    raise AssertionError(f"the engine did not free its blocks: {stats}")
 
 
 def test_64_concurrent_streams_complete(server, tiny_llama, hf_reference):
@@ -94,22 +85,16 @@ def test_metrics_count_requests(server):
         assert client.post("/generate", json={"inputs": "The quick", "parameters": {"top_k": 0}}).status_code == 422
         after = client.get("/metrics").text
 
-    def value(text: str, name: str) -> float:
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    assert value(after, "tgi_request_count") == value(before, "tgi_request_count") + 2
-    assert value(after, "tgi_request_success") == value(before, "tgi_request_success") + 1
-    assert value(after, 'tgi_request_failure{err="validation"}') == value(before, 'tgi_request_failure{err="validation"}') + 1
-    assert value(after, "tgi_request_generated_tokens_count") == value(before, "tgi_request_generated_tokens_count") + 1
+    assert metric_value(after, "tgi_request_count") == metric_value(before, "tgi_request_count") + 2
+    assert metric_value(after, "tgi_request_success") == metric_value(before, "tgi_request_success") + 1
+    assert metric_value(after, 'tgi_request_failure{err="validation"}') == metric_value(before, 'tgi_request_failure{err="validation"}') + 1
+    assert metric_value(after, "tgi_request_generated_tokens_count") == metric_value(before, "tgi_request_generated_tokens_count") + 1
     for name in ("tgi_request_duration_bucket", "tgi_request_queue_duration_sum", "tgi_request_inference_duration_count",
                  "tgi_request_mean_time_per_token_duration_count", "tgi_request_input_length_count",
                  "tgi_batch_current_size", "tgi_queue_size", "lmport_kv_blocks_used", "lmport_kv_blocks_free",
                  "lmport_prefix_cache_hit_rate"):
         assert name in after
-    assert value(after, "lmport_kv_blocks_used") == 0
+    assert metric_value(after, "lmport_kv_blocks_used") == 0
     assert "tgi_request_count_total" not in after  # TGI's names, not prometheus_client's suffix
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -9,14 +9,9 @@ import threading
 import httpx
 import pytest
 
+from lmport.testing.http_checks import error_of, post
+
 GEN = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 4}}
-
-
-def post(server, path: str, body, **kwargs) -> httpx.Response:
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        if isinstance(body, (bytes, str)):
-            return client.post(path, content=body, headers={"content-type": "application/json", **kwargs.pop("headers", {})}, **kwargs)
-        return client.post(path, json=body, **kwargs)
 
 
 def with_params(**params):
@@ -80,16 +75,17 @@ def test_openai_routes_refuse_grammar_features(server):
     for extra in ({"response_format": {"type": "json_object"}}, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}):
         response = post(server, "/v1/chat/completions", {**base, **extra})
         assert response.status_code == 422
-        assert response.json()["error_type"] == "validation"
-        assert "not supported" in response.json()["error"]
+        message, kind = error_of(response)
+        assert kind == "validation" and "not supported" in message
+        assert response.json()["error"]["type"] == "invalid_request_error"
     response = post(server, "/v1/completions", {"prompt": "x", "suffix": "y"})
-    assert response.status_code == 422 and response.json()["error_type"] == "suffix not supported"
+    assert response.status_code == 422 and error_of(response)[1] == "suffix not supported"
     response = post(server, "/v1/completions", {"prompt": ["a"] * 5})
-    assert response.status_code == 422 and "maximum allowed batch size of 4" in response.json()["error"]
+    assert response.status_code == 422 and "maximum allowed batch size of 4" in error_of(response)[0]
 
 
+NOT_JSON = [b"{broken", "\u2603 not json".encode(), b'{"inputs": "x",}', b"\xff\xfe{}"]
 MALFORMED = [
-    b"{broken",
     b"",
     b"[1, 2, 3]",
     b'{"parameters": {"max_new_tokens": 4}}',
@@ -101,17 +97,27 @@ MALFORMED = [
     b'{"inputs": "x", "parameters": {"top_k": 1.5}}',
     b'{"inputs": "x", "parameters": {"grammar": {"type": "xml", "value": 1}}}',
     b'{"inputs": "x", "parameters": []}',
-    "\u2603 not json".encode(),
 ]
+BODY_ROUTES = ["/generate", "/generate_stream", "/", "/tokenize", "/v1/chat/completions", "/v1/completions", "/chat_tokenize"]
 
 
-@pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/", "/tokenize", "/v1/chat/completions", "/v1/completions", "/chat_tokenize"])
+@pytest.mark.parametrize("path", BODY_ROUTES)
+@pytest.mark.parametrize("body", NOT_JSON, ids=range(len(NOT_JSON)))
+def test_bodies_that_are_not_json_are_400(server, path, body):
+    """TGI's router answers a JSON syntax error 400 (axum's JsonSyntaxError), wrong JSON 422."""
+    response = post(server, path, body)
+    assert response.status_code == 400, response.text
+    message, kind = error_of(response)
+    assert kind == "validation" and message.startswith("request body is not valid JSON")
+
+
+@pytest.mark.parametrize("path", BODY_ROUTES)
 @pytest.mark.parametrize("body", MALFORMED, ids=range(len(MALFORMED)))
 def test_malformed_bodies_are_422_never_500(server, path, body):
     response = post(server, path, body)
     assert response.status_code == 422, response.text
-    payload = response.json()
-    assert payload["error_type"] == "validation" and payload["error"]
+    message, kind = error_of(response)
+    assert kind == "validation" and message
 
 
 def test_chat_with_wrong_message_types(server):
@@ -158,7 +164,7 @@ def test_api_key(start_server, path, body):
     server = start_server(api_key="s3cret")
     assert post(server, path, body).status_code == 401
     wrong = post(server, path, body, headers={"Authorization": "Bearer nope"})
-    assert wrong.status_code == 401 and wrong.json()["error_type"] == "authentication"
+    assert wrong.status_code == 401 and error_of(wrong)[1] == "authentication"
     ok = post(server, path, body, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200, ok.text
     with httpx.Client(base_url=server.url) as client:  # probes and scrapers need no key
@@ -243,7 +249,7 @@ def test_token_id_prompts_outside_the_vocabulary_are_422_and_harm_no_one(server)
     for prompt in ([vocab, 3], [-1, 3], [[5, 6], [10**12]]):
         response = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 3})
         assert response.status_code == 422, response.text
-        assert response.json()["error_type"] == "validation"
-        assert "out of the vocabulary" in response.json()["error"]
+        message, kind = error_of(response)
+        assert kind == "validation" and "out of the vocabulary" in message
     assert post(server, "/v1/completions", {"prompt": [5, vocab - 1], "max_tokens": 3}).status_code == 200
     assert post(server, "/generate", GEN).status_code == 200

@@ -60,6 +60,7 @@ ENV_CASES = {
     "CUDA_MEMORY_FRACTION": ("0.5", "cuda_memory_fraction", 0.5),
     "CUDA_GRAPHS": ("1,2,4", "cuda_graphs", (1, 2, 4)),
     "API_KEY": ("k", "api_key", "k"),
+    "SERVED_MODEL_NAME": ("my-model", "served_model_name", "my-model"),
     "PAYLOAD_LIMIT": ("10", "payload_limit", 10),
     "CORS_ALLOW_ORIGIN": ("http://a,http://b", "cors_allow_origin", ("http://a", "http://b")),
     "JSON_OUTPUT": ("true", "json_output", True),
@@ -158,3 +159,17 @@ def test_launch_serves_and_exits_0_on_sigterm(tiny_llama, tmp_path):
     messages = [entry["message"] for entry in lines]
     assert any("[3/4] loading weights" in m for m in messages)
     assert any("warm-up done" in m for m in messages)
+
+
+def test_served_model_name_never_shows_a_local_path(tmp_path):
+    from lmport.commands.launch import served_model_name
+    from lmport.config import LaunchConfig
+
+    folder = tmp_path / "private" / "llama-7b"
+    folder.mkdir(parents=True)
+    gguf = tmp_path / "model.Q4_K_M.gguf"
+    gguf.write_bytes(b"")
+    assert served_model_name(LaunchConfig(), str(folder)) == "llama-7b"
+    assert served_model_name(LaunchConfig(), str(gguf)) == "model.Q4_K_M.gguf"
+    assert served_model_name(LaunchConfig(), "org/some-model") == "org/some-model"  # a hub id, as given (TGI)
+    assert served_model_name(LaunchConfig(served_model_name="prod"), str(folder)) == "prod"

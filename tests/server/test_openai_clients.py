@@ -132,3 +132,19 @@ def test_inference_client_chat_completion(server, chat_reference):
     assert response.choices[0].message.content == text
     streamed = client.chat_completion(messages=MESSAGES, max_tokens=MAX_NEW, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+
+
+def test_the_sdk_shows_the_servers_error_message(client, start_server):
+    """OpenAI's error shape on /v1/*: the SDK's exception carries our message, not just the status."""
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        client.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=3, top_p=0.0)
+    assert "`top_p` must be > 0.0 and < 1.0" in caught.value.message
+    assert caught.value.body["code"] == "validation" and caught.value.body["type"] == "invalid_request_error"
+    keyed = start_server(api_key="s3cret")
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="wrong", timeout=60).completions.create(
+            model="tiny-llama", prompt="x", max_tokens=2)
+    assert "Unauthorized" in caught.value.message and caught.value.body["type"] == "authentication_error"
+    answer = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="s3cret", timeout=60).completions.create(
+        model="tiny-llama", prompt="x", max_tokens=2)
+    assert answer.choices[0].text is not None

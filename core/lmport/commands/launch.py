@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 from lmport.commands.launch_flags import FlagError, LaunchSettings, add_flags, resolve_settings
@@ -130,7 +131,7 @@ def prepare(settings: LaunchSettings) -> Any:
             template = json.load(handle).get("chat_template")
         if template:
             tokenizer.chat_template = template
-    state = build_state(config, engine, tokenizer, info, host=host, model_id=source.model_id)
+    state = build_state(config, engine, tokenizer, info, host=host, model_id=served_model_name(config, source.model_id))
     log.info("      %s (%s, %s) loaded in %.1f s; max_input_tokens=%d max_total_tokens=%d",
              source.model_id, info.architecture, state.model.dtype, time.monotonic() - started,
              state.limits.max_input_tokens, state.limits.max_total_tokens)
@@ -138,6 +139,15 @@ def prepare(settings: LaunchSettings) -> Any:
         log.warning("      reference fallback: %s", fallback)
     log.info("[4/4] starting the HTTP server")
     return build_app(state)
+
+
+def served_model_name(config: Any, model_id: str) -> str:
+    """``--served-model-name``, else the hub id as given, else a local checkpoint's own name:
+    /info and /v1/models are open routes, so they never show where the files live."""
+    if config.served_model_name:
+        return config.served_model_name
+    path = Path(model_id).expanduser()
+    return path.name if path.exists() else model_id
 
 
 def _main_thread() -> bool:

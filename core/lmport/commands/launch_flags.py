@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -36,6 +37,18 @@ def parse_bool(text: str) -> bool:
 
 def parse_csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def read_key_file(path: str) -> tuple[str, ...]:
+    """One key per line; blank lines and lines starting with ``#`` are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read the API key file: {exc.strerror or exc}") from None
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise ValueError("the API key file holds no key")
+    return keys
 
 
 def parse_cuda_graphs(text: str) -> tuple[int, ...]:
@@ -102,10 +115,15 @@ FLAGS: tuple[Flag, ...] = (
          help="true/false: run the engine loop in its own process, apart from the HTTP server's GIL "
          "(default: on for accelerators, off on CPU)"),
     Flag(("--block-size",), ("LMPORT_BLOCK_SIZE",), "block_size", int, help="KV cache block size (default: the attention backend's)"),
-    Flag(("--api-key",), ("API_KEY",), "api_key", help="require `Authorization: Bearer <key>` on generation routes"),
+    Flag(("--served-model-name",), ("SERVED_MODEL_NAME",), "served_model_name",
+         help="the model's name in /info, /v1/models and OpenAI answers (default: the hub id, or a local checkpoint's "
+              "folder or file name, never its path)"),
+    Flag(("--api-key",), ("API_KEY",), "api_key", help="require `Authorization: Bearer <key>` on generation and tokenization routes"),
+    Flag(("--api-key-file",), ("LMPORT_API_KEY_FILE",), "api_keys", read_key_file, (),
+         help="a file of accepted keys, one per line (blank lines and # comments skipped); adds to --api-key"),
     Flag(("--payload-limit",), ("PAYLOAD_LIMIT",), "payload_limit", int, 2_000_000, "largest request body in bytes (413 above)"),
     Flag(("--cors-allow-origin",), ("CORS_ALLOW_ORIGIN",), "cors_allow_origin", parse_csv, (),
-         "allowed CORS origins, comma-separated (default: any)"),
+         "origins allowed to call the API from a browser, comma-separated (default: none, CORS off)"),
     Flag(("--json-output",), ("JSON_OUTPUT",), "json_output", parse_bool, False, "log JSON lines", switch=True),
     Flag(("--disable-grammar-support",), ("DISABLE_GRAMMAR_SUPPORT",), "disable_grammar_support", parse_bool, False,
          "refuse `grammar` parameters (lmport has no constrained decoding yet, so they are refused anyway)", switch=True),

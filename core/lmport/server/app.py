@@ -14,14 +14,16 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmport import __version__
 from lmport.engine.api import GenerationRequest, SamplingParams
 from lmport.server import routes_info, routes_openai, routes_tgi
-from lmport.server.errors import install_error_handlers
+from lmport.server.auth import ApiKeys
+from lmport.server.errors import ApiError, install_error_handlers
+from lmport.server.openapi import install_openapi
 from lmport.server.generation import ClientDisconnected
 from lmport.server.state import ServerState
 
@@ -49,8 +51,8 @@ class PayloadLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            body = {"error": self._message(int(declared)), "error_type": "payload_limit"}
-            await JSONResponse(body, status_code=413)(scope, receive, send)
+            error = ApiError(self._message(int(declared)), status_code=413, error_type="payload_limit")
+            await error.response(scope.get("path", ""))(scope, receive, send)
             return
         received = 0
 
@@ -110,6 +112,7 @@ def build_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
         openapi_url="/api-doc/openapi.json",
     )
     app.state.lmport = state
+    app.state.api_keys = api_keys = ApiKeys((state.config.api_key or "", *state.config.api_keys))
     install_error_handlers(app)
 
     @app.exception_handler(ClientDisconnected)
@@ -119,12 +122,14 @@ def build_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
     app.include_router(routes_tgi.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_info.router)
-    origins = list(state.config.cors_allow_origin) or ["*"]
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=origins,
-        allow_methods=["GET", "POST"],
-        allow_headers=["content-type", "authorization"],
-    )
+    install_openapi(app, auth=api_keys.enabled)
+    if state.config.cors_allow_origin:  # off by default: browsers get no cross-origin access
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.config.cors_allow_origin),
+            allow_methods=["GET", "POST"],
+            # TGI allows only content-type; a browser needs authorization too when a key is required
+            allow_headers=["content-type", "authorization"] if api_keys.enabled else ["content-type"],
+        )
     app.add_middleware(PayloadLimit, limit=state.config.payload_limit)
     return app

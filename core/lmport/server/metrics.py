@@ -83,7 +83,9 @@ class _EngineGauges(Collector):
             stats = None
         if stats is None:
             return
-        yield GaugeMetricFamily("tgi_batch_current_size", "Current batch size", value=stats.batch_size or stats.running)
+        # the last step's batch while requests run; an idle engine has no batch (it keeps the last step's count)
+        batch = (stats.batch_size or stats.running) if stats.running else 0
+        yield GaugeMetricFamily("tgi_batch_current_size", "Current batch size", value=batch)
         yield GaugeMetricFamily("tgi_queue_size", "Current queue size", value=stats.waiting)
         if self._block_size:
             yield GaugeMetricFamily("tgi_batch_total_tokens", "Maximum amount of tokens in total.", value=stats.kv_blocks_total * self._block_size)

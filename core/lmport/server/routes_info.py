@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from lmport import __version__
 from lmport.server.errors import Unhealthy
-from lmport.server.schemas_tgi import ErrorResponse
+from lmport.server.schemas_tgi import HealthResponse
 from lmport.server.metrics import CONTENT_TYPE
 from lmport.server.state import ServerState
 
@@ -37,7 +37,7 @@ def info_payload(state: ServerState) -> dict[str, Any]:
         "max_input_length": limits.max_input_tokens,  # TGI's legacy name
         "max_total_tokens": limits.max_total_tokens,
         "waiting_served_ratio": config.waiting_served_ratio,
-        "max_batch_total_tokens": config.max_batch_total_tokens,
+        "max_batch_total_tokens": config.max_batch_total_tokens or kv_cache_tokens(state),
         "max_batch_prefill_tokens": config.max_batch_prefill_tokens,
         "max_waiting_tokens": config.max_waiting_tokens,
         "max_batch_size": config.max_batch_size,
@@ -67,33 +67,38 @@ def info_payload(state: ServerState) -> dict[str, Any]:
     return info
 
 
+def kv_cache_tokens(state: ServerState) -> int | None:
+    """The KV cache's size in tokens, as sized at start (TGI reports what it settled on too)."""
+    stats = state.engine_stats()
+    if stats is None or not state.model.block_size:
+        return None
+    return stats.kv_blocks_total * state.model.block_size
+
+
 @router.get("/info")
 async def get_info(request: Request) -> dict[str, Any]:
     """Model, limits, version, and the active backend with its capability flags."""
     return info_payload(_state(request))
 
 
-@router.get(
-    "/health",
-    responses={200: {"description": "Everything is working fine"}, 503: {"model": ErrorResponse, "description": "Text generation inference is down"}},
-)
-async def health(request: Request) -> Response:
-    """200 once warmed up and while the engine runs; 503 before warm-up and after an engine failure."""
+@router.get("/health", response_model=HealthResponse, responses={200: {"description": "Everything is working fine"}})
+async def health(request: Request) -> HealthResponse:
+    """200 ``{"status": "ok"}`` once warmed up and while the engine runs; 503 before warm-up and after an engine failure."""
     state = _state(request)
     if not state.ready:
         raise Unhealthy("unhealthy: warming up")
     if not state.engine_alive():
         raise Unhealthy()
-    return Response(status_code=200)
+    return HealthResponse()
 
 
 @router.get("/", include_in_schema=False)
-async def root_health(request: Request) -> Response:
+async def root_health(request: Request) -> HealthResponse:
     return await health(request)
 
 
 @router.get("/ping", include_in_schema=False)
-async def ping(request: Request) -> Response:
+async def ping(request: Request) -> HealthResponse:
     return await health(request)
 
 

@@ -41,11 +41,12 @@ from lmport.server.schemas_openai import (
     Usage,
 )
 from lmport.server.schemas_tgi import ChatTokenizeResponse, GenerateParameters
+from lmport.server.strict_json import StrictJsonRoute
 from lmport.server.state import ServerState
 from lmport.server.streaming import ChunkTemplate, EventStreamResponse, finite_or_none, sse_data, token_texts
 from lmport.server.validation import ValidRequest
 
-router = APIRouter(tags=["OpenAI compatible"])
+router = APIRouter(tags=["OpenAI compatible"], route_class=StrictJsonRoute)
 
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length", "abort": "stop", None: "stop"}
 
@@ -196,7 +197,7 @@ async def chat_events(
         yield sse_data("[DONE]")
     except ApiError as exc:
         scope.failed(exc)
-        yield sse_data(exc.body())
+        yield sse_data(exc.openai_body())
     finally:
         scope.close()
 
@@ -383,7 +384,7 @@ async def completion_events(
             async for prompt_index, item in outputs:
                 if isinstance(item, ApiError):
                     scope.failed(item)
-                    yield sse_data(item.body())
+                    yield sse_data(item.openai_body())
                     continue
                 tokens = item.tokens
                 texts = token_texts(item)

@@ -35,6 +35,7 @@ from lmport.server.schemas_tgi import (
     SimpleToken,
     Token,
 )
+from lmport.server.strict_json import StrictJsonRoute
 from lmport.server.state import ServerState
 from lmport.server.streaming import (
     EventStreamResponse,
@@ -47,7 +48,7 @@ from lmport.server.streaming import (
 )
 from lmport.server.validation import ValidRequest
 
-router = APIRouter(tags=["Text Generation Inference"])
+router = APIRouter(tags=["Text Generation Inference"], route_class=StrictJsonRoute)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "Input validation error"},

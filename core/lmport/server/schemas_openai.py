@@ -193,3 +193,16 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, rate_limit_error or server_error")
+    param: str | None = Field(None, description="the request field at fault, where known")
+    code: str | None = Field(None, description="TGI's error_type (validation, overloaded, generation ...)")
+
+
+class OpenAIErrorResponse(BaseModel):
+    """The error body of every ``/v1/*`` route."""
+
+    error: OpenAIErrorDetail

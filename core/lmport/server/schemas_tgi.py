@@ -161,3 +161,7 @@ class ChatTokenizeResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     error_type: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"

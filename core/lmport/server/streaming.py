@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 import anyio
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from lmport.engine.api import RequestOutput, TokenInfo
 
@@ -74,23 +74,49 @@ class EventStreamResponse(StreamingResponse):
 
     Starlette cancels the sending task when the client disconnects; closing the iterator here
     runs the generator's ``finally`` (which aborts the engine request) right away rather than
-    whenever the generator is garbage collected.
+    whenever the generator is garbage collected. A stream the client left before its end is
+    counted as ``tgi_request_failure{err="disconnected"}`` in the app's metrics.
     """
 
     media_type = "text/event-stream"
 
     def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str] | None = None):
-        super().__init__(content, headers={**SSE_HEADERS, **(headers or {})}, media_type=self.media_type)
+        super().__init__(self._until_end(content), headers={**SSE_HEADERS, **(headers or {})}, media_type=self.media_type)
         self._events = content
+        self._complete = False
+        self._scope: Scope | None = None
+
+    async def _until_end(self, content: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in content:
+            yield chunk
+        self._complete = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._scope = scope
+        await super().__call__(scope, receive, send)
 
     async def stream_response(self, send: Send) -> None:
+        failed = False
         try:
             await super().stream_response(send)
+        except OSError:  # the send to a closed connection (ASGI 2.4)
+            raise
+        except Exception:
+            failed = True  # a server error, not a client that left
+            raise
         finally:
-            aclose = getattr(self._events, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self._events, "aclose", None)
+                if aclose is not None:
                     await aclose()
+            if not self._complete and not failed:
+                self._count_disconnect()
+
+    def _count_disconnect(self) -> None:
+        app = (self._scope or {}).get("app")  # Starlette puts the app in the scope
+        metrics = getattr(getattr(getattr(app, "state", None), "lmport", None), "metrics", None)
+        if metrics is not None:
+            metrics.failure("disconnected")
 
 
 def token_texts(output: RequestOutput) -> list[str]:
