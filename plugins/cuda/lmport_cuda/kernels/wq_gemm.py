@@ -42,6 +42,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # up to which each path wins; see docs/benchmarks.md
 GEMV_MAX_ROWS = 1
 GEMM_MAX_ROWS = 1024
+ONE_BITS = 0x3F800000  # float32 1.0
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def with_split(cfg: WqConfig, n: int, k: int, programs_per_sm: int = 2) -> WqCon
 
 
 def pick_gemv_config(n: int, k: int, group_size: int, bits: int) -> WqConfig:
-    cfg = WqConfig(block_n=256, block_k=_block_k(group_size, 128), num_warps=4, num_stages=3)
+    # 8 columns x 16 words per thread: the x values each thread loads serve 8 columns (sm_90 compile: 3.7 instructions per int4 weight)
+    cfg = WqConfig(block_n=512, block_k=_block_k(group_size, 128), num_warps=4, num_stages=2)
     return with_split(cfg, n, k)
 
 
@@ -109,25 +111,36 @@ def pick_gemm_config(m: int, n: int, k: int, group_size: int, bits: int) -> WqCo
 
 
 @triton.jit
-def _value_as_float(w, j: tl.constexpr, BITS: tl.constexpr):
+def _value_as_float(w, j: tl.constexpr, BITS: tl.constexpr, one_bits):
     """Value ``j`` of each packed word as the float32 ``1 + q * 2**-BITS`` (exact): the value is
-    moved to the top of the mantissa and OR-ed with the exponent of 1.0."""
+    moved to the top of the mantissa and OR-ed with the exponent of 1.0 (``one_bits``, a runtime
+    0x3F800000: as an immediate it would cost a second LOP3 per value)."""
     SHIFT: tl.constexpr = 23 - BITS - BITS * j  # left; negative means right
     MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
     if SHIFT >= 0:
         v = w << SHIFT
     else:
         v = w >> (-SHIFT)
-    return ((v & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+    return ((v & MASK) | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mantissa(v, MASK: tl.constexpr, one_bits):
+    return ((v & MASK) | one_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _wq_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, partial_ptr,
-    N, K, stride_qk, stride_g, group_size, k_per_split,
-    BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
+    N, K, stride_qk, stride_g, group_size, k_per_split, one_bits,
+    BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, NIBBLE_PAIRS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """``NIBBLE_PAIRS`` (int4, 16-bit x): four shifted copies of each word (<< 16, << 8, >> 8, >> 16)
+    put every value at bits 16-19 ("hi", ``1 + q / 2**7``) or 12-15 ("lo", ``1 + q / 2**11``) of a
+    mantissa, so a value costs one LOP3 and one FFMA plus half a shift; the lo values keep about
+    13 bits through the per-tile cancellation, ample for a 16-bit output (float32 x takes the
+    exact one-shift-per-value path)."""
     PACK: tl.constexpr = 32 // BITS
     KP: tl.constexpr = BLOCK_K // PACK
     ONE: tl.constexpr = 1 << BITS
@@ -149,14 +162,43 @@ def _wq_gemv_kernel(
         g = k0 // group_size
         s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        p = tl.zeros((KP, BLOCK_N), dtype=tl.float32)
-        xs = tl.zeros((KP,), dtype=tl.float32)
-        for j in tl.static_range(PACK):
-            xj = tl.load(x_ptr + k0 + offs_kp * PACK + j).to(tl.float32)
-            p += _value_as_float(w, j, BITS) * xj[:, None]
-            xs += xj
-        x_sum = tl.sum(xs, axis=0)
-        acc += s * (ONE * tl.sum(p, axis=0) - (ONE + z) * x_sum)
+        x_row = x_ptr + k0 + offs_kp * PACK
+        if NIBBLE_PAIRS:
+            w_l16 = w << 16
+            w_l8 = w << 8
+            w_r8 = w >> 8
+            w_r16 = w >> 16
+            x0 = tl.load(x_row + 0).to(tl.float32)
+            x1 = tl.load(x_row + 1).to(tl.float32)
+            x2 = tl.load(x_row + 2).to(tl.float32)
+            x3 = tl.load(x_row + 3).to(tl.float32)
+            x4 = tl.load(x_row + 4).to(tl.float32)
+            x5 = tl.load(x_row + 5).to(tl.float32)
+            x6 = tl.load(x_row + 6).to(tl.float32)
+            x7 = tl.load(x_row + 7).to(tl.float32)
+            HI: tl.constexpr = 0xF0000
+            LO: tl.constexpr = 0xF000
+            p_hi = _mantissa(w_l16, HI, one_bits) * x0[:, None]
+            p_hi += _mantissa(w_l8, HI, one_bits) * x2[:, None]
+            p_hi += _mantissa(w, HI, one_bits) * x4[:, None]
+            p_hi += _mantissa(w_r8, HI, one_bits) * x6[:, None]
+            p_lo = _mantissa(w_l8, LO, one_bits) * x1[:, None]
+            p_lo += _mantissa(w, LO, one_bits) * x3[:, None]
+            p_lo += _mantissa(w_r8, LO, one_bits) * x5[:, None]
+            p_lo += _mantissa(w_r16, LO, one_bits) * x7[:, None]
+            xs_hi = tl.sum(x0 + x2 + x4 + x6, axis=0)
+            xs_lo = tl.sum(x1 + x3 + x5 + x7, axis=0)
+            acc += s * (128.0 * tl.sum(p_hi, axis=0) + 2048.0 * tl.sum(p_lo, axis=0)
+                        - (128.0 + z) * xs_hi - (2048.0 + z) * xs_lo)  # fmt: skip
+        else:
+            p = tl.zeros((KP, BLOCK_N), dtype=tl.float32)
+            xs = tl.zeros((KP,), dtype=tl.float32)
+            for j in tl.static_range(PACK):
+                xj = tl.load(x_row + j).to(tl.float32)
+                p += _value_as_float(w, j, BITS, one_bits) * xj[:, None]
+                xs += xj
+            x_sum = tl.sum(xs, axis=0)
+            acc += s * (ONE * tl.sum(p, axis=0) - (ONE + z) * x_sum)
     if SPLIT:
         tl.store(partial_ptr + pid_k.to(tl.int64) * N + offs_n, acc, mask=mask_n)
     else:
@@ -259,8 +301,10 @@ def _splits(k: int, cfg: WqConfig) -> tuple[int, int]:
     return k_per_split, triton.cdiv(k, k_per_split)
 
 
-def wq_gemv(x, qweight, scales, zeros, bits, group_size, bias=None, config: WqConfig | None = None) -> torch.Tensor:
-    """One row: ``x [1, K]`` (see the module docstring)."""
+def wq_gemv(
+    x, qweight, scales, zeros, bits, group_size, bias=None, config: WqConfig | None = None, exact: bool = False
+) -> torch.Tensor:
+    """One row: ``x [1, K]`` (see the module docstring); ``exact`` forces the one-shift-per-value path."""
     k, n = x.shape[1], qweight.shape[1]
     cfg = config or pick_gemv_config(n, k, group_size, bits)
     assert group_size % cfg.block_k == 0 and cfg.block_k % (32 // bits) == 0, cfg
@@ -271,8 +315,9 @@ def wq_gemv(x, qweight, scales, zeros, bits, group_size, bias=None, config: WqCo
     partial = torch.empty((split_k, 1, n), dtype=torch.float32, device=x.device) if split else y
     _wq_gemv_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
         x, qweight, scales, zeros, bias if bias is not None else y, y, partial,
-        n, k, qweight.stride(0), scales.stride(0), group_size, k_per_split,
+        n, k, qweight.stride(0), scales.stride(0), group_size, k_per_split, ONE_BITS,
         BITS=bits, HAS_BIAS=bias is not None, SPLIT=split, EVEN_N=n % cfg.block_n == 0,
+        NIBBLE_PAIRS=bits == 4 and x.dtype != torch.float32 and not exact,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split:
