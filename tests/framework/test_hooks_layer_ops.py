@@ -123,5 +123,6 @@ def test_build_native_model_binds_the_backends_ops_and_tokens_do_not_change(tmp_
     steps = 4  # one forward per generated token (prefill included)
     assert plugin.calls == {"rms_norm": steps, "fused_add_rms_norm": steps * 2 * layers, "silu_and_mul": steps * layers}
     # rebinding the reference turns every op back
-    assert bind_layer_ops(fused, LayerOps()) == 2 * layers + 1 + layers + layers  # norms, attentions, mlps
+    # norms, attentions, mlps, and the Linears (q/k/v, o, gate/up, down per layer, the head)
+    assert bind_layer_ops(fused, LayerOps()) == 2 * layers + 1 + layers + layers + 4 * layers + 1
     assert fused.model.norm.layer_ops == REFERENCE_OPS

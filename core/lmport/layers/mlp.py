@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lmport.layers.activations import get_activation
-from lmport.layers.merged_linear import MergedLinear
+from lmport.layers.linear import Linear
 from lmport.layers.ops import UsesLayerOps
 
 # hidden_act names whose ACT2FN entry is plain SiLU, so the layer ops' silu_and_mul can run them
@@ -16,14 +16,17 @@ _SILU_NAMES = ("silu", "swish")
 class GatedMLP(UsesLayerOps, nn.Module):
     """``down(act(gate(x)) * up(x))`` with gate and up fused into one ``gate_up_proj``.
 
+    ``quant``: the checkpoint's quantization (``ModelContext.quantization``), for both projections.
+
     With a SiLU activation the middle runs as one ``layer_ops.silu_and_mul`` on the fused
     projection's output (a single kernel where the backend has one).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = False, *, quant=None):
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        gate_up = {"gate": intermediate_size, "up": intermediate_size}
+        self.gate_up_proj = Linear(hidden_size, gate_up, bias=bias, quant=quant)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, quant=quant)
         self.act = get_activation(activation)
         self.is_silu = activation in _SILU_NAMES
 
@@ -49,11 +52,13 @@ class PlainMLP(nn.Module):
         activation: str,
         bias: bool = True,
         names: tuple[str, str] = ("fc_in", "fc_out"),
+        *,
+        quant=None,
     ):
         super().__init__()
         self._names = names
-        setattr(self, names[0], nn.Linear(hidden_size, intermediate_size, bias=bias))
-        setattr(self, names[1], nn.Linear(intermediate_size, hidden_size, bias=bias))
+        setattr(self, names[0], Linear(hidden_size, intermediate_size, bias=bias, quant=quant))
+        setattr(self, names[1], Linear(intermediate_size, hidden_size, bias=bias, quant=quant))
         self.act = get_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lmport.layers.quant_ops import LinearFp8Op, LinearWqOp, reference_linear_fp8, reference_linear_wq
 from lmport.layers.rotary import apply_rotary
 
 
@@ -63,8 +64,13 @@ class LayerOps:
       ``rotary_dim`` pass through (see :func:`lmport.layers.rotary.apply_rotary`).
     - ``silu_and_mul(gate_up)``: ``[tokens, 2 * inter]`` -> ``silu(gate) * up``, ``[tokens, inter]``.
     - ``linear(x, weight, bias)``: ``F.linear`` (``weight [out, in]``, ``bias`` may be ``None``); the
-      Llama family's projections and head run through it, so a backend can swap in a skinny
-      GEMM for decode's few rows. The reference *is* ``F.linear``: tokens stay bit-identical.
+      unquantized projections and heads of every family run through it (:class:`~lmport.layers.linear.Linear`),
+      so a backend can swap in a skinny GEMM for decode's few rows. The reference *is*
+      ``F.linear``: tokens stay bit-identical.
+    - ``linear_wq(x, qweight, scales, zeros, bits, group_size, bias)``: weight-only int4/int8
+      (GPTQ, AWQ, compressed-tensors W4A16/W8A16, EETQ, bitsandbytes int8 are all repacked to
+      its layout at load); ``linear_fp8(x, weight, weight_scale, bias)``: float8 e4m3 weights
+      with per-tensor or per-channel scales. Layouts in :mod:`lmport.layers.quant_ops`.
     """
 
     rms_norm: RmsNormOp = reference_rms_norm
@@ -72,6 +78,8 @@ class LayerOps:
     rotary: RotaryOp = apply_rotary
     silu_and_mul: SiluAndMulOp = reference_silu_and_mul
     linear: LinearOp = F.linear
+    linear_wq: LinearWqOp = reference_linear_wq
+    linear_fp8: LinearFp8Op = reference_linear_fp8
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

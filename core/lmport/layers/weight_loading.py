@@ -1,11 +1,17 @@
 """Strict loading of Hugging Face checkpoint tensors into a model with fused parameters.
 
 A family maps each checkpoint name to ``(parameter name, shard)``: ``shard`` is ``None`` for
-a whole parameter, or a key that the parameter's owning module resolves to a slice
-(:class:`~lmport.layers.merged_linear.MergedLinear` for q/k/v and gate/up,
-:class:`~lmport.layers.moe.FusedMoE` for per-expert matrices). Every tensor must land
-somewhere and every parameter (every shard of it) must be filled, else loading fails with
-the names: a checkpoint layout the model does not understand never loads silently.
+a whole parameter, or a key that the parameter's owning module resolves to a slice (a
+:class:`~lmport.layers.linear.Linear`'s output shard such as ``"q"`` or ``"gate"``). A
+``Linear`` places the tensor itself (:meth:`~lmport.layers.linear.Linear.load`); other modules
+may offer ``shard_keys``/``shard_view``. Every tensor must land somewhere and every parameter
+(every shard of it) must be filled, else loading fails with the names: a checkpoint layout the
+model does not understand never loads silently. Once all tensors are in, every ``Linear``
+repacks (``finish_loading``).
+
+Quantized checkpoints name a layer's tensors ``<module>.qweight``, ``.scales``,
+``.weight_scale`` ...: a family's mapper only needs to know ``<module>.weight``, the loader
+maps that and puts the format's tensor beside it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Callable, Hashable, Iterable
 
 import torch
 from torch import nn
+
+from lmport.layers.linear import Linear, finish_loading
 
 # checkpoint name -> (parameter name, shard key or None), or None for "not a tensor of this model"
 NameMapper = Callable[[str], "tuple[str, Hashable | None] | None"]
@@ -27,9 +35,35 @@ def _expected_units(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str
     for name in params:
         owner = modules[name.rpartition(".")[0]]
         local = name.rpartition(".")[2]
+        if isinstance(owner, Linear) and owner.optional_param(local):
+            continue
         keys = owner.shard_keys(local) if hasattr(owner, "shard_keys") else None
         units.update(((name, key) for key in keys) if keys else [(name, None)])
     return params, modules, units
+
+
+def _target(
+    hf_name: str, mapper: NameMapper, params: dict[str, nn.Parameter], modules: dict[str, nn.Module]
+) -> tuple[str, Hashable | None] | None | str:
+    """Where ``hf_name`` goes; ``"skip"`` for a tensor its layer's format reads and does not use."""
+    target = mapper(hf_name)
+    if target is not None and target[0] in params:
+        return target
+    # a quantized layer's tensor: map the layer's ``.weight`` and keep the tensor's own local name
+    module, _, local = hf_name.rpartition(".")
+    if not module:
+        return None
+    weight_target = mapper(f"{module}.weight")
+    if weight_target is None:
+        return None
+    owner_name = weight_target[0].rpartition(".")[0]
+    owner = modules.get(owner_name)
+    if not isinstance(owner, Linear):
+        return None
+    if local in owner.method.ignored_tensors:
+        return "skip"
+    name = f"{owner_name}.{local}"
+    return (name, weight_target[1]) if name in params else None
 
 
 def load_checkpoint(
@@ -44,6 +78,9 @@ def load_checkpoint(
     ``ignore``: regular expressions of checkpoint names to skip (buffers some exporters save,
     such as rotary ``inv_freq`` or GPT-2's causal ``attn.bias`` mask).
     """
+    for module in model.modules():  # a reload starts from the checkpoint's layout again
+        if isinstance(module, Linear):
+            module.begin_loading()
     params, modules, expected = _expected_units(model)
     ignore_patterns = [re.compile(p) for p in ignore]
     loaded: set[tuple[str, Hashable | None]] = set()
@@ -51,19 +88,27 @@ def load_checkpoint(
     for hf_name, tensor in weights:
         if any(p.search(hf_name) for p in ignore_patterns):
             continue
-        target = mapper(hf_name)
-        if target is None or target[0] not in params:
+        target = _target(hf_name, mapper, params, modules)
+        if target == "skip":
+            continue
+        if target is None:
             raise ValueError(f"{label}: unexpected checkpoint tensor '{hf_name}'")
         name, key = target
         owner = modules[name.rpartition(".")[0]]
         local = name.rpartition(".")[2]
-        dest = owner.shard_view(local, key) if hasattr(owner, "shard_view") else params[name].data
-        if key is not None and not hasattr(owner, "shard_view"):
-            raise ValueError(f"{label}: '{hf_name}' maps to shard {key!r} of unsharded '{name}'")
-        if dest.shape != tensor.shape:
-            raise ValueError(f"{label}: '{hf_name}' has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
-        with torch.no_grad():
-            dest.copy_(tensor)
+        if isinstance(owner, Linear):
+            try:
+                owner.load(local, tensor, key)
+            except ValueError as exc:
+                raise ValueError(f"{label}: '{hf_name}': {exc}") from None
+        else:
+            dest = owner.shard_view(local, key) if hasattr(owner, "shard_view") else params[name].data
+            if key is not None and not hasattr(owner, "shard_view"):
+                raise ValueError(f"{label}: '{hf_name}' maps to shard {key!r} of unsharded '{name}'")
+            if dest.shape != tensor.shape:
+                raise ValueError(f"{label}: '{hf_name}' has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+            with torch.no_grad():
+                dest.copy_(tensor)
         if key is None:  # a whole parameter fills all of its shards
             loaded.update(unit for unit in expected if unit[0] == name)
         else:
@@ -71,6 +116,7 @@ def load_checkpoint(
     missing = sorted({f"{name}[{key}]" if key is not None else name for name, key in expected - loaded})
     if missing:
         raise ValueError(f"{label}: checkpoint lacks {len(missing)} tensors: {', '.join(missing[:8])}")
+    finish_loading(model)
 
 
 def rename_rules(rules: Iterable[tuple[str, str]]) -> Callable[[str], str]:

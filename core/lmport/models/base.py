@@ -12,6 +12,7 @@ from torch import nn
 
 from lmport.capabilities import Capabilities
 from lmport.layers.attention import Attention, AttentionBackend, AttentionMetadata, AttentionSpec, KVCache
+from lmport.layers.quantization.config import QuantizationConfig
 
 
 @dataclass(frozen=True)
@@ -27,13 +28,17 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class ModelContext:
-    """Everything a builder needs besides the Hugging Face config."""
+    """Everything a builder needs besides the Hugging Face config.
+
+    ``quantization``: the checkpoint's format, ``None`` when unquantized; pass it to every
+    :class:`~lmport.layers.linear.Linear` (``quant=ctx.quantization``).
+    """
 
     dtype: torch.dtype
     device: torch.device
     capabilities: Capabilities
     attention_factory: Callable[[AttentionSpec], AttentionBackend]
-    quantization: str | None = None
+    quantization: QuantizationConfig | None = None
 
     def attention(self, spec: AttentionSpec, layer_index: int) -> Attention:
         return Attention(spec, self.attention_factory(spec), layer_index)

@@ -15,6 +15,8 @@ from torch import nn
 
 from lmport.layers.alibi import bloom_alibi_slopes
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
+from lmport.layers.embedding import LMHead
+from lmport.layers.linear import Linear
 from lmport.layers.weight_loading import load_base_prefixed_checkpoint
 from lmport.models.base import CausalLM, ModelContext
 
@@ -30,8 +32,8 @@ class BloomAttention(nn.Module):
         hidden = config.hidden_size
         self.num_heads = config.n_head
         self.head_dim = hidden // self.num_heads
-        self.query_key_value = nn.Linear(hidden, 3 * hidden)
-        self.dense = nn.Linear(hidden, hidden)
+        self.query_key_value = Linear(hidden, 3 * hidden, bias=True, quant=ctx.quantization)
+        self.dense = Linear(hidden, hidden, bias=True, quant=ctx.quantization)
         spec = AttentionSpec(
             num_heads=self.num_heads,
             num_kv_heads=self.num_heads,
@@ -50,10 +52,10 @@ class BloomAttention(nn.Module):
 
 
 class BloomMLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, ctx: ModelContext):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
-        self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
+        self.dense_h_to_4h = Linear(config.hidden_size, 4 * config.hidden_size, bias=True, quant=ctx.quantization)
+        self.dense_4h_to_h = Linear(4 * config.hidden_size, config.hidden_size, bias=True, quant=ctx.quantization)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(bloom_gelu(self.dense_h_to_4h(hidden)))
@@ -66,7 +68,7 @@ class BloomBlock(nn.Module):
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
         self.self_attention = BloomAttention(config, ctx, layer_index)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.mlp = BloomMLP(config)
+        self.mlp = BloomMLP(config, ctx)
         # some BLOOM variants take the residual after the norm rather than before it
         self.residual_after_norm = config.apply_residual_connection_post_layernorm
 
@@ -102,17 +104,16 @@ class BloomForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.transformer = BloomModel(config, ctx)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tied = bool(getattr(config, "tie_word_embeddings", True))
-        if self.tied:
-            self.lm_head.weight = self.transformer.word_embeddings.weight
+        tied = self.transformer.word_embeddings if self.tied else None
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied_to=tied)
 
     def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
         # positions are implicit in ALiBi: the backend knows each token's place from the metadata
         return self.transformer(input_ids, kv_caches, metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
+        return self.lm_head(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # bigscience/bloom-* exports name the base model's tensors without "transformer."

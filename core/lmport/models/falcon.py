@@ -29,6 +29,8 @@ from torch import nn
 from lmport.layers.activations import get_activation
 from lmport.layers.alibi import bloom_alibi_slopes
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
+from lmport.layers.embedding import LMHead
+from lmport.layers.linear import Linear
 from lmport.layers.rotary import RotaryEmbedding, apply_rotary
 from lmport.layers.weight_loading import load_checkpoint, rename_rules
 from lmport.models.base import CausalLM, ModelContext
@@ -127,8 +129,9 @@ class FalconAttention(nn.Module):
         super().__init__()
         self.layout = layout
         heads, kv_heads, head_dim = layout.num_heads, layout.num_kv_heads, layout.head_dim
-        self.query_key_value = nn.Linear(layout.hidden_size, (heads + 2 * kv_heads) * head_dim, bias=layout.bias)
-        self.dense = nn.Linear(layout.hidden_size, layout.hidden_size, bias=layout.bias)
+        quant = ctx.quantization
+        self.query_key_value = Linear(layout.hidden_size, (heads + 2 * kv_heads) * head_dim, bias=layout.bias, quant=quant)
+        self.dense = Linear(layout.hidden_size, layout.hidden_size, bias=layout.bias, quant=quant)
         spec = AttentionSpec(
             num_heads=heads,
             num_kv_heads=kv_heads,
@@ -162,10 +165,11 @@ class FalconAttention(nn.Module):
 
 
 class FalconMLP(nn.Module):
-    def __init__(self, layout: FalconLayout):
+    def __init__(self, layout: FalconLayout, ctx: ModelContext):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(layout.hidden_size, layout.ffn_hidden_size, bias=layout.bias)
-        self.dense_4h_to_h = nn.Linear(layout.ffn_hidden_size, layout.hidden_size, bias=layout.bias)
+        quant = ctx.quantization
+        self.dense_h_to_4h = Linear(layout.hidden_size, layout.ffn_hidden_size, bias=layout.bias, quant=quant)
+        self.dense_4h_to_h = Linear(layout.ffn_hidden_size, layout.hidden_size, bias=layout.bias, quant=quant)
         self.act = get_activation(layout.activation)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -178,7 +182,7 @@ class FalconDecoderLayer(nn.Module):
         self.layout = layout
         hidden, eps = layout.hidden_size, layout.layer_norm_epsilon
         self.self_attention = FalconAttention(layout, ctx, layer_index)
-        self.mlp = FalconMLP(layout)
+        self.mlp = FalconMLP(layout, ctx)
         if layout.two_layernorms:
             self.ln_attn = nn.LayerNorm(hidden, eps=eps)
             self.ln_mlp = nn.LayerNorm(hidden, eps=eps)
@@ -226,16 +230,15 @@ class FalconForCausalLM(CausalLM):
         self.config, self.layout = config, layout
         self.transformer = FalconModel(layout, ctx)
         self.rotary = None if layout.alibi else RotaryEmbedding(rotary_config(config), layout.head_dim)
-        self.lm_head = nn.Linear(layout.hidden_size, layout.vocab_size, bias=False)
-        if layout.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.word_embeddings.weight
+        tied = self.transformer.word_embeddings if layout.tie_word_embeddings else None
+        self.lm_head = LMHead(layout.hidden_size, layout.vocab_size, tied_to=tied)
 
     def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
         cos_sin = None if self.rotary is None else self.rotary.cos_sin(positions, metadata)
         return self.transformer(input_ids, cos_sin, kv_caches, metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
+        return self.lm_head(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         rename = rename_rules([(r"^(?!transformer\.|lm_head\.)", "transformer.")])

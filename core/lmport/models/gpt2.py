@@ -2,7 +2,7 @@
 
 Learned absolute positions, pre-LayerNorm blocks, one fused ``c_attn`` projection, GELU MLP,
 output head tied to the token embedding. GPT-2 checkpoints store projections as ``Conv1D``
-(``[in, out]``); they are transposed into ``nn.Linear`` at load time.
+(``[in, out]``); they are transposed into ``Linear``'s ``[out, in]`` at load time.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
 from lmport.layers.embedding import LMHead
-from lmport.layers.merged_linear import MergedLinear
+from lmport.layers.linear import Linear, per_head_qkv_order
 from lmport.layers.mlp import PlainMLP
 from lmport.layers.weight_loading import load_checkpoint
 from lmport.models.base import CausalLM, ModelContext
@@ -28,15 +28,20 @@ IGNORED = [r"\.attn\.(bias|masked_bias)$"]
 
 
 class GPT2Attention(nn.Module):
-    """Fused ``c_attn`` -> attention -> ``c_proj``; ``num_kv_heads`` < heads is StarCoder's multi-query form."""
+    """Fused ``c_attn`` -> attention -> ``c_proj``; ``num_kv_heads`` < heads is StarCoder's multi-query form.
 
-    def __init__(self, config: Any, ctx: ModelContext, layer_index: int, num_kv_heads: int):
+    ``per_head_qkv``: the checkpoint's ``c_attn`` rows run per head (``[h0: q k v, ...]``, multi-head StarCoder).
+    """
+
+    def __init__(self, config: Any, ctx: ModelContext, layer_index: int, num_kv_heads: int, per_head_qkv: bool = False):
         super().__init__()
         hidden, heads = config.hidden_size, config.num_attention_heads
         self.head_dim = hidden // heads
         kv_size = num_kv_heads * self.head_dim
-        self.c_attn = MergedLinear(hidden, {"q": hidden, "k": kv_size, "v": kv_size}, bias=True)
-        self.c_proj = nn.Linear(hidden, hidden, bias=True)
+        order = per_head_qkv_order(heads, self.head_dim) if per_head_qkv else None
+        quant = ctx.quantization
+        self.c_attn = Linear(hidden, {"q": hidden, "k": kv_size, "v": kv_size}, bias=True, quant=quant, output_order=order)
+        self.c_proj = Linear(hidden, hidden, bias=True, quant=quant)
         scale = self.head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             scale /= float(layer_index + 1)
@@ -49,14 +54,16 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config: Any, ctx: ModelContext, layer_index: int, num_kv_heads: int):
+    def __init__(self, config: Any, ctx: ModelContext, layer_index: int, num_kv_heads: int, per_head_qkv: bool):
         super().__init__()
         hidden, eps = config.hidden_size, config.layer_norm_epsilon
         inner = getattr(config, "n_inner", None) or 4 * hidden
         self.ln_1 = nn.LayerNorm(hidden, eps=eps)
-        self.attn = GPT2Attention(config, ctx, layer_index, num_kv_heads)
+        self.attn = GPT2Attention(config, ctx, layer_index, num_kv_heads, per_head_qkv)
         self.ln_2 = nn.LayerNorm(hidden, eps=eps)
-        self.mlp = PlainMLP(hidden, inner, config.activation_function, bias=True, names=("c_fc", "c_proj"))
+        self.mlp = PlainMLP(
+            hidden, inner, config.activation_function, bias=True, names=("c_fc", "c_proj"), quant=ctx.quantization
+        )
 
     def forward(self, hidden: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata) -> torch.Tensor:
         hidden = hidden + self.attn(self.ln_1(hidden), kv_caches, metadata)
@@ -66,11 +73,13 @@ class GPT2Block(nn.Module):
 class GPT2Backbone(nn.Module):
     """The ``transformer.`` part of the checkpoint."""
 
-    def __init__(self, config: Any, ctx: ModelContext, num_kv_heads: int):
+    def __init__(self, config: Any, ctx: ModelContext, num_kv_heads: int, per_head_qkv: bool):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(config, ctx, i, num_kv_heads) for i in range(config.num_hidden_layers))
+        self.h = nn.ModuleList(
+            GPT2Block(config, ctx, i, num_kv_heads, per_head_qkv) for i in range(config.num_hidden_layers)
+        )
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
 
@@ -79,11 +88,11 @@ class GPT2LMHeadModel(CausalLM):
 
     conv1d_weights = True  # GPT-2's Conv1D stores [in, out]
 
-    def __init__(self, config: Any, ctx: ModelContext, num_kv_heads: int | None = None):
+    def __init__(self, config: Any, ctx: ModelContext, num_kv_heads: int | None = None, per_head_qkv: bool = False):
         super().__init__()
         self.config = config
         self.num_kv_heads = num_kv_heads or config.num_attention_heads
-        self.transformer = GPT2Backbone(config, ctx, self.num_kv_heads)
+        self.transformer = GPT2Backbone(config, ctx, self.num_kv_heads, per_head_qkv)
         tied = self.transformer.wte if getattr(config, "tie_word_embeddings", True) else None
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied_to=tied)
 

@@ -2,23 +2,17 @@
 
 With ``multi_query`` one K/V head serves every query head and ``c_attn`` is ``[q | k | v]``;
 without it ``c_attn`` is laid out per head (``[h0: q k v, h1: ...]``) and is reordered at
-load time. Weights are ``nn.Linear`` (``[out, in]``), unlike GPT-2's Conv1D.
+load time. Weights are ``[out, in]`` as ``Linear`` holds them, unlike GPT-2's Conv1D.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-import torch
-
-from lmport.layers.merged_linear import per_head_qkv_to_stacked
 from lmport.models.base import ModelContext
 from lmport.models.gpt2 import GPT2LMHeadModel
 
 ARCHITECTURES = ["GPTBigCodeForCausalLM"]
-
-_C_ATTN = re.compile(r"\.attn\.c_attn\.(weight|bias)$")
 
 
 class GPTBigCodeForCausalLM(GPT2LMHeadModel):
@@ -28,14 +22,10 @@ class GPTBigCodeForCausalLM(GPT2LMHeadModel):
 
     def __init__(self, config: Any, ctx: ModelContext):
         multi_query = bool(getattr(config, "multi_query", True))
-        super().__init__(config, ctx, num_kv_heads=1 if multi_query else config.num_attention_heads)
+        # multi-head checkpoints lay c_attn out per head; its Linear reorders the rows after loading
+        heads = config.num_attention_heads
+        super().__init__(config, ctx, num_kv_heads=1 if multi_query else heads, per_head_qkv=not multi_query)
         self.multi_query = multi_query
-
-    def prepare_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.multi_query and _C_ATTN.search(name):
-            heads = self.config.num_attention_heads
-            return per_head_qkv_to_stacked(tensor, heads, self.config.hidden_size // heads)
-        return tensor
 
 
 def build_gpt_bigcode(config: Any, ctx: ModelContext) -> GPTBigCodeForCausalLM:

@@ -8,15 +8,14 @@ reordered to ``[q | k | v]`` at load time, so the forward is a plain split.
 
 from __future__ import annotations
 
-import re
-from typing import Any, Hashable, Iterable, Iterator
+from typing import Any, Hashable, Iterable
 
 import torch
 from torch import nn
 
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
 from lmport.layers.embedding import LMHead
-from lmport.layers.merged_linear import MergedLinear, per_head_qkv_to_stacked
+from lmport.layers.linear import Linear, per_head_qkv_order
 from lmport.layers.mlp import PlainMLP
 from lmport.layers.rotary import RotaryEmbedding, apply_rotary
 from lmport.layers.weight_loading import load_checkpoint
@@ -24,7 +23,6 @@ from lmport.models.base import CausalLM, ModelContext
 
 ARCHITECTURES = ["GPTNeoXForCausalLM"]
 
-_QKV = re.compile(r"\.attention\.query_key_value\.(weight|bias)$")
 # causal-mask and rotary buffers that some exports saved with the weights
 IGNORED = [r"\.attention\.(bias|masked_bias)$", r"rotary_emb\.inv_freq$"]
 
@@ -35,8 +33,12 @@ class GPTNeoXAttention(nn.Module):
         hidden, heads = config.hidden_size, config.num_attention_heads
         self.head_dim = hidden // heads
         bias = bool(getattr(config, "attention_bias", True))
-        self.query_key_value = MergedLinear(hidden, {"q": hidden, "k": hidden, "v": hidden}, bias=bias)
-        self.dense = nn.Linear(hidden, hidden, bias=bias)
+        quant = ctx.quantization
+        # the checkpoint lays query_key_value out per head; the Linear reorders it to [q | k | v] after loading
+        qkv = {"q": hidden, "k": hidden, "v": hidden}
+        order = per_head_qkv_order(heads, self.head_dim)
+        self.query_key_value = Linear(hidden, qkv, bias=bias, quant=quant, output_order=order)
+        self.dense = Linear(hidden, hidden, bias=bias, quant=quant)
         spec = AttentionSpec(heads, heads, self.head_dim, self.head_dim**-0.5, dtype=ctx.dtype_name())
         self.attn = ctx.attention(spec, layer_index)
 
@@ -56,7 +58,10 @@ class GPTNeoXLayer(nn.Module):
         self.input_layernorm = nn.LayerNorm(hidden, eps=eps)
         self.post_attention_layernorm = nn.LayerNorm(hidden, eps=eps)
         self.attention = GPTNeoXAttention(config, ctx, layer_index)
-        self.mlp = PlainMLP(hidden, config.intermediate_size, config.hidden_act, names=("dense_h_to_4h", "dense_4h_to_h"))
+        self.mlp = PlainMLP(
+            hidden, config.intermediate_size, config.hidden_act, names=("dense_h_to_4h", "dense_4h_to_h"),
+            quant=ctx.quantization,
+        )
 
     def forward(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata
@@ -111,15 +116,7 @@ class GPTNeoXForCausalLM(CausalLM):
         return name, None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        heads = self.config.num_attention_heads
-
-        def prepared() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                if _QKV.search(name):
-                    tensor = per_head_qkv_to_stacked(tensor, heads, self.head_dim)
-                yield name, tensor
-
-        load_checkpoint(self, prepared(), self.map_weight_name, ignore=IGNORED)
+        load_checkpoint(self, weights, self.map_weight_name, ignore=IGNORED)
 
 
 def build_gpt_neox(config: Any, ctx: ModelContext) -> GPTNeoXForCausalLM:

@@ -2,12 +2,9 @@
 
 Pre-norm decoder: RMSNorm -> attention with RoPE (any scaling variant, see
 :mod:`lmport.layers.rotary`) and grouped KV heads -> RMSNorm -> SwiGLU MLP. q/k/v and
-gate/up are fused into one projection each at load time; parameter names otherwise mirror
-the Hugging Face checkpoint, so loading is a short rename.
-
-Every projection and the head run through ``layer_ops.linear`` (``F.linear`` unless a backend
-binds a faster one, e.g. a GEMV for decode's few rows); the ``nn.Linear`` modules stay as the
-holders of the weights, so checkpoints, sharding and loading do not change.
+gate/up are each one :class:`~lmport.layers.linear.Linear` with named output shards; parameter
+names otherwise mirror the Hugging Face checkpoint, so loading is a short rename. Projections
+take the checkpoint's quantization from ``ctx.quantization``.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ from torch import nn
 
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
 from lmport.layers.embedding import LMHead
-from lmport.layers.merged_linear import MergedLinear
+from lmport.layers.linear import Linear
 from lmport.layers.mlp import GatedMLP
 from lmport.layers.norms import RMSNorm
 from lmport.layers.ops import UsesLayerOps
@@ -48,8 +45,9 @@ class LlamaAttention(UsesLayerOps, nn.Module):
         self.head_dim = head_dim_of(config)
         bias = bool(getattr(config, "attention_bias", False))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias)
+        quant = ctx.quantization
+        self.qkv_proj = Linear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=bias, quant=quant)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=bias, quant=quant)
         spec = AttentionSpec(
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
@@ -63,24 +61,9 @@ class LlamaAttention(UsesLayerOps, nn.Module):
     def forward(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata
     ) -> torch.Tensor:
-        linear = self.layer_ops.linear
-        q, k, v = self.qkv_proj.split(linear(hidden, self.qkv_proj.weight, self.qkv_proj.bias))
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         q, k = self.layer_ops.rotary(q, k, cos, sin, self.head_dim)
-        return linear(self.attn(q, k, v, kv_caches, metadata), self.o_proj.weight, self.o_proj.bias)
-
-
-class LlamaMLP(GatedMLP):
-    """:class:`GatedMLP` whose two projections run through ``layer_ops.linear``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear = self.layer_ops.linear
-        gate_up = linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
-        if self.is_silu:
-            hidden = self.layer_ops.silu_and_mul(gate_up)
-        else:
-            gate, up = self.gate_up_proj.split(gate_up)
-            hidden = self.act(gate) * up
-        return linear(hidden, self.down_proj.weight, self.down_proj.bias)
+        return self.o_proj(self.attn(q, k, v, kv_caches, metadata))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -144,7 +127,9 @@ class LlamaForCausalLM(CausalLM):
         self.config = config
         if mlp_factory is None:
             mlp_bias = bool(getattr(config, "mlp_bias", False))
-            mlp_factory = lambda _: LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act, mlp_bias)  # noqa: E731
+            mlp_factory = lambda _: GatedMLP(  # noqa: E731
+                config.hidden_size, config.intermediate_size, config.hidden_act, mlp_bias, quant=ctx.quantization
+            )
         self.model = LlamaBackbone(config, ctx, mlp_factory, sliding_window)
         self.rotary = RotaryEmbedding(config, head_dim_of(config))
         tied = self.model.embed_tokens if getattr(config, "tie_word_embeddings", False) else None
@@ -162,10 +147,7 @@ class LlamaForCausalLM(CausalLM):
         return self.model.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """What ``LMHead`` computes (float32 logits), through ``layer_ops.linear``. The model itself
-        holds no ops: every bound module holds the same ones, so the final norm's are used."""
-        linear = self.model.norm.layer_ops.linear
-        return linear(hidden_states, self.lm_head.weight, self.lm_head.bias).float()
+        return self.lm_head(hidden_states)
 
     def kv_cache_shape(self) -> tuple[int, int, int]:
         attn = self.model.layers[0].self_attn

@@ -1,19 +1,21 @@
 """Mixtral: Mistral's attention with a top-2 sparse mixture of SwiGLU experts in place of the MLP.
 
 Checkpoints name experts one by one (``block_sparse_moe.experts.<e>.w1/w2/w3``); the model
-keeps the block at ``mlp`` and stacks them into :class:`~lmport.layers.moe.FusedMoE`'s two tensors at load time. Stacked
-names as transformers 5.x keeps them in memory (``mlp.experts.gate_up_proj``/``down_proj``)
-load too.
+keeps the block at ``mlp`` with one :class:`~lmport.layers.linear.Linear` pair per expert in
+:class:`~lmport.layers.moe.FusedMoE` (quantized like every projection; the router is not).
+Stacked names as transformers 5.x keeps them in memory (``mlp.experts.gate_up_proj``/``down_proj``,
+``[experts, 2 * inter, hidden]`` and ``[experts, hidden, inter]``) are split per expert and load too.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Hashable
+from typing import Any, Hashable, Iterable, Iterator
 
 import torch
 from torch import nn
 
+from lmport.layers.linear import Linear
 from lmport.layers.moe import FusedMoE
 from lmport.models.base import ModelContext
 from lmport.models.llama import LlamaForCausalLM
@@ -28,12 +30,12 @@ _STACKED = re.compile(r"^(.*)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 class MixtralSparseMoe(nn.Module):
     """Router (``gate``) plus experts; routing probabilities are softmaxed in float32 and renormalised."""
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, ctx: ModelContext):
         super().__init__()
-        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.gate = Linear(config.hidden_size, config.num_local_experts, bias=False, quantizable=False)
         self.experts = FusedMoE(
             config.num_local_experts, config.num_experts_per_tok, config.hidden_size, config.intermediate_size,
-            config.hidden_act,
+            config.hidden_act, quant=ctx.quantization,
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -47,7 +49,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
         super().__init__(
             config,
             ctx,
-            mlp_factory=lambda _: MixtralSparseMoe(config),
+            mlp_factory=lambda _: MixtralSparseMoe(config, ctx),
             sliding_window=getattr(config, "sliding_window", None) or None,
         )
 
@@ -56,13 +58,28 @@ class MixtralForCausalLM(LlamaForCausalLM):
         if m := _EXPERT.match(name):
             prefix, expert, part = m[1], int(m[2]), m[3]
             if part == "w2":
-                return f"{prefix}.mlp.experts.w2", expert
-            return f"{prefix}.mlp.experts.w13", (expert, part)
+                return f"{prefix}.mlp.experts.w2.{expert}.weight", None
+            return f"{prefix}.mlp.experts.w13.{expert}.weight", part
         if m := _ROUTER.match(name):
             return f"{m[1]}.mlp.gate.weight", None
-        if m := _STACKED.match(name):
-            return f"{m[1]}.mlp.experts.{'w13' if m[2] == 'gate_up_proj' else 'w2'}", None
         return super().map_weight_name(name)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        def per_expert() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                if not (m := _STACKED.match(name)):
+                    yield name, tensor
+                    continue
+                experts = f"{m[1]}.block_sparse_moe.experts"
+                for e, expert in enumerate(tensor.unbind(0)):
+                    if m[2] == "down_proj":
+                        yield f"{experts}.{e}.w2.weight", expert
+                    else:
+                        gate, up = expert.chunk(2, dim=0)
+                        yield f"{experts}.{e}.w1.weight", gate
+                        yield f"{experts}.{e}.w3.weight", up
+
+        super().load_weights(per_expert())
 
 
 def build_mixtral(config: Any, ctx: ModelContext) -> MixtralForCausalLM:

@@ -19,6 +19,8 @@ from torch import nn
 
 from lmport.layers.alibi import mpt_alibi_slopes
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
+from lmport.layers.embedding import LMHead
+from lmport.layers.linear import Linear
 from lmport.layers.weight_loading import load_base_prefixed_checkpoint
 from lmport.models.base import CausalLM, ModelContext
 
@@ -52,8 +54,8 @@ class MptAttention(nn.Module):
         self.num_heads = config.n_heads
         self.head_dim = hidden // self.num_heads
         self.clip_qkv = attn_setting(config, "clip_qkv")
-        self.Wqkv = nn.Linear(hidden, 3 * hidden, bias=False)
-        self.out_proj = nn.Linear(hidden, hidden, bias=False)
+        self.Wqkv = Linear(hidden, 3 * hidden, bias=False, quant=ctx.quantization)
+        self.out_proj = Linear(hidden, hidden, bias=False, quant=ctx.quantization)
         scale = attn_setting(config, "softmax_scale") or self.head_dim**-0.5
         spec = AttentionSpec(
             num_heads=self.num_heads,
@@ -76,11 +78,11 @@ class MptAttention(nn.Module):
 
 
 class MptMLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, ctx: ModelContext):
         super().__init__()
         # transformers sizes the MLP 4 * d_model whatever expansion_ratio says (all released MPTs use 4)
-        self.up_proj = nn.Linear(config.d_model, 4 * config.d_model, bias=False)
-        self.down_proj = nn.Linear(4 * config.d_model, config.d_model, bias=False)
+        self.up_proj = Linear(config.d_model, 4 * config.d_model, bias=False, quant=ctx.quantization)
+        self.down_proj = Linear(4 * config.d_model, config.d_model, bias=False, quant=ctx.quantization)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.gelu(self.up_proj(hidden)))
@@ -93,7 +95,7 @@ class MptBlock(nn.Module):
         self.norm_1 = nn.LayerNorm(config.d_model, eps=eps, bias=False)
         self.attn = MptAttention(config, ctx, layer_index)
         self.norm_2 = nn.LayerNorm(config.d_model, eps=eps, bias=False)
-        self.ffn = MptMLP(config)
+        self.ffn = MptMLP(config, ctx)
 
     def forward(self, hidden: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata) -> torch.Tensor:
         hidden = hidden + self.attn(self.norm_1(hidden), kv_caches, metadata)
@@ -122,17 +124,15 @@ class MptForCausalLM(CausalLM):
         check_supported(config)
         self.config = config
         self.transformer = MptModel(config, ctx)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.tied = bool(getattr(config, "tie_word_embeddings", True))
-        if self.tied:
-            self.lm_head.weight = self.transformer.wte.weight
+        self.lm_head = LMHead(config.d_model, config.vocab_size, tied_to=self.transformer.wte if self.tied else None)
 
     def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
         # positions are implicit in ALiBi: the backend knows each token's place from the metadata
         return self.transformer(input_ids, kv_caches, metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
+        return self.lm_head(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_base_prefixed_checkpoint(self, weights, "transformer.", tied_head=self.tied)

@@ -16,6 +16,8 @@ from torch import nn
 
 from lmport.layers.activations import get_activation
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
+from lmport.layers.embedding import LMHead
+from lmport.layers.linear import Linear
 from lmport.layers.weight_loading import load_base_prefixed_checkpoint
 from lmport.models.base import CausalLM, ModelContext
 
@@ -29,10 +31,11 @@ class OPTAttention(nn.Module):
         hidden, bias = config.hidden_size, config.enable_bias
         self.num_heads = config.num_attention_heads
         self.head_dim = hidden // self.num_heads
-        self.q_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.out_proj = nn.Linear(hidden, hidden, bias=bias)
+        quant = ctx.quantization
+        self.q_proj = Linear(hidden, hidden, bias=bias, quant=quant)
+        self.k_proj = Linear(hidden, hidden, bias=bias, quant=quant)
+        self.v_proj = Linear(hidden, hidden, bias=bias, quant=quant)
+        self.out_proj = Linear(hidden, hidden, bias=bias, quant=quant)
         spec = AttentionSpec(
             num_heads=self.num_heads,
             num_kv_heads=self.num_heads,
@@ -54,8 +57,8 @@ class OPTDecoderLayer(nn.Module):
         self.pre_norm = config.do_layer_norm_before
         self.self_attn = OPTAttention(config, ctx, layer_index)
         self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
-        self.fc1 = nn.Linear(hidden, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = nn.Linear(config.ffn_dim, hidden, bias=config.enable_bias)
+        self.fc1 = Linear(hidden, config.ffn_dim, bias=config.enable_bias, quant=ctx.quantization)
+        self.fc2 = Linear(config.ffn_dim, hidden, bias=config.enable_bias, quant=ctx.quantization)
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
         self.activation = get_activation(config.activation_function)
 
@@ -83,8 +86,9 @@ class OPTDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, embed_dim)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
         projected = embed_dim != hidden
-        self.project_in = nn.Linear(embed_dim, hidden, bias=False) if projected else None
-        self.project_out = nn.Linear(hidden, embed_dim, bias=False) if projected else None
+        # quantizers leave the embedding projections in full precision, as they do the head
+        self.project_in = Linear(embed_dim, hidden, quantizable=False) if projected else None
+        self.project_out = Linear(hidden, embed_dim, quantizable=False) if projected else None
         has_final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
         self.final_layer_norm = (
             nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine) if has_final_norm else None
@@ -120,16 +124,15 @@ class OPTForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.model = OPTModel(config, ctx)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.tied = bool(getattr(config, "tie_word_embeddings", True))
-        if self.tied:
-            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+        tied = self.model.decoder.embed_tokens if self.tied else None
+        self.lm_head = LMHead(config.word_embed_proj_dim, config.vocab_size, tied_to=tied)
 
     def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
         return self.model.decoder(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
+        return self.lm_head(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # facebook/opt-* exports name the base model's tensors "decoder.…", newer ones "model.decoder.…"

@@ -15,7 +15,7 @@ from torch import nn
 
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
 from lmport.layers.embedding import LMHead
-from lmport.layers.merged_linear import MergedLinear
+from lmport.layers.linear import Linear
 from lmport.layers.mlp import PlainMLP
 from lmport.layers.rotary import RotaryEmbedding, apply_rotary
 from lmport.layers.weight_loading import load_checkpoint
@@ -33,8 +33,9 @@ class PhiAttention(nn.Module):
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // heads
         q_size, kv_size = heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(hidden, {"q": q_size, "k": kv_size, "v": kv_size}, bias=True)
-        self.dense = nn.Linear(q_size, hidden, bias=True)
+        quant = ctx.quantization
+        self.qkv_proj = Linear(hidden, {"q": q_size, "k": kv_size, "v": kv_size}, bias=True, quant=quant)
+        self.dense = Linear(q_size, hidden, bias=True, quant=quant)
         self.qk_layernorm = bool(getattr(config, "qk_layernorm", False))
         if self.qk_layernorm:
             self.q_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
@@ -59,7 +60,9 @@ class PhiDecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = PhiAttention(config, ctx, layer_index)
-        self.mlp = PlainMLP(config.hidden_size, config.intermediate_size, config.hidden_act, names=("fc1", "fc2"))
+        self.mlp = PlainMLP(
+            config.hidden_size, config.intermediate_size, config.hidden_act, names=("fc1", "fc2"), quant=ctx.quantization
+        )
 
     def forward(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata

@@ -32,7 +32,7 @@ def ops(device) -> LayerOps:
     from lmport_cuda.plugin import lmport_layer_ops
 
     table = lmport_layer_ops(capabilities=None)
-    assert set(table) == set(LayerOps.names())
+    assert set(table) <= set(LayerOps.names())  # what the table leaves out stays the reference
     return LayerOps(**table)
 
 
