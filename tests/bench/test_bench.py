@@ -139,6 +139,7 @@ class Server:
     """``lmport launch`` in a subprocess on the CPU backend."""
 
     def __init__(self, model: Path, log: Path):
+        self.model = model
         self.port = free_port()
         self.log = log
         cmd = [sys.executable, "-m", "lmport.cli", "launch", "--model-id", str(model), "--backend", "cpu",
@@ -184,13 +185,14 @@ def tiny_server(tmp_path_factory):
 
 def test_bench_command_against_lmport_launch(tiny_server: Server, tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
-    rc = lmport_main(["bench", "--base-url", tiny_server.url, "--num-prompts", "6", "--input-len", "16",
+    # --tokenizer: /info names a local checkpoint by its folder name, never its path
+    rc = lmport_main(["bench", "--base-url", tiny_server.url, "--tokenizer", str(tiny_server.model), "--num-prompts", "6", "--input-len", "16",
                       "--output-len", "8", "--max-concurrency", "1,4", "--request-rate", "inf,50",
                       "--result-json", str(out), "--no-progress"])  # fmt: skip
     printed = capsys.readouterr().out
     assert rc == 0, printed
     document = json.loads(out.read_text())
-    assert document["server_info"]["model_id"].endswith("model") and document["base_url"] == tiny_server.url
+    assert document["server_info"]["model_id"] == "model" and document["base_url"] == tiny_server.url
     runs = document["runs"]
     assert [(r["spec"]["max_concurrency"], r["spec"]["request_rate"]) for r in runs] == [(1, "inf"), (1, 50.0), (4, "inf"), (4, 50.0)]
     for run in runs:

@@ -27,7 +27,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--model", default=None, help="`model` field of the requests (default: the server's /v1/models)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for the vocabulary (default: the server's model_id)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for the vocabulary (default: the server's model_id, "
+                        "which loads when it is a hub id; a local checkpoint's server names only its folder)")
     parser.add_argument("--vocab-size", type=int, default=None, help="draw ids from 0..N-1 instead of a tokenizer's vocabulary")
     parser.add_argument("--num-prompts", type=int, default=256, help="requests per run")
     parser.add_argument("--input-len", type=int, default=512, help="prompt tokens per request")
