@@ -61,6 +61,10 @@ class LaunchConfig:
     cors_allow_origin: tuple[str, ...] = ()
     json_output: bool = False
     disable_grammar_support: bool = False
+    # image inputs (models that take them): lmport.server.images
+    allow_remote_images: bool = False  # fetch http(s) image URLs (else only data URIs)
+    max_images_per_request: int = 4
+    max_image_bytes: int = 10 * 2**20
     extra: tuple[tuple[str, Any], ...] = field(default=())
 
     def replace(self, **changes: Any) -> "LaunchConfig":

@@ -177,30 +177,22 @@ def test_gguf_checkpoint_loads_through_gguf_file(tiny_gguf, cpu_host):
 
 
 def _image_text_config(kind: str):
-    from transformers import IdeficsConfig, LlavaNextConfig
+    from transformers import IdeficsConfig
 
-    if kind == "llava_next":
-        config = LlavaNextConfig(
-            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                               num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32),
-            text_config=dict(model_type="llama", vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
-            image_grid_pinpoints=[[32, 32]],
-        )
-        config.architectures = ["LlavaNextForConditionalGeneration"]
-    else:
-        config = IdeficsConfig(
-            vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-            vision_config=dict(embed_dim=32, image_size=32, patch_size=8, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64),
-        )
-        config.architectures = ["IdeficsForVisionText2Text"]
+    assert kind == "idefics"
+    config = IdeficsConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        vision_config=dict(embed_dim=32, image_size=32, patch_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64),
+    )
+    config.architectures = ["IdeficsForVisionText2Text"]
     return config
 
 
-@pytest.mark.parametrize("kind", ["llava_next", "idefics"])
+@pytest.mark.parametrize("kind", ["idefics"])
 def test_image_text_checkpoints_are_refused_at_startup_naming_the_architecture(kind, tmp_path, cpu_host):
-    """docs/models.md: Idefics and Llava-next are refused rather than served without their images."""
+    """docs/models.md: Idefics (no native module yet) is refused rather than served without its images;
+    Llava-next is native (tests/vision)."""
     from lmport.config import LaunchConfig
     from lmport.engine.factory import build_llm_engine
     from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
@@ -209,6 +201,6 @@ def test_image_text_checkpoints_are_refused_at_startup_naming_the_architecture(k
     config.save_pretrained(tmp_path)
     train_tiny_tokenizer(384).save_pretrained(tmp_path)
     architecture = config.architectures[0]
-    with pytest.raises(NotImplementedError, match=f"{architecture} .*image-text model.*no image input path") as refused:
+    with pytest.raises(NotImplementedError, match=f"{architecture} .*image-text model without a native lmport module") as refused:
         build_llm_engine(LaunchConfig(model_id=str(tmp_path), max_batch_total_tokens=256), cpu_host)
     assert "Unrecognized configuration class" not in str(refused.value)

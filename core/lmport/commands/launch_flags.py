@@ -127,6 +127,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--json-output",), ("JSON_OUTPUT",), "json_output", parse_bool, False, "log JSON lines", switch=True),
     Flag(("--disable-grammar-support",), ("DISABLE_GRAMMAR_SUPPORT",), "disable_grammar_support", parse_bool, False,
          "refuse `grammar` parameters (lmport has no constrained decoding yet, so they are refused anyway)", switch=True),
+    Flag(("--allow-remote-images",), ("LMPORT_ALLOW_REMOTE_IMAGES",), "allow_remote_images", parse_bool, False,
+         "fetch http(s) image URLs in prompts (else images come only as data URIs); lets clients make the server "
+         "open connections", switch=True),
+    Flag(("--max-images-per-request",), ("LMPORT_MAX_IMAGES_PER_REQUEST",), "max_images_per_request", int, 4,
+         "most images one prompt may hold (models that take images)"),
+    Flag(("--max-image-bytes",), ("LMPORT_MAX_IMAGE_BYTES",), "max_image_bytes", int, 10 * 2**20,
+         "largest image, encoded, in bytes (a data URI's or a fetched body's)"),
     Flag(("--num-shard",), ("NUM_SHARD",), "num_shard", int, 1, "devices to shard the model over (only 1 for now)"),
     Flag(("--sharded",), ("SHARDED",), "sharded", parse_bool, help="TGI's switch for sharding (only false for now)"),
     Flag(("--backend",), ("LMPORT_BACKEND",), "backend", help="force a backend plugin (see `lmport backends`)"),

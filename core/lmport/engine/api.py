@@ -10,7 +10,7 @@ without changing the server.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol, Sequence
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -54,11 +54,33 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ImageInputs:
+    """A request's images after the model's processor, as plain data (numpy arrays, bytes).
+
+    ``arrays`` holds the processor's outputs under their transformers names (Llava-next:
+    ``pixel_values [images, tiles, 3, h, w]`` and ``image_sizes [images, 2]``); the prompt's
+    image tokens were expanded by the same processor. ``spans[i]`` is the ``[start, end)``
+    range of prompt positions whose embeddings image ``i``'s features replace, and
+    ``hashes[i]`` a digest of that image's content: the prefix cache mixes it into the hash of
+    every block that overlaps the span, so prompts with different images never share KV.
+    """
+
+    arrays: dict[str, Any]
+    spans: tuple[tuple[int, int], ...]
+    hashes: tuple[bytes, ...]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.spans)
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     arrival_time: float | None = None  # time.monotonic(); stamped when the engine accepts it (submit) if None
+    images: ImageInputs | None = None  # for a model that takes images (``EngineLimits.accepts_images``)
 
 
 @dataclass(frozen=True)

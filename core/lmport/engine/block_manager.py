@@ -161,8 +161,13 @@ class BlockManager:
     def _hash_full_blocks(self, seq: Sequence) -> None:
         bs = self.block_size
         hashes = seq.block_hashes
+        images = seq.images
         for i in range(len(hashes), seq.num_known_tokens // bs):
-            hashes.append(hash_block(hashes[i - 1] if i else None, seq.token_ids[i * bs : (i + 1) * bs]))
+            extra = b""
+            if images is not None:  # the images whose features fill part of this block
+                begin, end = i * bs, (i + 1) * bs
+                extra = b"".join(h for (s, e), h in zip(images.spans, images.hashes) if s < end and e > begin)
+            hashes.append(hash_block(hashes[i - 1] if i else None, seq.token_ids[i * bs : (i + 1) * bs], extra))
 
     def _allocate_block(self) -> int:
         block = self.pool.pop_free()

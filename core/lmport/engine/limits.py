@@ -42,6 +42,8 @@ class EngineLimits:
     max_top_n_tokens: int = 5
     max_client_batch_size: int = 4
     disable_grammar_support: bool = False
+    accepts_images: bool = False  # the model reads images (ImageInputs) with its prompts
+    max_images_per_request: int = 4
 
 
 def model_max_positions(hf_config: Any, default: int = 4096) -> int:
@@ -51,7 +53,11 @@ def model_max_positions(hf_config: Any, default: int = 4096) -> int:
 
 
 def model_position_limit(hf_config: Any) -> tuple[str, int] | None:
-    """``(config key, value)`` of the model's declared position limit, or None if it names none."""
+    """``(config key, value)`` of the model's declared position limit, or None if it names none.
+
+    An image-text config (Llava-next) names it in its text config."""
+    if hasattr(hf_config, "get_text_config"):
+        hf_config = hf_config.get_text_config()
     for key in _POSITION_KEYS:
         value = getattr(hf_config, key, None)
         if isinstance(value, int) and value > 0:
@@ -113,6 +119,7 @@ def resolve_limits(
     block_size: int,
     num_blocks: int,
     backend_max_batch_size: int | None = None,
+    accepts_images: bool = False,
 ) -> EngineLimits:
     """Fill TGI's defaults: total = min(4096, positions), input = total - 1, prefill = input + 50.
 
@@ -147,4 +154,6 @@ def resolve_limits(
         max_top_n_tokens=config.max_top_n_tokens,
         max_client_batch_size=config.max_client_batch_size,
         disable_grammar_support=config.disable_grammar_support,
+        accepts_images=accepts_images,
+        max_images_per_request=config.max_images_per_request,
     )

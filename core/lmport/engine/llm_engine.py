@@ -102,6 +102,7 @@ class LLMEngine:
                 params=params,
                 arrival_time=arrival,
                 seed=None if params.seed is None else params.seed + index,
+                images=request.images,
             )
             self.outputs.add(seq)
             self.scheduler.add(seq)

@@ -20,7 +20,7 @@ from lmport.engine.sampling.prompt_logprobs import compute_prompt_logprobs
 from lmport.engine.sampling.sampler import Sampler
 from lmport.engine.sampling.state import SamplingRow, make_generator
 from lmport.layers.attention import KVCache, KVCacheSpec
-from lmport.models.base import CausalLM
+from lmport.models.base import CausalLM, ImageTextLM
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ class PagedModelRunner(ModelExecutor):
         self.sampler = Sampler()
         self.kv_caches: list[KVCache] = []
         self.graph_runner = None
+        self.accepts_images = isinstance(model, ImageTextLM)
+        # per sequence: its images' features, encoded at its first prefill chunk that needs them
+        # and kept until its last image token is in the cache (a preempted one encodes again)
+        self._image_features: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -124,7 +128,9 @@ class PagedModelRunner(ModelExecutor):
 
     def _run(self, step: ScheduledStep, batch: FlatBatch):
         """Forward, logits and sampling, all left on the device."""
-        hidden = self._forward(batch)
+        for seq_id in step.released_seq_ids:
+            self._image_features.pop(seq_id, None)
+        hidden = self._forward(batch, self._image_embeds(step, batch) if self.accepts_images else None)
         sampled_pos = [i for i, r in enumerate(batch.sample_rows) if r is not None]
         prompt_pos = [i for i, r in enumerate(batch.prompt_rows) if len(r)]
         if not sampled_pos and not prompt_pos:
@@ -143,11 +149,49 @@ class PagedModelRunner(ModelExecutor):
             results += list(compute_prompt_logprobs(prompt_logits, batch.prompt_targets, prompt_top_n))
         return sampled_pos, prompt_pos, prompt_top_n, results
 
-    def _forward(self, batch: FlatBatch) -> torch.Tensor:
+    def _forward(self, batch: FlatBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         meta = batch.metadata
+        if inputs_embeds is not None:
+            return self.model(batch.input_ids, batch.positions, self.kv_caches, meta, inputs_embeds=inputs_embeds)
         if self.graph_runner is not None and meta.is_decode_only and self.graph_runner.can_run(meta):
             return self.graph_runner.run(batch.input_ids, batch.positions, self.kv_caches, meta)
         return self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
+
+    def _image_embeds(self, step: ScheduledStep, batch: FlatBatch) -> torch.Tensor | None:
+        """The step's input embeddings with image features written over the image tokens this
+        step feeds; None when it feeds none (then the model embeds the ids itself)."""
+        embeds = None
+        for i, entry in enumerate(step.entries):
+            images = entry.seq.images
+            if images is None or not entry.is_prefill:
+                continue
+            begin, end = entry.start, entry.start + entry.num_new_tokens
+            rows: list[int] = []
+            feature_rows: list[int] = []
+            offset = 0  # features of the images before this one
+            row0 = batch.metadata.query_start_loc_host[i] - begin
+            for start, stop in images.spans:
+                lo, hi = max(start, begin), min(stop, end)
+                if lo < hi:
+                    rows.extend(range(row0 + lo, row0 + hi))
+                    feature_rows.extend(range(offset + lo - start, offset + hi - start))
+                offset += stop - start
+            if not rows:
+                continue
+            seq_id = entry.seq.seq_id
+            features = self._image_features.get(seq_id)
+            if features is None:
+                features = self.model.encode_images(images)
+                if features.shape[0] != offset:
+                    raise RuntimeError(f"the images gave {features.shape[0]} features for {offset} image tokens")
+                self._image_features[seq_id] = features
+            if end >= images.spans[-1][1]:  # its last image token is fed now
+                del self._image_features[seq_id]
+            if embeds is None:
+                embeds = self.model.embed_input_ids(batch.input_ids)
+            index = torch.tensor([rows, feature_rows], dtype=torch.int64).to(self.device, non_blocking=True)
+            embeds[index[0]] = features[index[1]].to(embeds.dtype)
+        return embeds
 
     def _sampling_row(self, seq) -> SamplingRow:
         if seq.generator is None and seq.seed is not None and seq.params.do_sample:

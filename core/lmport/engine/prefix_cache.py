@@ -18,9 +18,11 @@ from typing import Sequence
 BlockHash = bytes
 
 
-def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
+def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra: bytes = b"") -> BlockHash:
     """The content hash of one full block, chained on its parent's hash.
 
+    ``extra`` is content the token ids do not show: the hashes of the images whose features
+    fill some of the block's positions (an image's tokens are one placeholder id repeated).
     blake2b with a 16-byte digest: collisions are negligible, and it is stable across
     processes (Python's ``hash`` is salted per process).
     """
@@ -28,6 +30,8 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
     if parent is not None:
         digest.update(parent)
     digest.update(array("q", token_ids).tobytes())
+    if extra:
+        digest.update(extra)
     return digest.digest()
 
 

@@ -10,7 +10,7 @@ order, so clients that match on them keep working.
 
 from __future__ import annotations
 
-from lmport.engine.api import GenerationRequest, SamplingParams
+from lmport.engine.api import GenerationRequest, ImageInputs, SamplingParams
 from lmport.engine.errors import RequestValidationError, check_token_ids
 from lmport.engine.limits import EngineLimits
 
@@ -49,6 +49,8 @@ def validate_request(request: GenerationRequest, limits: EngineLimits, vocab_siz
     Pure and thread-safe: a front end that holds no engine (another process runs it) validates with this.
     """
     params = request.params
+    if request.images is not None:  # before the ids: a text-only model's vocabulary lacks the image token
+        check_images(request.images, limits)
     check_sampling(params, limits)
     n_prompt = len(request.prompt_token_ids)
     if n_prompt == 0:
@@ -65,3 +67,26 @@ def validate_request(request: GenerationRequest, limits: EngineLimits, vocab_siz
         raise RequestValidationError("`max_new_tokens` must be strictly positive")
     if not 1 <= params.n <= MAX_SEQUENCES_PER_REQUEST:
         raise RequestValidationError(f"`n` must be >= 1 and <= {MAX_SEQUENCES_PER_REQUEST}. Given: {params.n}")
+    if request.images is not None:
+        check_image_spans(request.images, n_prompt)
+
+
+def check_images(images: ImageInputs, limits: EngineLimits) -> None:
+    """Images only for a model that takes them, at most ``max_images_per_request``, one digest each."""
+    if not limits.accepts_images:
+        raise RequestValidationError("this model takes no images (it is a text-only model)")
+    if images.num_images > limits.max_images_per_request:
+        raise RequestValidationError(
+            f"a request may hold at most {limits.max_images_per_request} images. Given: {images.num_images}"
+        )
+    if len(images.hashes) != len(images.spans):
+        raise RequestValidationError("every image needs one content hash")
+
+
+def check_image_spans(images: ImageInputs, n_prompt: int) -> None:
+    """Image spans must be ordered, disjoint, non-empty and inside the prompt."""
+    end = 0
+    for start, stop in images.spans:
+        if not end <= start < stop <= n_prompt:
+            raise RequestValidationError(f"image span [{start}, {stop}) does not lie in order inside the prompt of {n_prompt} tokens")
+        end = stop

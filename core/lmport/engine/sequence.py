@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmport.engine.api import FinishReason, SamplingParams
+from lmport.engine.api import FinishReason, ImageInputs, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -41,6 +41,7 @@ class Sequence:
     params: SamplingParams
     arrival_time: float
     seed: int | None = None
+    images: ImageInputs | None = None  # the prompt's images (their spans lie in the prompt)
     generator: Any = None  # torch.Generator for sampling, made by the runner's device
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     output_token_ids: list[int] = field(default_factory=list)

@@ -78,4 +78,32 @@ class CausalLM(nn.Module, ABC):
         """``(num_layers, num_kv_heads, head_dim)`` of the paged cache this model needs."""
 
 
+class ImageTextLM(CausalLM):
+    """A :class:`CausalLM` whose prompts may carry images (Llava-next).
+
+    The runner calls :meth:`encode_images` once per sequence, at the first prefill chunk that
+    feeds an image token, writes the features over those tokens' embeddings (from
+    :meth:`embed_input_ids`) and passes them to ``forward`` as ``inputs_embeds``.
+    """
+
+    @abstractmethod
+    def encode_images(self, images: Any) -> torch.Tensor:
+        """An :class:`~lmport.engine.api.ImageInputs` -> ``[image tokens, hidden]``: the features
+        of every image span, in order, in the model's dtype."""
+
+    @abstractmethod
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[num_tokens]`` -> ``[num_tokens, hidden]`` token embeddings."""
+
+    @abstractmethod
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        metadata: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,  # used instead of embedding ``input_ids``
+    ) -> torch.Tensor: ...
+
+
 ModelBuilder = Callable[[Any, ModelContext], CausalLM]

@@ -216,7 +216,8 @@ def check_against_transformers(adapter: HFCausalLMAdapter, host: Any, dtype: tor
     return error
 
 
-# Image-text architectures (TGI serves them with their images); lmport has no image input path.
+# Image-text architectures (TGI serves them with their images). The transformers fallback has no
+# image input path: those with a native module (Llava-next) are built natively, the rest refused.
 IMAGE_TEXT_ARCHITECTURES = frozenset({
     "IdeficsForVisionText2Text",
     "Idefics2ForConditionalGeneration",
@@ -242,8 +243,9 @@ def refuse_image_text_model(info: ModelInfo) -> None:
         multimodal = config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" not in auto_map
     if multimodal:
         raise NotImplementedError(
-            f"{info.architecture} ({config.model_type}) is an image-text model and lmport has no image input "
-            "path yet: it is refused rather than served without its images (serve a text-only checkpoint)"
+            f"{info.architecture} ({config.model_type}) is an image-text model without a native lmport module "
+            "(image inputs are served natively for LlavaNextForConditionalGeneration only): it is refused rather "
+            "than served without its images"
         )
 
 

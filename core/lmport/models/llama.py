@@ -136,10 +136,16 @@ class LlamaForCausalLM(CausalLM):
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied_to=tied)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        metadata: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,  # an image-text model's embeddings (Llava-next)
     ) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(positions, metadata)
-        hidden, residual = self.model.embed_tokens(input_ids), None
+        hidden = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
         for layer in self.model.layers:
             hidden, residual = layer(hidden, residual, cos, sin, kv_caches, metadata)
         if residual is None:  # a model of zero layers

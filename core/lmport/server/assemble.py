@@ -10,8 +10,10 @@ from typing import Any
 from lmport.config import LaunchConfig
 from lmport.engine.api import EngineClient
 from lmport.models.base import ModelInfo
+from lmport.models.image_prompts import ImagePrompts
 from lmport.models.resolve import end_of_turn_ids
 from lmport.server.chat_templates import template_for_model_type
+from lmport.server.images import ImagePolicy
 from lmport.server.state import ServedModel, ServerState
 
 
@@ -39,4 +41,11 @@ def build_state(
         chat_stop_token_ids=tuple(end_of_turn_ids(tokenizer)),
         block_size=engine.limits.block_size,
     )
-    return ServerState(engine=engine, tokenizer=tokenizer, model=model, config=config, host=host)
+    image_prompts = None
+    if engine.limits.accepts_images:
+        image_prompts = ImagePrompts.load(info.path, info.hf_config, info.architecture, config.trust_remote_code)
+    policy = ImagePolicy(allow_remote=config.allow_remote_images, max_bytes=config.max_image_bytes)
+    return ServerState(
+        engine=engine, tokenizer=tokenizer, model=model, config=config, host=host,
+        image_prompts=image_prompts, image_policy=policy,
+    )

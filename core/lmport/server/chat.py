@@ -13,14 +13,21 @@ from lmport.server.errors import TemplateFailed, ValidationFailed
 from lmport.server.schemas_openai import ChatMessage
 
 
-def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Plain dicts for the template; text parts are joined, other modalities refused (422)."""
+def message_dicts(messages: list[ChatMessage], images: bool = False) -> list[dict[str, Any]]:
+    """Plain dicts for the template; text parts are joined, other modalities refused (422).
+
+    With ``images`` (a model that takes them) an ``image_url`` part becomes TGI's markdown
+    image ``![](url)`` in the text, as TGI does, so the prompt's images are read back from the
+    rendered text in order (:mod:`lmport.server.images`) whatever the template does with text."""
     out: list[dict[str, Any]] = []
     for message in messages:
         content = message.content
         if isinstance(content, list):
             texts = []
             for part in content:
+                if part.type == "image_url" and images:
+                    texts.append(f"![]({image_part_url(part)})")
+                    continue
                 if part.type != "text":
                     modality = part.type.removesuffix("_url")
                     raise ValidationFailed(f"{modality} modality is not supported")
@@ -35,7 +42,18 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage], fallback_template: str | None = None) -> str:
+def image_part_url(part: Any) -> str:
+    """An OpenAI ``image_url`` part's URL: ``{"url": ...}`` (or a bare string, as some clients send)."""
+    value = getattr(part, "image_url", None)
+    url = value.get("url") if isinstance(value, dict) else getattr(value, "url", value)
+    if not isinstance(url, str) or not url:
+        raise ValidationFailed("an `image_url` content part needs `image_url.url`")
+    if ")" in url:  # it would end the markdown early; no data URI or sane URL holds one unescaped
+        url = url.replace(")", "%29")
+    return url
+
+
+def render_chat(tokenizer: Any, messages: list[ChatMessage], fallback_template: str | None = None, images: bool = False) -> str:
     """The prompt text for ``messages`` with the generation prompt appended."""
     template = getattr(tokenizer, "chat_template", None) or fallback_template
     if not template:
@@ -45,7 +63,7 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], fallback_template: 
         )
     try:
         return tokenizer.apply_chat_template(
-            message_dicts(messages), chat_template=template, tokenize=False, add_generation_prompt=True
+            message_dicts(messages, images), chat_template=template, tokenize=False, add_generation_prompt=True
         )
     except ValidationFailed:
         raise

@@ -160,7 +160,7 @@ class RouteScope:
 
     def open(self, valids: Sequence[ValidRequest]) -> list[OutputStream]:
         """Submit ``valids`` to the engine, all admitted or none; its refusals as TGI's errors."""
-        requests = [GenerationRequest(new_request_id(), v.prompt_ids, v.params) for v in valids]
+        requests = [GenerationRequest(new_request_id(), v.prompt_ids, v.params, images=v.images) for v in valids]
         try:
             streams = self.state.engine.submit(requests)
         except RequestValidationError as exc:  # TGI's answers: 422 validation, 429 overload, 424 dead engine

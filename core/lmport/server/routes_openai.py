@@ -23,6 +23,7 @@ from lmport.server.chat import render_chat
 from lmport.server.errors import ApiError, ValidationFailed
 from lmport.server.generation import GenerationResult, RouteScope, SequenceResult, collect, stream_outputs, until_disconnect
 from lmport.server.routes_tgi import ERRORS, simple_tokens, state_of
+from lmport.server.images import validate_with_images
 from lmport.server.schemas_openai import (
     ChatChoice,
     ChatCompletion,
@@ -77,21 +78,21 @@ def now() -> int:
 # ---------------------------------------------------------------------------- chat
 
 
-def chat_request_to_valid(state: ServerState, body: ChatRequest) -> ValidRequest:
+async def chat_request_to_valid(state: ServerState, body: ChatRequest) -> ValidRequest:
     if body.tools and body.tool_choice != "none":
         raise ValidationFailed("`tools` are not supported: tool calling needs constrained decoding (grammars), which lmport does not implement yet")
     if body.response_format is not None and (getattr(body.response_format, "get", None) is None or body.response_format.get("type") != "text"):
         raise ValidationFailed("`response_format` is not supported: constrained decoding (grammars) is not implemented in lmport yet")
     if body.top_logprobs and not body.logprobs:
         raise ValidationFailed("`top_logprobs` needs `logprobs` set to true")
-    prompt = render_chat(state.tokenizer, body.messages, state.model.chat_template)
+    prompt = render_chat(state.tokenizer, body.messages, state.model.chat_template, images=state.image_prompts is not None)
     params = openai_parameters(
         temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_completion_tokens or body.max_tokens,
         stop=body.stop, seed=body.seed, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, top_logprobs=body.top_logprobs if body.logprobs else None,
     )
-    valid = state.validator.validate(
-        params, inputs=prompt, add_special_tokens=False, n=body.n or 1, presence_penalty=body.presence_penalty or None,
+    valid = await validate_with_images(
+        state, params, inputs=prompt, add_special_tokens=False, n=body.n or 1, presence_penalty=body.presence_penalty or None,
         extra_stop_token_ids=() if body.ignore_eos else state.model.chat_stop_token_ids, ignore_eos=body.ignore_eos,
     )
     return valid
@@ -105,13 +106,13 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
     scope = RouteScope(state)
     if body.stream:
         with scope.opening():
-            valid = chat_request_to_valid(state, body)
+            valid = await chat_request_to_valid(state, body)
             (stream,) = scope.open([valid])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = chat_events(scope, stream, valid, completion_id, include_usage, bool(body.logprobs), body.top_logprobs or 0)
         return EventStreamResponse(events)
     with scope:
-        valid = chat_request_to_valid(state, body)
+        valid = await chat_request_to_valid(state, body)
         (stream,) = scope.open([valid])
         timings = scope.timings(stream)
         result = await until_disconnect(request, collect(stream, valid, timings))

@@ -24,6 +24,7 @@ from lmport.server.generation import (
     stream_outputs,
     until_disconnect,
 )
+from lmport.server.images import validate_with_images
 from lmport.server.schemas_tgi import (
     BestOfSequence,
     CompatGenerateRequest,
@@ -120,7 +121,7 @@ def simple_tokens(tokenizer: Any, text: str, add_special_tokens: bool) -> list[S
 
 async def generate_one(state: ServerState, body: GenerateRequest, request: Request) -> tuple[GenerateResponse, dict[str, str]]:
     with RouteScope(state) as scope:
-        valid = state.validator.validate(body.parameters, inputs=body.inputs, add_special_tokens=body.add_special_tokens)
+        valid = await validate_with_images(state, body.parameters, inputs=body.inputs, add_special_tokens=body.add_special_tokens)
         (stream,) = scope.open([valid])
         timings = scope.timings(stream)
         result = await until_disconnect(request, collect(stream, valid, timings))
@@ -215,7 +216,7 @@ async def start_stream(state: ServerState, body: GenerateRequest) -> Response:
     scope = RouteScope(state)
     with scope.opening():
         state.validator.check_stream(body.parameters)
-        valid = state.validator.validate(body.parameters, inputs=body.inputs, add_special_tokens=body.add_special_tokens)
+        valid = await validate_with_images(state, body.parameters, inputs=body.inputs, add_special_tokens=body.add_special_tokens)
         (stream,) = scope.open([valid])
     prefix = body.inputs if body.parameters.return_full_text else ""
     headers = {"x-compute-type": state.compute_type, "x-compute-characters": str(len(body.inputs))}

@@ -22,6 +22,7 @@ class ContentPart(BaseModel):
 
     type: str
     text: str | None = None
+    image_url: Any = None  # {"url": "data:image/png;base64,..." or "https://..."} for models that take images
 
 
 class ChatMessage(BaseModel):

@@ -16,6 +16,7 @@ from lmport import __version__
 from lmport.config import LaunchConfig
 from lmport.engine.api import EngineClient, EngineStats
 from lmport.engine.limits import EngineLimits
+from lmport.server.images import ImagePolicy
 from lmport.server.metrics import ServerMetrics
 from lmport.server.validation import Validator
 
@@ -42,6 +43,8 @@ class ServerState:
     model: ServedModel
     config: LaunchConfig = field(default_factory=LaunchConfig)
     host: Any = None  # PluginHost, for /info's backend section
+    image_prompts: Any = None  # lmport.models.image_prompts.ImagePrompts for a model that takes images
+    image_policy: ImagePolicy = field(default_factory=ImagePolicy)
     ready: bool = False  # set once warm-up is done; /health answers 503 until then
     started_at: float = field(default_factory=time.time)
 

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from lmport.engine.api import SamplingParams
+from lmport.engine.api import ImageInputs, SamplingParams
 from lmport.engine.errors import RequestValidationError, check_token_ids
 from lmport.engine.limits import EngineLimits
 from lmport.server.errors import ValidationFailed
@@ -35,6 +35,7 @@ class ValidRequest:
     details: bool = False
     decoder_input_details: bool = False
     top_n_tokens: int = 0
+    images: ImageInputs | None = None  # the prompt's images (lmport.server.images)
 
 
 class Validator:
