@@ -145,3 +145,11 @@ def test_unsupported_llava_next_parts_are_refused_by_name(tmp_path):
                              image_grid_pinpoints=config.image_grid_pinpoints)
     with pytest.raises(NotImplementedError, match="siglip_vision_model"):
         build_llava_next(siglip, ctx)
+
+
+def test_engine_rules_cap_images_per_request(engine, image_request):
+    """The engine's rule (the server checks the same limit before fetching anything)."""
+    assert engine.limits.accepts_images and engine.limits.max_images_per_request == 4
+    request = image_request("many", " ".join(["<image>"] * 5), [SQUARE] * 5)
+    with pytest.raises(RequestValidationError, match="at most 4 images. Given: 5"):
+        engine.add_request(request)
