@@ -51,6 +51,8 @@ class LaunchConfig:
     # share one GIL. None: on when the selected backend's device is not the CPU, off on CPU
     # (where the child would compete with the server for the same cores)
     engine_process: bool | None = None
+    # how many times in a row a dead engine process is restarted (0: never; it then stays down)
+    engine_restarts: int = 5
     # server
     hostname: str = "0.0.0.0"
     port: int = 3000

@@ -27,7 +27,8 @@ from lmport.config import LaunchConfig
 from lmport.engine.api import GenerationRequest, SamplingParams
 from lmport.engine.async_engine import AsyncEngine
 from lmport.engine.engine_process import EngineProcessClient, EngineStartupError
-from lmport.engine.errors import EngineDeadError, EngineOverloadedError, RequestValidationError
+from lmport.engine.errors import EngineDeadError, EngineOverloadedError, EngineRestartingError, RequestValidationError
+from lmport.engine.restarts import RestartPolicy, describe_exit
 from lmport.engine.factory import build_engine
 from lmport.plugins import PluginHost
 from lmport.testing.hf_oracle import hf_greedy_generate
@@ -166,9 +167,9 @@ def test_refusals_are_raised_in_the_parent_without_a_round_trip(shared, monkeypa
     assert all(m[0] != "add" or m[1].request_id != "one-too-many" for m in posted)
 
 
-def test_killing_the_child_fails_open_streams_and_health(tiny_model_dir):
+def test_killing_the_child_without_restarts_fails_open_streams_and_health(tiny_model_dir):
     path, _ = tiny_model_dir("llama")
-    client = spawn(path)
+    client = spawn(path, engine_restarts=0)
     try:
         assert client.is_healthy
 
@@ -176,17 +177,78 @@ def test_killing_the_child_fails_open_streams_and_health(tiny_model_dir):
             stream = client.generate(request("doomed", [5, 6, 7], max_new=400))
             await stream.__anext__()
             os.kill(client.pid, signal.SIGKILL)
-            with pytest.raises(EngineDeadError, match="exited"):
+            with pytest.raises(EngineDeadError, match=r"died \(killed by SIGKILL\)"):
                 async for _ in stream:
                     pass
+            await wait_until(lambda: "could not be restarted" in str(client.error))
             with pytest.raises(EngineDeadError, match="not serving"):
                 await client.generate(request("later", [5, 6])).__anext__()
 
         asyncio.run(main())
-        assert not client.is_healthy
-        assert isinstance(client.error, EngineDeadError) and str(-signal.SIGKILL) in str(client.error)
+        assert not client.is_healthy and client.restarts == 0
     finally:
         client.shutdown()
+
+
+def test_a_killed_child_is_replaced_and_serves_again(tiny_model_dir, hf_greedy):
+    """In-flight requests fail, new ones are refused at once while the new child loads
+    (EngineRestartingError), then the same greedy tokens come from the new child."""
+    path, hf_model = tiny_model_dir("llama")
+    client = spawn(path)
+    client.restart_policy.backoff_s = 0.1
+    first_pid = client.pid
+    try:
+        async def main():
+            streams = [client.generate(request(f"doomed-{i}", [5, 6, 7 + i], max_new=400)) for i in range(3)]
+            for stream in streams:
+                await stream.__anext__()
+            os.kill(first_pid, signal.SIGKILL)
+            for stream in streams:
+                with pytest.raises(EngineDeadError, match="killed by SIGKILL"):
+                    async for _ in stream:
+                        pass
+            assert not client.is_healthy
+            with pytest.raises(EngineRestartingError, match="being restarted"):
+                await client.generate(request("too-soon", [5, 6])).__anext__()
+            await wait_until(lambda: client.is_healthy, timeout=120)
+            return [out async for out in client.generate(request("after", [5, 6, 7, 8]))]
+
+        outs = asyncio.run(main())
+        assert tokens_of(outs) == hf_greedy(hf_model, [5, 6, 7, 8], 8)[0]
+        assert client.pid != first_pid and exited(first_pid) and client.restarts == 1
+        assert client.stats().kv_blocks_used == 0
+    finally:
+        client.shutdown()
+    assert exited(client.pid)
+
+
+def test_restarts_stop_at_the_limit_when_the_new_child_cannot_start(tiny_model_dir, tmp_path):
+    path, _ = tiny_model_dir("llama")
+    before = {p.pid for p in multiprocessing.active_children()}
+    model = tmp_path / "model"
+    shutil.copytree(path, model)
+    client = spawn(model, engine_restarts=1)
+    client.restart_policy.backoff_s = 0.05
+    try:
+        for weights in model.glob("*.safetensors"):
+            weights.unlink()  # every new child fails to load
+        os.kill(client.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while "could not be restarted" not in str(client.error):
+            assert time.monotonic() < deadline, client.error
+            time.sleep(0.05)
+        assert client.restarts == 1 and not client.is_healthy
+    finally:
+        client.shutdown()
+    assert {p.pid for p in multiprocessing.active_children()} == before
+
+
+def test_restart_policy_backs_off_and_stops_at_the_limit():
+    policy = RestartPolicy(max_restarts=3, backoff_s=1.0, max_backoff_s=3.0, stable_s=60.0)
+    assert [policy.next_delay(0.0) for _ in range(4)] == [1.0, 2.0, 3.0, None]
+    assert policy.next_delay(61.0) == 1.0  # served a minute before dying: a fresh count
+    assert policy.total == 4
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL" and describe_exit(1) == "exit code 1"
 
 
 def test_startup_failures_are_clear_and_leave_no_child(tiny_model_dir, tmp_path):
@@ -298,4 +360,4 @@ def test_http_server_on_the_engine_process(tiny_model_dir):
         assert httpx.get(f"{server.url}/health").status_code == 200
     finally:
         server.stop()
-    assert not engine._process.is_alive() and engine._process.exitcode == 0  # the app's lifespan stopped it
+    assert not engine._child.process.is_alive() and engine._child.process.exitcode == 0  # the app's lifespan stopped it

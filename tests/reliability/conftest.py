@@ -3,6 +3,7 @@ engines built through the real factory, servers on 127.0.0.1 (bounded load, loop
 
 - ``tiny_checkpoint(name)``: ``(path, hf_model)``, built once per session.
 - ``build_engine_for(name, **settings)``: a synchronous :class:`LLMEngine` via ``build_llm_engine``.
+- ``cpu_host()``: a new PluginHost with the CPU backend selected.
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
 from lmport.testing.torch_threads import one_torch_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
-def cpu_host() -> PluginHost:
+def make_cpu_host() -> PluginHost:
     host = PluginHost(environ={}, load_entry_points=False).load()
     host.select_backend("cpu")
     return host
+
+
+@pytest.fixture(name="cpu_host")
+def cpu_host_fixture():
+    """``cpu_host()``: a new PluginHost with the CPU backend selected (no entry points)."""
+    return make_cpu_host
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +52,6 @@ def tiny_checkpoint(tmp_path_factory):
 def build_engine_for(tiny_checkpoint):
     def build(name: str, **settings: Any):
         path, _ = tiny_checkpoint(name)
-        return build_llm_engine(LaunchConfig(model_id=str(path), **settings), cpu_host())[0]
+        return build_llm_engine(LaunchConfig(model_id=str(path), **settings), make_cpu_host())[0]
 
     return build

@@ -69,6 +69,7 @@ ENV_CASES = {
     "LMPORT_BACKEND": ("cpu", "backend", "cpu"),
     "LMPORT_ASYNC_SCHEDULING": ("true", "async_scheduling", True),
     "LMPORT_ENGINE_PROCESS": ("false", "engine_process", False),
+    "LMPORT_ENGINE_RESTARTS": ("2", "engine_restarts", 2),
 }
 
 

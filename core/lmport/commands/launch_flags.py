@@ -114,6 +114,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--engine-process",), ("LMPORT_ENGINE_PROCESS",), "engine_process", parse_bool,
          help="true/false: run the engine loop in its own process, apart from the HTTP server's GIL "
          "(default: on for accelerators, off on CPU)"),
+    Flag(("--engine-restarts",), ("LMPORT_ENGINE_RESTARTS",), "engine_restarts", int, 5,
+         "times in a row a dead engine process is restarted, with a doubling back-off from 1 s (0: never)"),
     Flag(("--block-size",), ("LMPORT_BLOCK_SIZE",), "block_size", int, help="KV cache block size (default: the attention backend's)"),
     Flag(("--served-model-name",), ("SERVED_MODEL_NAME",), "served_model_name",
          help="the model's name in /info, /v1/models and OpenAI answers (default: the hub id, or a local checkpoint's "

@@ -24,6 +24,7 @@ system-wide clock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -38,8 +39,9 @@ from typing import Any, Mapping
 
 from lmport.config import LaunchConfig
 from lmport.engine.api import EngineStats, GenerationRequest, RequestOutput
-from lmport.engine.errors import EngineDeadError
+from lmport.engine.errors import EngineDeadError, EngineRestartingError
 from lmport.engine.limits import EngineLimits
+from lmport.engine.restarts import RestartPolicy, describe_exit
 from lmport.engine.streams import StreamingFrontend
 from lmport.models.base import ModelInfo
 from lmport.models.resolve import ModelSource, model_info_for, resolve_model_source
@@ -81,6 +83,63 @@ class _Ready:
     stats: EngineStats
 
 
+class _Child:
+    """One engine process and the parent's ends of its two pipes."""
+
+    def __init__(self, spec: _ChildSpec) -> None:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
+        child_in, self.to_child = ctx.Pipe(duplex=False)
+        self.from_child, child_out = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_child_main, args=(spec, child_in, child_out), name="lmport-engine", daemon=True)
+        self.process.start()
+        # the child holds its own ends now; closing ours makes either side's death an EOF for the other
+        child_in.close()
+        child_out.close()
+        self.send_lock = threading.Lock()  # one writer at a time on the pipe to the child
+        self.ready_at: float | None = None
+        self.dead_reason: str | None = None  # the child's own last words ("dead" message), if any
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def wait_ready(self) -> _Ready:
+        while not self.from_child.poll(_READY_POLL_S):
+            if not self.process.is_alive():
+                break
+        try:
+            message = self.from_child.recv()
+        except (EOFError, OSError):
+            self.process.join(5)
+            raise EngineStartupError(
+                f"the engine process exited while loading ({describe_exit(self.process.exitcode)})"
+            ) from None
+        if message[0] == "error":
+            self.process.join(10)
+            raise EngineStartupError(f"the engine process failed to start: {message[1]}")
+        self.ready_at = time.monotonic()
+        return message[1]
+
+    def post(self, message: tuple) -> None:
+        with self.send_lock:
+            self.to_child.send(message)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()  # a loading child ends here; a serving one ignores it
+            self.process.join(2)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+    def close(self) -> None:
+        self.to_child.close()
+        self.from_child.close()
+
+    def served_s(self) -> float:
+        return time.monotonic() - self.ready_at if self.ready_at is not None else 0.0
+
+
 class EngineProcessClient(StreamingFrontend):
     """Serves an :class:`~lmport.engine.llm_engine.LLMEngine` that runs in a spawned child process.
 
@@ -88,10 +147,16 @@ class EngineProcessClient(StreamingFrontend):
     sized), raising :class:`EngineStartupError` with the child's reason if it cannot; the
     parent meanwhile loads its own tokenizer for the HTTP layer. ``generate`` behaves as
     :meth:`AsyncEngine.generate <lmport.engine.async_engine.AsyncEngine.generate>`: leaving it early
-    aborts the request. If the child dies, ``is_healthy`` turns False, ``error`` says why and
-    every open stream raises :class:`EngineDeadError`. The child ignores SIGINT, and SIGTERM once
-    serving (the parent's graceful stop needs it to keep stepping); it exits on
-    :meth:`shutdown` or when its parent does (its inbound pipe reaches EOF).
+    aborts the request. The child ignores SIGINT, and SIGTERM once serving (the parent's
+    graceful stop needs it to keep stepping); it exits on :meth:`shutdown` or when its parent
+    does (its inbound pipe reaches EOF).
+
+    Supervision: if the child dies, every open stream raises :class:`EngineDeadError` (the
+    requests in flight are lost with it), the cause is logged, and a new child is started after
+    a back-off (:class:`~lmport.engine.restarts.RestartPolicy`, ``config.engine_restarts`` in
+    a row at most). Meanwhile ``is_healthy`` is False and new requests are refused at once with
+    :class:`EngineRestartingError`; once the new child is ready the client serves again. When
+    the limit is reached ``is_healthy`` stays False and ``error`` says why.
     """
 
     def __init__(self, config: LaunchConfig, host: Any, source: ModelSource | None = None) -> None:
@@ -99,14 +164,13 @@ class EngineProcessClient(StreamingFrontend):
             host.select_backend(config.backend)
         source = source or resolve_model_source(config.model_id, config.revision)
         super().__init__()
-        self._send_lock = threading.Lock()  # one writer at a time on the pipe to the child
         self._stopping = False
+        self._stopped = threading.Event()  # wakes a restart's back-off at shutdown
+        self._life_lock = threading.Lock()  # shutdown vs. a restart swapping the child
         self.started_at: float | None = None
-
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
-        child_in, self._to_child = ctx.Pipe(duplex=False)
-        self._from_child, child_out = ctx.Pipe(duplex=False)
-        spec = _ChildSpec(
+        self.restart_policy = RestartPolicy(max_restarts=config.engine_restarts)
+        self._host = host
+        self._spec = _ChildSpec(
             config=config,
             source=source,
             backend=host.backend.name,
@@ -117,33 +181,18 @@ class EngineProcessClient(StreamingFrontend):
             log_level=logging.getLogger().getEffectiveLevel(),
             log_formatter=_picklable_formatter(),
         )
-        self._process = ctx.Process(
-            target=_child_main, args=(spec, child_in, child_out), name="lmport-engine", daemon=True
-        )
-        self._process.start()
-        # the child holds its own ends now; closing ours makes either side's death an EOF for the other
-        child_in.close()
-        child_out.close()
-        log.info("engine process %d started; loading the model there", self._process.pid)
+        self._child = _Child(self._spec)
+        log.info("engine process %d started; loading the model there", self._child.pid)
         try:
             self.info: ModelInfo = model_info_for(source, config.trust_remote_code)
             from lmport.engine.factory import load_tokenizer
 
             self._tokenizer = load_tokenizer(config, source.path)
-            ready = self._wait_ready()
+            ready = self._child.wait_ready()
         except BaseException:
-            self._kill()
+            self._child.kill()
             raise
-        self.pid = ready.pid
-        self._limits = ready.limits
-        self._vocab_size = ready.vocab_size
-        self.model_dtype = ready.model_dtype
-        self._stats = ready.stats
-        for message in ready.fallbacks:  # /info reports the kernels the child fell back on
-            if message not in host.fallbacks:
-                host.fallbacks.append(message)
-        self._reader = threading.Thread(target=self._read, name="lmport-engine-reader", daemon=True)
-        self._reader.start()
+        self._adopt(self._child, ready)
 
     @classmethod
     def launch(cls, config: LaunchConfig, host: Any, source: ModelSource | None = None) -> tuple["EngineProcessClient", Any, ModelInfo]:
@@ -151,21 +200,22 @@ class EngineProcessClient(StreamingFrontend):
         client = cls(config, host, source)
         return client, client.tokenizer, client.info
 
-    def _wait_ready(self) -> _Ready:
-        while not self._from_child.poll(_READY_POLL_S):
-            if not self._process.is_alive():
-                break
-        try:
-            message = self._from_child.recv()
-        except (EOFError, OSError):
-            self._process.join(5)
-            raise EngineStartupError(
-                f"the engine process exited while loading (exit code {self._process.exitcode})"
-            ) from None
-        if message[0] == "error":
-            self._process.join(10)
-            raise EngineStartupError(f"the engine process failed to start: {message[1]}")
-        return message[1]
+    def _adopt(self, child: _Child, ready: _Ready) -> None:
+        """Serve from ``child``, which said it is ready, and read its messages."""
+        previous = getattr(self, "_limits", None)
+        if previous is not None and ready.limits != previous:
+            log.warning("the restarted engine has other limits than the first one: %s", ready.limits)
+        self.pid = ready.pid
+        self._limits = ready.limits
+        self._vocab_size = ready.vocab_size
+        self.model_dtype = ready.model_dtype
+        self._stats = ready.stats
+        for message in ready.fallbacks:  # /info reports the kernels the child fell back on
+            if message not in self._host.fallbacks:
+                self._host.fallbacks.append(message)
+        self._child = child
+        self._reader = threading.Thread(target=self._read, args=(child,), name="lmport-engine-reader", daemon=True)
+        self._reader.start()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -181,6 +231,11 @@ class EngineProcessClient(StreamingFrontend):
     def vocab_size(self) -> int | None:
         return self._vocab_size
 
+    @property
+    def restarts(self) -> int:
+        """How many times a dead engine process was replaced (start attempts, counted)."""
+        return self.restart_policy.total
+
     def start(self) -> "EngineProcessClient":
         """The child's loop runs from construction; this only refuses a shut-down engine."""
         if self._stopping:
@@ -191,31 +246,26 @@ class EngineProcessClient(StreamingFrontend):
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         """Stop the child (stop message, then terminate, then kill); open streams end with an error."""
-        if self._stopping:
-            return
-        self._stopping = True
+        with self._life_lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._stopped.set()
+            child = self._child
+            serving = self._error is None  # else the child is dead or still loading: no need to wait
         try:
-            self._post(("stop",))
+            child.post(("stop",))
         except (OSError, ValueError):  # the child is gone already
             pass
-        self._process.join(timeout)
-        self._kill()
+        child.process.join(timeout if serving else 0)
+        child.kill()
         self._reader.join(5)  # ends on the pipe's EOF
-        self._to_child.close()
-        self._from_child.close()
+        child.close()
         self._fail_streams(EngineDeadError("the engine is shutting down"))
-
-    def _kill(self) -> None:
-        if self._process.is_alive():
-            self._process.terminate()  # a loading child ends here; a serving one ignores it
-            self._process.join(2)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(5)
 
     @property
     def is_healthy(self) -> bool:
-        return self._error is None and not self._stopping and self._process.is_alive()
+        return self._error is None and not self._stopping and self._child.process.is_alive()
 
     def stats(self) -> EngineStats:
         """The counts the child sent with its last step (or when it went idle)."""
@@ -224,7 +274,10 @@ class EngineProcessClient(StreamingFrontend):
     # ------------------------------------------------------------------ requests
 
     def _submit(self, request: GenerationRequest) -> None:
-        self._post(("add", request))
+        try:
+            self._post(("add", request))
+        except (OSError, ValueError):  # the child died since the health check: end this stream too
+            self._send(request.request_id, EngineDeadError("the engine process died before it took the request"))
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; the child frees its blocks on its loop's next turn."""
@@ -234,17 +287,16 @@ class EngineProcessClient(StreamingFrontend):
             pass
 
     def _post(self, message: tuple) -> None:
-        with self._send_lock:
-            self._to_child.send(message)
+        self._child.post(message)
 
     # ------------------------------------------------------------------ the reader thread
 
-    def _read(self) -> None:
-        """Hand the child's messages to the streams until the pipe ends."""
+    def _read(self, child: _Child) -> None:
+        """Hand ``child``'s messages to the streams until its pipe ends; then supervise."""
         try:
             while True:
                 try:
-                    message = self._from_child.recv()
+                    message = child.from_child.recv()
                 except (EOFError, OSError):
                     break
                 kind = message[0]
@@ -256,24 +308,65 @@ class EngineProcessClient(StreamingFrontend):
                 elif kind == "failed":
                     self._send(message[1], message[2])
                 elif kind == "dead":
-                    self._die(EngineDeadError(f"engine failed: {message[1]}"))
+                    child.dead_reason = message[1]
         except BaseException as exc:  # never end silently: streams would wait forever
             log.exception("engine reader failed")
-            self._die(EngineDeadError(f"engine reader failed: {type(exc).__name__}: {exc}"))
+            child.dead_reason = f"engine reader failed: {type(exc).__name__}: {exc}"
+            child.kill()
+        if self._stopping:
             return
-        if not self._stopping and self._error is None:
-            self._process.join(1)
-            code = self._process.exitcode
-            log.error("the engine process exited (exit code %s); the server stops serving", code)
-            self._die(EngineDeadError(f"the engine process exited (exit code {code})"))
+        child.process.join(1)
+        self._supervise(child)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for request_id in self._dispatch(outputs):  # nobody listens: the child stops generating for it
             self.abort(request_id)
 
-    def _die(self, exc: EngineDeadError) -> None:
-        self._error = exc
-        self._fail_streams(exc)
+    def _supervise(self, dead: _Child) -> None:
+        """``dead`` has exited: fail its requests, then start new children until one is ready or the limit is hit."""
+        cause = dead.dead_reason or describe_exit(dead.process.exitcode)
+        served = dead.served_s()
+        # refuse new requests first, then fail the open ones: none falls between the two
+        self._error = EngineRestartingError(f"the engine process died ({cause}); it is being restarted")
+        with self._lock:
+            in_flight = len(self._streams)
+        self._fail_streams(EngineDeadError(f"the engine process died ({cause})"))
+        self._stats = dataclasses.replace(self._stats, running=0, waiting=0, kv_blocks_used=0, batch_size=0)
+        dead.close()
+        while True:
+            delay = self.restart_policy.next_delay(served)
+            if delay is None:
+                log.error("the engine process %s died (%s); %d restarts in a row failed, so it stays down",
+                          dead.pid, cause, self.restart_policy.max_restarts)
+                self._error = EngineDeadError(f"the engine process died ({cause}) and could not be restarted")
+                return
+            log.error("the engine process %s died (%s) after serving %.0f s; %d requests in flight failed; "
+                      "restarting it in %.1f s (attempt %d of %d)", dead.pid, cause, served, in_flight, delay,
+                      self.restart_policy.consecutive, self.restart_policy.max_restarts)
+            in_flight = 0
+            if self._stopped.wait(delay):
+                return
+            with self._life_lock:
+                if self._stopping:
+                    return
+                child = _Child(self._spec)
+                self._child = child  # shutdown() stops this one if it comes while the child loads
+            try:
+                ready = child.wait_ready()
+            except EngineStartupError as exc:
+                child.kill()
+                child.close()
+                if self._stopping:
+                    return
+                dead, cause, served = child, str(exc), 0.0
+                continue
+            with self._life_lock:
+                if self._stopping:
+                    return
+                self._adopt(child, ready)
+                self._error = None
+            log.info("engine process %d ready again; serving", child.pid)
+            return
 
 
 # ---------------------------------------------------------------------- the child

@@ -17,6 +17,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped (shut down or a fatal error); nothing more can be served."""
 
 
+class EngineRestartingError(EngineDeadError):
+    """The engine process died and a new one is starting: it serves again in a few seconds."""
+
+
 def check_token_ids(token_ids: Iterable[int], vocab_size: int | None) -> None:
     """Raise :class:`RequestValidationError` for an id outside ``0..vocab_size-1`` (``None``: only negatives)."""
     ids = list(token_ids)

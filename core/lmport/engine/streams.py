@@ -117,7 +117,7 @@ class StreamingFrontend:
     def submit(self, requests: Sequence[GenerationRequest]) -> list[RequestStream]:
         """Validate, admit (all or none) and hand ``requests`` to the engine; their output streams."""
         if not self.is_healthy:
-            raise EngineDeadError(f"the engine is not serving: {self._error or 'shut down'}")
+            raise self._not_serving()
         for request in requests:
             self.validate(request)
         ids = [r.request_id for r in requests]
@@ -138,13 +138,18 @@ class StreamingFrontend:
             with self._lock:
                 for request_id in ids:
                     self._streams.pop(request_id, None)
-            raise EngineDeadError(f"the engine is not serving: {self._error}")
+            raise self._not_serving()
         now = time.monotonic()
         accepted = [r if r.arrival_time is not None else dataclasses.replace(r, arrival_time=now) for r in requests]
         self.start()
         for request in accepted:
             self._submit(request)
         return [RequestStream(self, request, stream) for request, stream in zip(accepted, streams)]
+
+    def _not_serving(self) -> EngineDeadError:
+        """The refusal while the engine is down, of the error's own kind (restarting or dead)."""
+        kind = type(self._error) if isinstance(self._error, EngineDeadError) else EngineDeadError
+        return kind(f"the engine is not serving: {self._error or 'shut down'}")
 
     def _close(self, request_id: str, aborted: bool) -> None:
         with self._lock:
