@@ -2,7 +2,8 @@
 
 Patch embedding (a stride-``patch`` convolution) + a class token + learned positions, a
 pre-norm, then pre-norm encoder layers (LayerNorm -> bidirectional attention -> LayerNorm ->
-MLP, quick-GELU). Llava-next reads the hidden states *before* the last layer(s)
+MLP, quick-GELU), every projection a :class:`~lmport.layers.linear.Linear` (unquantized: the
+quantized Llava checkpoints in use keep their tower in full precision). Llava-next reads the hidden states *before* the last layer(s)
 (``vision_feature_layer``, usually -2), so only the layers up to that one are built; the
 unused last layers and CLIP's post-norm are skipped at load. Tiles of all the step's images run
 as one batch; attention over a tile is plain SDPA (the tiles are short, 577 tokens at 336 px,
@@ -18,9 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lmport.layers.merged_linear import MergedLinear
+from lmport.layers.linear import Linear
 from lmport.layers.mlp import PlainMLP
-from lmport.layers.ops import UsesLayerOps
 
 _QKV = re.compile(r"^(.*)\.self_attn\.(q|k|v)_proj\.(weight|bias)$")
 _LAYER = re.compile(r"\.encoder\.layers\.(\d+)\.")
@@ -46,26 +46,26 @@ class CLIPVisionEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 
 
-class CLIPAttention(UsesLayerOps, nn.Module):
-    """Bidirectional multi-head attention over one tile's tokens, q/k/v fused."""
+class CLIPAttention(nn.Module):
+    """Bidirectional multi-head attention over each tile's tokens, q/k/v one merged projection."""
 
     def __init__(self, config: Any):
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = hidden // self.num_heads
-        self.qkv_proj = MergedLinear(hidden, {"q": hidden, "k": hidden, "v": hidden}, bias=True)
-        self.out_proj = nn.Linear(hidden, hidden)
+        self.qkv_proj = Linear(hidden, {"q": hidden, "k": hidden, "v": hidden}, bias=True)
+        self.out_proj = Linear(hidden, hidden, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear = self.layer_ops.linear
-        batch, length, hidden = x.shape
+    def forward(self, x: torch.Tensor, tiles: int) -> torch.Tensor:
+        """``x [tiles * length, hidden]`` (the projections see 2-D rows, as every kernel does)."""
+        length = x.shape[0] // tiles
         q, k, v = (
-            t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-            for t in self.qkv_proj.split(linear(x, self.qkv_proj.weight, self.qkv_proj.bias))
+            t.view(tiles, length, self.num_heads, self.head_dim).transpose(1, 2)
+            for t in self.qkv_proj.split(self.qkv_proj(x))
         )
         out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
-        return linear(out.transpose(1, 2).reshape(batch, length, hidden), self.out_proj.weight, self.out_proj.bias)
+        return self.out_proj(out.transpose(1, 2).reshape(x.shape))
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -76,8 +76,8 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = PlainMLP(config.hidden_size, config.intermediate_size, config.hidden_act, names=("fc1", "fc2"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, tiles: int) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), tiles)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -118,11 +118,13 @@ class CLIPVisionTower(nn.Module):
         """``[tiles, 3, h, w]`` -> the hidden states of ``feature_layers``, each ``[tiles, 1 + patches, hidden]``."""
         model = self.vision_model
         hidden = model.pre_layrnorm(model.embeddings(pixel_values))
+        tiles, length, width = hidden.shape
+        hidden = hidden.reshape(tiles * length, width)
         states = [hidden]
         for layer in model.encoder.layers:
-            hidden = layer(hidden)
+            hidden = layer(hidden, tiles)
             states.append(hidden)
-        return [states[i] for i in self.feature_layers]
+        return [states[i].view(tiles, length, width) for i in self.feature_layers]
 
     def map_weight_name(self, name: str) -> tuple[str, Hashable | None] | None:
         """A ``vision_model.*`` name -> (parameter, shard); None for a tensor this cut tower does not use."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from lmport.layers.activations import get_activation
 from lmport.layers.attention import AttentionMetadata, KVCache
-from lmport.layers.ops import UsesLayerOps
+from lmport.layers.linear import Linear
 from lmport.layers.weight_loading import load_checkpoint
 from lmport.models.base import ImageTextLM, ModelContext
 from lmport.models.clip_vision import CLIPVisionTower
@@ -54,18 +54,19 @@ def _text_model(text_config: Any, ctx: ModelContext) -> LlamaForCausalLM:
     )
 
 
-class LlavaNextProjector(UsesLayerOps, nn.Module):
+class LlavaNextProjector(nn.Module):
+    """Vision width -> text width, two layers (unquantized, as the tower)."""
+
     def __init__(self, config: Any, vision_width: int):
         super().__init__()
         hidden = config.text_config.hidden_size
         bias = bool(getattr(config, "multimodal_projector_bias", True))
-        self.linear_1 = nn.Linear(vision_width, hidden, bias=bias)
+        self.linear_1 = Linear(vision_width, hidden, bias=bias)
         self.act = get_activation(config.projector_hidden_act)
-        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
+        self.linear_2 = Linear(hidden, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear = self.layer_ops.linear
-        return linear(self.act(linear(x, self.linear_1.weight, self.linear_1.bias)), self.linear_2.weight, self.linear_2.bias)
+        return self.linear_2(self.act(self.linear_1(x)))
 
 
 class LlavaNextForConditionalGeneration(ImageTextLM):
@@ -102,7 +103,9 @@ class LlavaNextForConditionalGeneration(ImageTextLM):
         hidden = torch.cat(self.vision_tower(tiles), dim=-1)
         if self.select_strategy == "default":
             hidden = hidden[:, 1:]
-        features = self.multi_modal_projector(hidden).split(counts)
+        rows, patches, width = hidden.shape
+        projected = self.multi_modal_projector(hidden.reshape(rows * patches, width)).view(rows, patches, -1)
+        features = projected.split(counts)
         return torch.cat([self._pack(f, size) for f, size in zip(features, sizes)])
 
     def _pack(self, features: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
