@@ -24,6 +24,8 @@ def test_info_has_tgi_fields_and_backend(client, server):
     assert info["capabilities"] == host.capabilities().to_dict()
     assert info["server_info"] == host.server_info()
     assert info["fallbacks"] == host.fallbacks
+    assert info["modality"] == "text" and "max_images_per_request" not in info
+    assert client.get("/v1/models").json()["data"][0]["modality"] == "text"
 
 
 def test_health_and_docs(client):

@@ -48,6 +48,13 @@ def server(llava_next):
     engine.shutdown()
 
 
+def test_info_and_models_tell_the_modality(server):
+    info = httpx.get(f"{server.url}/info").json()
+    assert info["modality"] == "image-text"
+    assert info["max_images_per_request"] == 4 and info["allow_remote_images"] is False
+    assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["modality"] == "image-text"
+
+
 def test_tgi_client_markdown_images_equal_transformers(server, hf_image_greedy):
     client = text_generation.Client(server.url, timeout=60)
     inputs = f"A ![]({data_uri(WIDE)}) and ![]({data_uri(TALL)}) compared"

@@ -33,6 +33,9 @@ def build_state(
     fallback_template = None
     if not getattr(tokenizer, "chat_template", None):
         fallback_template = template_for_model_type(getattr(info.hf_config, "model_type", ""))
+    image_prompts = None
+    if engine.limits.accepts_images:
+        image_prompts = ImagePrompts.load(info.path, info.hf_config, info.architecture, config.trust_remote_code)
     model = ServedModel(
         model_id=model_id or info.model_id,
         dtype=engine.model_dtype or config.dtype or "float32",
@@ -40,10 +43,8 @@ def build_state(
         chat_template=fallback_template,
         chat_stop_token_ids=tuple(end_of_turn_ids(tokenizer)),
         block_size=engine.limits.block_size,
+        modality="image-text" if image_prompts is not None else "text",
     )
-    image_prompts = None
-    if engine.limits.accepts_images:
-        image_prompts = ImagePrompts.load(info.path, info.hf_config, info.architecture, config.trust_remote_code)
     policy = ImagePolicy(allow_remote=config.allow_remote_images, max_bytes=config.max_image_bytes)
     return ServerState(
         engine=engine, tokenizer=tokenizer, model=model, config=config, host=host,

@@ -49,7 +49,11 @@ def info_payload(state: ServerState) -> dict[str, Any]:
         "docker_label": None,
         "grammar_support": False,
         "chat_template": bool(getattr(state.tokenizer, "chat_template", None) or model.chat_template),
+        "modality": model.modality,  # "text", or "image-text": prompts may carry images (docs/api.md, "Images")
     }
+    if model.modality == "image-text":
+        info["max_images_per_request"] = limits.max_images_per_request
+        info["allow_remote_images"] = state.image_policy.allow_remote
     host = state.host
     if host is not None and getattr(host, "selection", None) is not None:
         selection = host.selection

@@ -466,4 +466,4 @@ async def prompt_outputs(
 async def models(request: Request) -> ModelList:
     """The one model this server serves."""
     state = state_of(request)
-    return ModelList(data=[ModelCard(id=state.model.model_id, created=int(state.started_at))])
+    return ModelList(data=[ModelCard(id=state.model.model_id, created=int(state.started_at), modality=state.model.modality)])

@@ -189,6 +189,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "lmport"
+    modality: str = "text"  # lmport's extension: "image-text" when prompts may carry images
 
 
 class ModelList(BaseModel):

@@ -34,6 +34,7 @@ class ServedModel:
     sha: str | None = None
     pipeline_tag: str | None = None
     block_size: int | None = None
+    modality: str = "text"  # "image-text" for a model that reads images with its prompt (/info, /v1/models)
 
 
 @dataclass
