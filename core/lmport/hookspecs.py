@@ -158,6 +158,11 @@ def lmport_attention_backend(spec: AttentionSpec, capabilities: Capabilities) ->
     it, the host logs one warning and lists the fallback for ``/info``. Returning the
     reference yourself means "this backend runs it so", without a warning. First
     non-``None`` wins; with ``--disable-custom-kernels`` only the core's reference answers.
+    A result whose ``supports(spec)`` is false (or that predates ``supports`` while the spec
+    is a cross-attention or position-bias one) is treated as ``None``. The backend builds
+    its per-step state once per step (``prepare_metadata``) and keeps it in static buffers
+    for decode graphs (``init_capture_graph``, ``prepare_for_replay``); see
+    :class:`~lmport.layers.attention.AttentionBackend`.
     """
 
 
@@ -197,6 +202,9 @@ def lmport_allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.d
     Called once at warm-up. The logical layout the core and attention backends agree on is
     ``[num_blocks, block_size, num_kv_heads, head_dim]`` per tensor; a backend that allocates
     differently must also provide the attention that reads it. First non-``None`` wins.
+    ``spec.num_layers`` tensors pairs are wanted; ``spec.groups`` names the model's KV cache
+    groups (full, sliding, cross) that the core maps onto them (a cross group reuses the
+    token groups' tensors: its blocks are never theirs at the same time).
     """
 
 

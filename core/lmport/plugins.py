@@ -329,6 +329,8 @@ class PluginHost:
         impl = None
         if self._custom_kernels:
             impl = self._without(CORE_BACKEND, "lmport_attention_backend")(spec=spec, capabilities=caps)
+            if impl is not None and not _supports(impl, spec):
+                impl = None  # a backend older than the spec's feature (cross-attention, position bias)
             if impl is None and self.backend.name != CORE_BACKEND:
                 message = (
                     f"backend '{self.backend.name}' has no attention kernel for {_describe(spec)}; "
@@ -372,6 +374,8 @@ class PluginHost:
         return self._pm.hook.lmport_memory_info(device=device)
 
     def allocate_kv_cache(self, spec: Any, num_blocks: int, device: Any) -> Any:
+        """Per-layer ``(key, value)`` tensors for ``spec.num_layers`` layers; ``spec.groups`` says which
+        KV groups use them (the core maps a cross group's layers onto these tensors)."""
         return self._kernel_hook("lmport_allocate_kv_cache")(spec=spec, num_blocks=num_blocks, device=device)
 
     def graph_runner(self, model: Any, config: LaunchConfig) -> Any:
@@ -457,7 +461,19 @@ def _describe(spec: Any) -> str:
         parts.append("alibi")
     if spec.logits_soft_cap:
         parts.append(f"soft_cap={spec.logits_soft_cap}")
+    if getattr(spec, "kind", "self") != "self":
+        parts.append(f"kind={spec.kind}")
+    if getattr(spec, "position_bias_len", None):
+        parts.append("position_bias")
     return ", ".join(parts)
+
+
+def _supports(impl: Any, spec: Any) -> bool:
+    """Whether an attention implementation computes ``spec``'s features (old ones lack ``supports``)."""
+    supports = getattr(impl, "supports", None)
+    if supports is not None:
+        return bool(supports(spec))
+    return getattr(spec, "kind", "self") == "self" and getattr(spec, "position_bias_len", None) is None
 
 
 def _version(dist: str) -> str | None:

@@ -61,7 +61,18 @@ def t5_config():
                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=2, bos_token_id=1)
 
 
+def bart_config():
+    from transformers import BartConfig
+
+    # an encoder-decoder with no native module (T5 has one): the transformers seq2seq executor runs it
+    return BartConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                      decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256,
+                      decoder_start_token_id=2, forced_bos_token_id=None, forced_eos_token_id=None,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+
+
 CONFIGS: dict[str, Callable] = {
+    "bart": bart_config,
     "gemma3": gemma3_config,
     "qwen2": qwen2_config,
     "gemma2": gemma2_config,

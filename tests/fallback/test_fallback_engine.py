@@ -17,7 +17,7 @@ PROMPTS = [[5, 9, 33, 4, 80, 81, 82, 90, 91, 92, 7, 8, 9, 10], [100, 7], [8, 8, 
 MAX_NEW = 6
 
 
-@pytest.mark.parametrize("name, runner", [("gemma3", HFCausalLMAdapter), ("t5", HFSeq2SeqExecutor)])
+@pytest.mark.parametrize("name, runner", [("gemma3", HFCausalLMAdapter), ("bart", HFSeq2SeqExecutor)])
 def test_engine_serves_fallback_models(name, runner, fallback_checkpoint):
     path, oracle = fallback_checkpoint(name)
     host = PluginHost(environ={}, load_entry_points=False).load()
@@ -58,7 +58,7 @@ def test_build_engine_resolves_a_gguf_path_and_the_default_model_as_launch_does(
         assert [t.token_id for out in engine.generate([request])["r"] for t in out.tokens] == expected
 
 
-@pytest.mark.parametrize("name", ["gemma3", "t5"])
+@pytest.mark.parametrize("name", ["gemma3", "bart"])
 def test_building_an_engine_on_the_fallback_logs_one_line(name, fallback_checkpoint, caplog):
     """One line, a warning, saying the model runs through the fallback and is not optimized."""
     import logging

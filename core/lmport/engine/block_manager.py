@@ -40,7 +40,13 @@ class BlockManager:
     """Gives sequences the blocks their tokens need and takes them back.
 
     ``block_table`` of a sequence lists its blocks in token order; token ``p`` lives in
-    block ``block_table[p // block_size]`` at offset ``p % block_size``. ``rows`` mirrors each
+    block ``block_table[p // block_size]`` at offset ``p % block_size``. That table serves
+    every full and sliding KV group; a sequence with ``cross_kv_len`` positions of a cross
+    group gets ``cross_block_table`` too, all at once when it is admitted, from the same pool
+    (so a cross group costs blocks, not memory of its own), freed with the rest. The prefix
+    cache hashes the token groups' blocks, chained on ``seq.hash_seed`` (the encoder's input
+    for T5: equal decoder tokens after different inputs have different K/V); cross blocks
+    are not cached. ``rows`` mirrors each
     sequence's table in its row ``seq.block_row`` (held while the sequence is allocated), for
     the batch builder.
     """
@@ -106,7 +112,8 @@ class BlockManager:
         computed = len(prefix) * self.block_size if prefix else seq.num_computed_tokens
         have = len(prefix) if prefix else len(seq.block_table)
         needed = self.blocks_for(computed + num_new_tokens) - have
-        if needed + reclaimed > self.num_available_blocks:
+        cross = self.blocks_for(seq.cross_kv_len) if seq.cross_kv_len and not seq.cross_block_table else 0
+        if needed + cross + reclaimed > self.num_available_blocks:
             return False
         if not seq.block_table and self.prefix_cache is not None:  # an admission: count the lookup
             self.prefix_cache.record_query(seq.num_tokens, len(prefix) * self.block_size)
@@ -124,6 +131,8 @@ class BlockManager:
             new_blocks = [self._allocate_block() for _ in range(needed)]
             seq.block_table.extend(new_blocks)
             self.rows.write(seq.block_row, first, new_blocks)
+        if cross:  # the cross group's table, its whole fixed length at once (after the prefix is taken)
+            seq.cross_block_table = [self._allocate_block() for _ in range(cross)]
         return True
 
     def commit_computed(self, seq: Sequence) -> None:
@@ -149,6 +158,9 @@ class BlockManager:
         """
         for block in reversed(seq.block_table):
             self._release(block)
+        for block in seq.cross_block_table:  # never in the prefix cache: straight back to the pool
+            self._release(block)
+        seq.cross_block_table = []
         seq.block_table = []
         seq.num_committed_blocks = 0
         seq.num_computed_tokens = 0
@@ -167,7 +179,7 @@ class BlockManager:
             if images is not None:  # the images whose features fill part of this block
                 begin, end = i * bs, (i + 1) * bs
                 extra = b"".join(h for (s, e), h in zip(images.spans, images.hashes) if s < end and e > begin)
-            hashes.append(hash_block(hashes[i - 1] if i else None, seq.token_ids[i * bs : (i + 1) * bs], extra))
+            hashes.append(hash_block(hashes[i - 1] if i else seq.hash_seed, seq.token_ids[i * bs : (i + 1) * bs], extra))
 
     def _allocate_block(self) -> int:
         block = self.pool.pop_free()

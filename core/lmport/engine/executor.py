@@ -19,6 +19,14 @@ class ModelExecutor(ABC):
     # the engine can schedule step N+1 while step N runs (async scheduling)
     supports_async_scheduling: bool = False
 
+    def prepare_sequence(self, seq: Any) -> None:
+        """Adjust a new :class:`~lmport.engine.sequence.Sequence` before it is queued (default: nothing).
+
+        An encoder-decoder runner moves the prompt into ``seq.encoder_input``, makes the
+        decoder's start token the sequence's prompt and sets ``cross_kv_len`` (the positions
+        of its cross-attention KV group) and ``hash_seed``.
+        """
+
     @abstractmethod
     def kv_cache_spec(self) -> Any:
         """The :class:`~lmport.layers.attention.KVCacheSpec` this executor needs per block."""

@@ -74,6 +74,8 @@ class LLMEngine:
         if async_scheduling and not self.async_scheduling:
             log.info("async scheduling off: executor %s has no launch()", type(executor).__name__)
         self._in_flight: _InFlight | None = None
+        # an encoder-decoder executor turns a prompt into the encoder's input and a decoder start
+        self._prepare_sequence = getattr(executor, "prepare_sequence", None)
 
     # ------------------------------------------------------------------ requests
 
@@ -104,6 +106,8 @@ class LLMEngine:
                 seed=None if params.seed is None else params.seed + index,
                 images=request.images,
             )
+            if self._prepare_sequence is not None:
+                self._prepare_sequence(seq)
             self.outputs.add(seq)
             self.scheduler.add(seq)
             seqs.append(seq)

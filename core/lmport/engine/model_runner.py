@@ -19,8 +19,8 @@ from lmport.engine.executor import ModelExecutor
 from lmport.engine.sampling.prompt_logprobs import compute_prompt_logprobs
 from lmport.engine.sampling.sampler import Sampler
 from lmport.engine.sampling.state import SamplingRow, make_generator
-from lmport.layers.attention import KVCache, KVCacheSpec
-from lmport.models.base import CausalLM, ImageTextLM
+from lmport.layers.attention import CROSS, Attention, AttentionMetadata, KVCache, KVCacheSpec
+from lmport.models.base import CausalLM, EncoderBatch, ImageTextLM
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,30 @@ class PagedModelRunner(ModelExecutor):
         # per sequence: its images' features, encoded at its first prefill chunk that needs them
         # and kept until its last image token is in the cache (a preempted one encodes again)
         self._image_features: dict[int, torch.Tensor] = {}
+        groups = model.kv_cache_specs() if hasattr(model, "kv_cache_specs") else []
+        self.kv_groups = tuple(groups)
+        self._cross_groups = [i for i, g in enumerate(groups) if g.kind == CROSS]
+        self._encoded: set[int] = set()  # sequences whose cross-attention K/V are written
+        # attention backends with per-step state, one per (KV group, metadata key)
+        keyed: dict = {}
+        for m in model.modules():
+            if isinstance(m, Attention) and m.backend.metadata_key is not None:
+                keyed.setdefault((m.kv_group, m.backend.metadata_key), m.backend)
+        self._keyed_backends = [(group, backend) for (group, _), backend in keyed.items()]
 
     # ------------------------------------------------------------------ setup
 
     def kv_cache_spec(self) -> KVCacheSpec:
         num_layers, num_kv_heads, head_dim = self.model.kv_cache_shape()
-        return KVCacheSpec(num_layers, num_kv_heads, head_dim, self.block_size, self.kv_cache_dtype)
+        if self.kv_groups:
+            shapes = {(g.num_kv_heads, g.head_dim) for g in self.kv_groups}
+            if len(shapes) != 1:
+                raise ValueError(f"KV cache groups of different page shapes {sorted(shapes)} are not supported yet")
+            num_layers = max(
+                sum(len(g.layers) for g in self.kv_groups if g.kind != CROSS),
+                max((len(self.kv_groups[i].layers) for i in self._cross_groups), default=0),
+            )
+        return KVCacheSpec(num_layers, num_kv_heads, head_dim, self.block_size, self.kv_cache_dtype, self.kv_groups)
 
     def initialize_cache(self, num_blocks: int) -> None:
         spec = self.kv_cache_spec()
@@ -76,8 +94,14 @@ class PagedModelRunner(ModelExecutor):
                 (torch.zeros(shape, dtype=spec.dtype, device=self.device), torch.zeros(shape, dtype=spec.dtype, device=self.device))
                 for _ in range(spec.num_layers)
             ]
-        self.kv_caches = caches
+        self.kv_caches = _map_groups(caches, self.kv_groups) if self.kv_groups else caches
         self._setup_graphs()
+
+    def prepare_sequence(self, seq) -> None:
+        """An encoder-decoder model moves the prompt to the encoder (see ``ModelExecutor``)."""
+        prepare = getattr(self.model, "prepare_sequence", None)
+        if prepare is not None:
+            prepare(seq)
 
     def _setup_graphs(self) -> None:
         if self.host is None or self.config is None or self.config.cuda_graphs == ():
@@ -130,7 +154,17 @@ class PagedModelRunner(ModelExecutor):
         """Forward, logits and sampling, all left on the device."""
         for seq_id in step.released_seq_ids:
             self._image_features.pop(seq_id, None)
-        hidden = self._forward(batch, self._image_embeds(step, batch) if self.accepts_images else None)
+        encoder = None
+        if self._cross_groups:
+            encoder = self._cross_metadata(step, batch)
+        if self._keyed_backends:  # each backend's per-step state, once per step (not per layer)
+            meta = batch.metadata
+            for group, backend in self._keyed_backends:
+                target = meta.group(group)
+                if backend.metadata_key not in target.prepared:
+                    target.prepared[backend.metadata_key] = backend.prepare_metadata(target)
+        inputs_embeds = self._image_embeds(step, batch) if self.accepts_images else None
+        hidden = self._forward(batch, inputs_embeds, encoder)
         sampled_pos = [i for i, r in enumerate(batch.sample_rows) if r is not None]
         prompt_pos = [i for i, r in enumerate(batch.prompt_rows) if len(r)]
         if not sampled_pos and not prompt_pos:
@@ -149,10 +183,12 @@ class PagedModelRunner(ModelExecutor):
             results += list(compute_prompt_logprobs(prompt_logits, batch.prompt_targets, prompt_top_n))
         return sampled_pos, prompt_pos, prompt_top_n, results
 
-    def _forward(self, batch: FlatBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward(self, batch: FlatBatch, inputs_embeds: torch.Tensor | None = None, encoder: EncoderBatch | None = None) -> torch.Tensor:
         meta = batch.metadata
         if inputs_embeds is not None:
             return self.model(batch.input_ids, batch.positions, self.kv_caches, meta, inputs_embeds=inputs_embeds)
+        if encoder is not None:  # a step that encodes: never a captured graph
+            return self.model(batch.input_ids, batch.positions, self.kv_caches, meta, encoder=encoder)
         if self.graph_runner is not None and meta.is_decode_only and self.graph_runner.can_run(meta):
             return self.graph_runner.run(batch.input_ids, batch.positions, self.kv_caches, meta)
         return self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
@@ -193,6 +229,49 @@ class PagedModelRunner(ModelExecutor):
             embeds[index[0]] = features[index[1]].to(embeds.dtype)
         return embeds
 
+    def _cross_metadata(self, step: ScheduledStep, batch: FlatBatch) -> EncoderBatch | None:
+        """Add each cross group's metadata to the step's; the encoder's batch for sequences not encoded yet.
+
+        A sequence is encoded once per admission: a preempted one (its cross blocks freed) is
+        released, forgotten here, and encoded again when it comes back.
+        """
+        for seq_id in step.released_seq_ids:
+            self._encoded.discard(seq_id)
+        meta = batch.metadata
+        bs = self.block_size
+        seqs = [e.seq for e in step.entries]
+        lens = [seq.cross_kv_len for seq in seqs]
+        width = max((len(seq.cross_block_table) for seq in seqs), default=0)
+        tables = [seq.cross_block_table + [0] * (width - len(seq.cross_block_table)) for seq in seqs]
+        new = [i for i, seq in enumerate(seqs) if seq.seq_id not in self._encoded and seq.cross_kv_len]
+        enc_ids: list[int] = []
+        enc_slots: list[int] = []
+        enc_starts = [0]
+        for i in new:
+            seq = seqs[i]
+            enc_ids.extend(seq.encoder_input)
+            table = seq.cross_block_table
+            enc_slots.extend(table[p // bs] * bs + p % bs for p in range(seq.cross_kv_len))
+            enc_starts.append(len(enc_ids))
+        lens_t, tables_t = _send([lens, [b for row in tables for b in row]], torch.int32, self.device)
+        cross = AttentionMetadata(
+            query_start_loc=meta.query_start_loc,
+            seq_lens=lens_t,
+            block_tables=tables_t.view(len(seqs), width),
+            slot_mapping=meta.slot_mapping[:0],
+            query_start_loc_host=meta.query_start_loc_host,
+            seq_lens_host=lens,
+            max_query_len=meta.max_query_len,
+            max_seq_len=max(lens, default=0),
+            block_size=bs,
+        )
+        meta.groups = [cross if g.kind == CROSS else meta for g in self.kv_groups]
+        if not new:
+            return None
+        self._encoded.update(seqs[i].seq_id for i in new)
+        ids_t, slots_t = _send([enc_ids, enc_slots], torch.int64, self.device)
+        return EncoderBatch(input_ids=ids_t, slot_mapping=slots_t, query_start_loc_host=enc_starts)
+
     def _sampling_row(self, seq) -> SamplingRow:
         if seq.generator is None and seq.seed is not None and seq.params.do_sample:
             seq.generator = make_generator(seq.seed, self.device)
@@ -222,6 +301,21 @@ class PagedModelRunner(ModelExecutor):
                 prompt[i] = PromptLogprobs(positions, logprobs[k : k + len(rows)], tops)
                 k += len(rows)
         return ExecutorOutput(sampled=sampled, prompt_logprobs=prompt)
+
+
+def _map_groups(physical: list[KVCache], groups) -> list[KVCache]:
+    """The model's flat per-layer list: token groups' layers on their own tensors, in order; a
+    cross group's layers on the same tensors again (its blocks are never theirs at once)."""
+    num_layers = 1 + max(layer for g in groups for layer in g.layers)
+    flat: list[KVCache | None] = [None] * num_layers
+    token_layers = sorted(layer for g in groups if g.kind != CROSS for layer in g.layers)
+    for i, layer in enumerate(token_layers):
+        flat[layer] = physical[i]
+    for g in groups:
+        if g.kind == CROSS:
+            for i, layer in enumerate(sorted(g.layers)):
+                flat[layer] = physical[i]
+    return flat
 
 
 class PendingStep:

@@ -124,7 +124,7 @@ class OutputProcessor:
             index=seq.index,
             tokens=tokens,
             text=text,
-            num_prompt_tokens=seq.num_prompt_tokens,
+            num_prompt_tokens=seq.num_input_tokens,
             num_generated_tokens=seq.num_known_output_tokens,
             cumulative_logprob=state.cumulative_logprob if state else 0.0,
             seed=seq.seed,

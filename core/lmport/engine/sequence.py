@@ -51,6 +51,13 @@ class Sequence:
     block_row: int | None = None  # its row in the block manager's BlockTableRows, while it holds blocks
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of token_ids
     num_committed_blocks: int = 0  # leading blocks of block_table that are in the prefix cache
+    # encoder-decoder and cross-attention models: what the executor encodes once per request
+    # (T5: the request's token ids, while ``prompt_token_ids`` is the decoder's start), the
+    # positions its cross-attention KV group holds, and their blocks (a table of its own)
+    encoder_input: Any = None
+    cross_kv_len: int = 0
+    cross_block_table: list[int] = field(default_factory=list)
+    hash_seed: bytes | None = None  # chained into the first block hash: K/V depend on more than the tokens
     num_preemptions: int = 0
     wants_prompt_logprobs: bool = False  # cleared once the prompt's logprobs were computed
     finish_reason: FinishReason | None = None
@@ -77,6 +84,11 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_input_tokens(self) -> int:
+        """The request's input tokens: the encoder's for an encoder-decoder model, else the prompt's."""
+        return len(self.encoder_input) if isinstance(self.encoder_input, list) else len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

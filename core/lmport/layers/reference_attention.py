@@ -56,9 +56,15 @@ class ReferenceAttention(AttentionBackend):
         super().__init__(spec)
         self._slopes = None
 
-    def forward(self, query, key, value, kv_cache: KVCache, metadata: AttentionMetadata) -> torch.Tensor:
+    @classmethod
+    def supports(cls, spec) -> bool:
+        return True  # every feature of the contract: cross-attention and position bias included
+
+    def forward(self, query, key, value, kv_cache: KVCache, metadata: AttentionMetadata, position_bias=None) -> torch.Tensor:
         spec = self.spec
-        write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        if key is not None:  # a cross layer's K/V were written at the encoder step
+            write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        causal = spec.causal and spec.kind != "cross"
         out = torch.empty_like(query)
         group = spec.num_heads // spec.num_kv_heads
         starts = metadata.query_start_loc_host
@@ -77,11 +83,14 @@ class ReferenceAttention(AttentionBackend):
             q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
             k_pos = torch.arange(seq_len, device=query.device)[None, :]
             distance = q_pos - k_pos  # >= 0 for keys at or before the query
-            allowed = distance >= 0 if spec.causal else torch.ones_like(distance, dtype=torch.bool)
+            allowed = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
             if spec.sliding_window:
                 allowed = allowed & (distance < spec.sliding_window)
             if spec.alibi_slopes:
                 scores = scores - self._alibi_slopes(query.device)[:, None, None] * distance.float()
+            if position_bias is not None:
+                index = distance.clamp(0, position_bias.shape[1] - 1)
+                scores = scores + position_bias.float()[:, index]
             scores = scores.masked_fill(~allowed, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)

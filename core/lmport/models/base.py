@@ -40,8 +40,8 @@ class ModelContext:
     attention_factory: Callable[[AttentionSpec], AttentionBackend]
     quantization: QuantizationConfig | None = None
 
-    def attention(self, spec: AttentionSpec, layer_index: int) -> Attention:
-        return Attention(spec, self.attention_factory(spec), layer_index)
+    def attention(self, spec: AttentionSpec, layer_index: int, kv_group: int = 0) -> Attention:
+        return Attention(spec, self.attention_factory(spec), layer_index, kv_group)
 
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
@@ -103,6 +103,48 @@ class ImageTextLM(CausalLM):
         kv_caches: list[KVCache],
         metadata: AttentionMetadata,
         inputs_embeds: torch.Tensor | None = None,  # used instead of embedding ``input_ids``
+    ) -> torch.Tensor: ...
+
+
+@dataclass
+class EncoderBatch:
+    """The encoder's share of a step: the inputs of the sequences encoded this step, packed flat.
+
+    Sequence ``i`` of it owns ``input_ids[query_start_loc_host[i]:query_start_loc_host[i+1]]``;
+    ``slot_mapping`` gives, per encoder position, the slot of its cross-attention K/V in the
+    cross group's cache.
+    """
+
+    input_ids: torch.Tensor  # int64 [num_encoder_tokens]
+    slot_mapping: torch.Tensor  # int64 [num_encoder_tokens]
+    query_start_loc_host: list[int]
+
+
+class EncoderDecoderLM(CausalLM):
+    """An encoder-decoder model on the paged cache (T5).
+
+    The request's prompt is the encoder's input (``prepare_sequence`` moves it to
+    ``seq.encoder_input``; the sequence's own tokens are the decoder's, from its start token).
+    ``kv_cache_specs()`` declares the decoder's self-attention group and a cross-attention
+    group of the encoder's length per request. ``forward`` takes an ``encoder`` batch on steps
+    where sequences start: it encodes them and writes every decoder layer's cross K/V once;
+    decode steps have none (and can be replayed from a graph).
+    """
+
+    @abstractmethod
+    def kv_cache_specs(self) -> list[Any]: ...
+
+    @abstractmethod
+    def prepare_sequence(self, seq: Any) -> None: ...
+
+    @abstractmethod
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        metadata: AttentionMetadata,
+        encoder: EncoderBatch | None = None,
     ) -> torch.Tensor: ...
 
 

@@ -33,10 +33,11 @@ import torch
 
 from lmport.capabilities import BackendInfo, Capabilities
 from lmport.config import ConfigAdjustment, LaunchConfig
-from lmport.layers.attention import AttentionBackend, AttentionSpec, KVCacheSpec
+from lmport.layers.attention import AttentionBackend, AttentionSpec, KVCacheSpec, prepare_step_metadata
 from lmport.layers.reference_attention import ReferenceAttention
 from lmport.memory import MemoryInfo
 from lmport.plugins import PluginError, PluginHost
+from lmport.testing.attention_features import check_cross_attention, check_position_bias
 from lmport.testing.installed import require_distribution
 from lmport.testing.model_driver import build_metadata
 from lmport.weights.quantization import WeightsLoader
@@ -231,6 +232,27 @@ class BackendConformance:
         head_dim = (capabilities.attention_head_sizes or DEFAULT_HEAD_SIZES)[0]
         check_attention(host, case, head_dim, capabilities, device, attention_dtype)
 
+    def test_cross_attention(self, host, capabilities, device, attention_dtype) -> None:
+        """Encoder-decoder cross-attention (K/V written once, then attended, not causal) through
+        the host's answer for a ``kind="cross"`` spec (the reference where the backend has none)."""
+        head_dim = (capabilities.attention_head_sizes or DEFAULT_HEAD_SIZES)[0]
+        spec = AttentionSpec(2, 2, head_dim, scale=head_dim**-0.5, dtype=str(attention_dtype).removeprefix("torch."),
+                             causal=False, kind="cross")  # fmt: skip
+        block_size = capabilities.default_block_size
+        caches = lambda n: host.allocate_kv_cache(KVCacheSpec(1, 2, head_dim, block_size, attention_dtype), n, device)[0]  # noqa: E731
+        check_cross_attention(host.attention_backend(spec), caches, encoder_lens=[5, 1, 2 * block_size + 3],
+                              decoder_lens=[1, 4, 1], block_size=block_size, device=device, dtype=attention_dtype)  # fmt: skip
+
+    def test_attention_position_bias(self, host, capabilities, device, attention_dtype) -> None:
+        """A per-(head, distance) score bias (T5's relative positions) over the paged cache."""
+        head_dim = (capabilities.attention_head_sizes or DEFAULT_HEAD_SIZES)[0]
+        spec = AttentionSpec(2, 2, head_dim, scale=head_dim**-0.5, dtype=str(attention_dtype).removeprefix("torch."),
+                             position_bias_len=7)  # fmt: skip
+        block_size = capabilities.default_block_size
+        caches = lambda n: host.allocate_kv_cache(KVCacheSpec(1, 2, head_dim, block_size, attention_dtype), n, device)[0]  # noqa: E731
+        check_position_bias(host.attention_backend(spec), caches, cached=[0, block_size + 2], new=[block_size + 3, 1],
+                            block_size=block_size, device=device, dtype=attention_dtype)  # fmt: skip
+
     @pytest.mark.parametrize("head_dim", DEFAULT_HEAD_SIZES)
     def test_attention_head_size(self, head_dim: int, host, capabilities, device, attention_dtype) -> None:
         if capabilities.attention_head_sizes and head_dim not in capabilities.attention_head_sizes:
@@ -293,6 +315,7 @@ def check_attention(
         q = torch.randn(n, case.num_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
         k = torch.randn(n, case.num_kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
         v = torch.randn(n, case.num_kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+        prepare_step_metadata([backend], metadata)  # the backend's per-step state, as the runner builds it
         got = backend.forward(q, k, v, backend_cache[0], metadata)
         want = reference.forward(q, k, v, reference_cache[0], metadata)
         assert got.shape == want.shape == (n, case.num_heads, head_dim)

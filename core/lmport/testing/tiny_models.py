@@ -228,3 +228,35 @@ def make_checkpoint(name: str, path: str | Path, *, std: float = 0.08, seed: int
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     return model
+
+
+def t5_config(flan: bool, vocab_size: int = VOCAB):
+    """A tiny T5 (v1.0: relu, tied head) or FLAN-T5 / T5 v1.1 (gated-gelu, untied head).
+
+    ``relative_attention_max_distance`` 8 with 8 buckets: prompts of a dozen tokens reach the
+    far (logarithmic and clamped) buckets.
+    """
+    from transformers import T5Config
+
+    common = dict(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2, num_heads=4,
+                  relative_attention_num_buckets=8, relative_attention_max_distance=8,
+                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=2, bos_token_id=1)  # fmt: skip
+    if flan:
+        return T5Config(feed_forward_proj="gated-gelu", tie_word_embeddings=False, **common)
+    return T5Config(feed_forward_proj="relu", tie_word_embeddings=True, **common)
+
+
+def make_t5_checkpoint(path: str | Path, *, flan: bool, std: float = 0.08, seed: int = 0, tokenizer: bool = True):
+    """Save a tiny random T5 (with a trained byte-level tokenizer) to ``path``; return the HF model
+    reloaded with eager attention (the oracle)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForSeq2SeqLM.from_config(t5_config(flan))
+    widen_init(model, std=std, seed=seed)
+    model.save_pretrained(path)
+    if tokenizer:
+        train_tiny_tokenizer(VOCAB).save_pretrained(path)
+    return AutoModelForSeq2SeqLM.from_pretrained(path, attn_implementation="eager").eval()

@@ -24,7 +24,11 @@ FLASH_ATTN_PAGE_MULTIPLE = 256  # flash-attn's block_table path needs pages of a
 
 
 class TritonPagedAttention(AttentionBackend):
-    """KV write kernel + one unified paged attention kernel for prefill, chunks and decode."""
+    """KV write kernel + one unified paged attention kernel for prefill, chunks and decode.
+
+    Also cross-attention (the same kernel, not causal, over the cross group's tables) and a
+    position bias table (T5). It prepares nothing per step: the kernel reads the core's metadata.
+    """
 
     name = "triton-paged"
 
@@ -32,19 +36,29 @@ class TritonPagedAttention(AttentionBackend):
         super().__init__(spec)
         self._alibi: torch.Tensor | None = None
 
+    @classmethod
+    def supports(cls, spec: AttentionSpec) -> bool:
+        return spec.kind in ("self", "cross")
+
+    def write_kv(self, key, value, kv_cache, slot_mapping) -> None:
+        from lmport_cuda.kernels.kv_cache_write import write_kv_cache
+
+        write_kv_cache(key, value, kv_cache[0], kv_cache[1], slot_mapping)
+
     def forward(
         self,
         query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        key: torch.Tensor | None,
+        value: torch.Tensor | None,
         kv_cache: KVCache,
         metadata: AttentionMetadata,
+        position_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from lmport_cuda.kernels.kv_cache_write import write_kv_cache
         from lmport_cuda.kernels.paged_attention import unified_attention
 
         key_cache, value_cache = kv_cache
-        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        if key is not None:  # a cross layer's K/V were written at the encoder step
+            self.write_kv(key, value, kv_cache, metadata.slot_mapping)
         spec = self.spec
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         return unified_attention(
@@ -57,10 +71,11 @@ class TritonPagedAttention(AttentionBackend):
             metadata.query_start_loc,
             max_query_len=metadata.max_query_len,
             scale=spec.scale,
-            causal=spec.causal,
+            causal=spec.causal and spec.kind != "cross",
             sliding_window=spec.sliding_window,
             alibi_slopes=self.alibi_slopes(query.device),
             soft_cap=spec.logits_soft_cap,
+            position_bias=position_bias,
         )
 
     def alibi_slopes(self, device: torch.device) -> torch.Tensor | None:
@@ -75,26 +90,51 @@ class TritonPagedAttention(AttentionBackend):
 class FlashAttnPagedAttention(TritonPagedAttention):
     """flash-attn's varlen kernel over the paged cache (``block_table``) for 256-multiple pages.
 
-    Other block sizes and float32 (which flash-attn does not run) take the Triton path.
+    Other block sizes, float32 (which flash-attn does not run), cross-attention and position
+    bias take the Triton path. Its per-step state is ``cu_seqlens_k``, built once per step
+    (``prepare_metadata``) for every layer, and kept in a static buffer for decode graphs.
     """
 
     name = "flash-attn"
+    metadata_key = "flash-attn"
 
     def __init__(self, spec: AttentionSpec):
         super().__init__(spec)
         from flash_attn import flash_attn_varlen_func
 
         self._varlen = flash_attn_varlen_func
+        self._static_cu_seqlens_k: torch.Tensor | None = None
 
-    def forward(self, query, key, value, kv_cache, metadata):
-        if metadata.block_size % FLASH_ATTN_PAGE_MULTIPLE or query.dtype == torch.float32:
-            return super().forward(query, key, value, kv_cache, metadata)
+    def prepare_metadata(self, metadata: AttentionMetadata) -> torch.Tensor:
+        return torch.nn.functional.pad(torch.cumsum(metadata.seq_lens, 0, dtype=torch.int32), (1, 0))
+
+    def init_capture_graph(self, max_batch: int, max_blocks: int, device: torch.device) -> None:
+        self._static_cu_seqlens_k = torch.zeros(max_batch + 1, dtype=torch.int32, device=device)
+
+    def prepare_for_capture(self, metadata: AttentionMetadata) -> torch.Tensor:
+        batch = metadata.seq_lens.shape[0]
+        self.prepare_for_replay(metadata, batch)
+        return self._static_cu_seqlens_k[: batch + 1]
+
+    def prepare_for_replay(self, metadata: AttentionMetadata, batch: int) -> None:
+        torch.cumsum(metadata.seq_lens[:batch], 0, dtype=torch.int32, out=self._static_cu_seqlens_k[1 : batch + 1])
+
+    def forward(self, query, key, value, kv_cache, metadata, position_bias=None):
+        spec = self.spec
+        if (
+            metadata.block_size % FLASH_ATTN_PAGE_MULTIPLE
+            or query.dtype == torch.float32
+            or spec.kind != "self"
+            or position_bias is not None
+        ):
+            return super().forward(query, key, value, kv_cache, metadata, position_bias)
         from lmport_cuda.kernels.kv_cache_write import write_kv_cache
 
-        spec = self.spec
         key_cache, value_cache = kv_cache
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
-        cu_seqlens_k = torch.nn.functional.pad(torch.cumsum(metadata.seq_lens, 0, dtype=torch.int32), (1, 0))
+        cu_seqlens_k = metadata.prepared.get(self.metadata_key)
+        if cu_seqlens_k is None:  # a caller that did not prepare the step (a kernel test)
+            cu_seqlens_k = self.prepare_metadata(metadata)
         # the reference's window counts the query itself: `window` keys = `window - 1` to the left
         left = spec.sliding_window - 1 if spec.sliding_window else -1
         right = 0 if spec.causal else -1

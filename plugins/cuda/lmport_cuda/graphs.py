@@ -18,7 +18,7 @@ import torch
 
 from lmport.capabilities import Capabilities
 from lmport.config import LaunchConfig
-from lmport.engine.graphs import DecodeGraphRunner
+from lmport.engine.graphs import DecodeGraphRunner, StaticDecodeMetadata
 from lmport.layers.attention import Attention, AttentionMetadata, KVCache
 from lmport.models.base import CausalLM
 
@@ -40,52 +40,38 @@ def graph_batch_sizes(config: LaunchConfig, capabilities: Capabilities | None = 
 
 
 class StaticDecodeBatch:
-    """The fixed-address inputs of a decode step, for batches up to ``max_batch`` sequences."""
+    """The fixed-address inputs of a decode step: token ids and positions here, the attention
+    metadata in the core's :class:`~lmport.engine.graphs.StaticDecodeMetadata` (its layout,
+    KV groups and backends' per-step state are the core's and the backends' business)."""
 
-    def __init__(self, max_batch: int, max_blocks: int, block_size: int, device: torch.device):
+    def __init__(self, max_batch: int, max_blocks: int, block_size: int, device: torch.device, model: CausalLM | None = None):
         self.max_batch, self.max_blocks, self.block_size = max_batch, max_blocks, block_size
         self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        # decode: sequence i owns token i, always, so these never change
-        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
-        # block 0 always exists; rows that were never real read it and nothing else
-        self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        layers = attention_layers(model) if model is not None else []
+        num_groups = 1 + max((group for group, _ in layers), default=0)
+        self.attention = StaticDecodeMetadata(max_batch, max_blocks, block_size, device, num_groups, layers)
 
     @property
     def max_seq_len(self) -> int:
-        return self.max_blocks * self.block_size
+        return self.attention.max_seq_len
 
     def metadata(self, batch: int) -> AttentionMetadata:
         """The metadata a graph of ``batch`` rows is captured with (views of the static buffers)."""
-        return AttentionMetadata(
-            query_start_loc=self.query_start_loc[: batch + 1],
-            seq_lens=self.seq_lens[:batch],
-            block_tables=self.block_tables[:batch],
-            slot_mapping=self.slot_mapping[:batch],
-            query_start_loc_host=list(range(batch + 1)),
-            seq_lens_host=[1] * batch,
-            max_query_len=1,
-            max_seq_len=self.max_seq_len,
-            block_size=self.block_size,
-        )
+        return self.attention.view(batch)
 
     def load(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata, batch: int) -> None:
         """Copy a step of ``n <= batch`` sequences in (device to device, no sync) and pad it to ``batch``."""
         n = metadata.num_seqs
-        width = min(metadata.block_tables.shape[1], self.max_blocks)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
-        self.seq_lens[:n].copy_(metadata.seq_lens, non_blocking=True)
-        self.slot_mapping[:n].copy_(metadata.slot_mapping, non_blocking=True)
-        # columns past `width` keep stale ids: a row reads only the blocks its seq_len covers
-        self.block_tables[:n, :width].copy_(metadata.block_tables[:, :width], non_blocking=True)
-        if batch > n:
-            # padding: no cache write, one key. Its block-table row holds block 0 or a block a
-            # real row used before (still a valid block), and stale input ids/positions are valid too.
-            self.slot_mapping[n:batch].fill_(-1)
-            self.seq_lens[n:batch].fill_(1)
+        # padding rows keep stale input ids/positions: valid values, outputs dropped
+        self.attention.load(metadata, batch)
+
+
+def attention_layers(model: CausalLM) -> list[tuple[int, object]]:
+    """``[(kv_group, backend)]`` of the model's attention layers."""
+    return [(m.kv_group, m.backend) for m in model.modules() if isinstance(m, Attention)]
 
 
 class CudaGraphRunner(DecodeGraphRunner):
@@ -127,7 +113,7 @@ class CudaGraphRunner(DecodeGraphRunner):
         num_blocks, block_size = key_cache.shape[:2]
         max_seq_len = min(self.max_seq_len, self.length_limit or self.max_seq_len)
         max_blocks = min(-(-max_seq_len // block_size), num_blocks)
-        self.batch = StaticDecodeBatch(sizes[-1], max_blocks, block_size, key_cache.device)
+        self.batch = StaticDecodeBatch(sizes[-1], max_blocks, block_size, key_cache.device, self.model)
         self._kv_caches = kv_caches
         pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         for size in reversed(sizes):  # largest first: the smaller graphs reuse its memory pool
@@ -173,8 +159,7 @@ class CudaGraphRunner(DecodeGraphRunner):
             and metadata.max_query_len == 1
             and metadata.num_tokens == metadata.num_seqs
             and metadata.num_seqs <= self.sizes[-1]
-            and metadata.block_size == batch.block_size
-            and metadata.max_seq_len <= batch.max_seq_len
+            and batch.attention.fits(metadata)
         )
 
     @torch.inference_mode()

@@ -285,3 +285,42 @@ def test_backend_factory_chooses_kernels_or_reference() -> None:
     assert cuda_attention_backend(replace(spec, dtype="float8_e4m3fn"), caps) is None
     old_gpu = replace(caps, paged_attention=False)  # pre-Ampere: the core's reference path
     assert cuda_attention_backend(spec, old_gpu) is None
+
+
+# ---------------------------------------------------------------------- encoder-decoder features
+
+
+def _nan_cache(device, dtype, block_size=16, heads=2, head_dim=32):
+    """A cache factory whose unwritten slots are NaN: reading one poisons the output."""
+    return lambda num_blocks: tuple(
+        torch.full((num_blocks, block_size, heads, head_dim), float("nan"), dtype=dtype, device=device) for _ in range(2)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_attention_kernel_matches_dense_math(dtype, device: torch.device) -> None:
+    """T5's cross-attention: K/V written once (the write kernel), the unified kernel not causal
+    over the cross group's tables; decoder queries may outnumber the encoder's keys."""
+    from lmport_cuda.attention import TritonPagedAttention
+    from lmport.testing.attention_features import check_cross_attention
+
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("bf16 kernels run on a GPU only (the interpreter computes in float32)")
+    spec = AttentionSpec(2, 2, 32, scale=1.0, dtype=DTYPE_NAMES[dtype], causal=False, kind="cross")
+    backend = TritonPagedAttention(spec)
+    assert TritonPagedAttention.supports(spec)
+    check_cross_attention(backend, _nan_cache(device, dtype), encoder_lens=[5, 17, 1], decoder_lens=[1, 3, 20],
+                          block_size=16, device=device, dtype=dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_position_bias_kernel_matches_dense_math(dtype, device: torch.device) -> None:
+    """T5's decoder self-attention: a per-(head, distance) bias table, the far distances clamped."""
+    from lmport_cuda.attention import TritonPagedAttention
+    from lmport.testing.attention_features import check_position_bias
+
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("bf16 kernels run on a GPU only (the interpreter computes in float32)")
+    spec = AttentionSpec(2, 2, 32, scale=1.0, dtype=DTYPE_NAMES[dtype], position_bias_len=9)
+    check_position_bias(TritonPagedAttention(spec), _nan_cache(device, dtype), cached=[0, 20, 3], new=[18, 1, 1],
+                        block_size=16, device=device, dtype=dtype)  # fmt: skip

@@ -16,7 +16,7 @@ class CountingAttention(ReferenceAttention):
         self.calls = 0
         self.tokens = 0
 
-    def forward(self, query, key, value, kv_cache, metadata):
+    def forward(self, query, key, value, kv_cache, metadata, position_bias=None):
         self.calls += 1
         self.tokens += query.shape[0]
-        return super().forward(query, key, value, kv_cache, metadata)
+        return super().forward(query, key, value, kv_cache, metadata, position_bias)

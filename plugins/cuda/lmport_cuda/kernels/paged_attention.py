@@ -109,6 +109,7 @@ def kernel_constexprs(
     sliding_window: int | None = None,
     alibi: bool = False,
     soft_cap: bool = False,
+    pos_bias_len: int = 0,
     short_limit: int = 0,
     short_pass: bool = False,
 ) -> dict[str, Any]:
@@ -129,6 +130,7 @@ def kernel_constexprs(
         SLIDING_WINDOW=sliding_window or 0,
         USE_ALIBI=alibi,
         USE_SOFT_CAP=soft_cap,
+        POS_BIAS_LEN=pos_bias_len,
         NUM_SPLITS=splits,
         SHORT_LIMIT=short_limit,
         SHORT_PASS=short_pass,
@@ -158,6 +160,7 @@ def unified_attention(
     sliding_window: int | None = None,
     alibi_slopes: torch.Tensor | None = None,  # float32 [num_heads]
     soft_cap: float | None = None,
+    position_bias: torch.Tensor | None = None,  # float32 [num_heads, n]: bias[h, min(q_pos - k_pos, n - 1)]
     num_splits: int | None = None,  # None: chosen from shapes
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = query.shape
@@ -173,12 +176,13 @@ def unified_attention(
                              key_cache.dtype, num_splits)  # fmt: skip
     for launch in launches:
         _launch(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, launch, scale=scale,
-                causal=causal, sliding_window=sliding_window, alibi_slopes=alibi_slopes, soft_cap=soft_cap)  # fmt: skip
+                causal=causal, sliding_window=sliding_window, alibi_slopes=alibi_slopes, soft_cap=soft_cap,
+                position_bias=position_bias)  # fmt: skip
     return out
 
 
 def _launch(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, launch: Launch, *,
-            scale, causal, sliding_window, alibi_slopes, soft_cap) -> None:  # fmt: skip
+            scale, causal, sliding_window, alibi_slopes, soft_cap, position_bias=None) -> None:  # fmt: skip
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -190,6 +194,7 @@ def _launch(out, query, key_cache, value_cache, block_tables, seq_lens, query_st
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
         config=config, splits=splits, on_gpu=query.device.type == "cuda", dtype=query.dtype, causal=causal,
         sliding_window=sliding_window, alibi=alibi_slopes is not None, soft_cap=bool(soft_cap),
+        pos_bias_len=position_bias.shape[1] if position_bias is not None else 0,
         short_limit=launch.short_limit, short_pass=launch.short_pass,
     )  # fmt: skip
     if splits > 1:
@@ -208,6 +213,7 @@ def _launch(out, query, key_cache, value_cache, block_tables, seq_lens, query_st
         seq_lens,
         query_start_loc,
         alibi_slopes if alibi_slopes is not None else query,
+        position_bias if position_bias is not None else query,
         partial_acc,
         partial_max,
         partial_sum,

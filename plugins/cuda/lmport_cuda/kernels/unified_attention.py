@@ -17,6 +17,10 @@ A batch that mixes decodes with prompt chunks runs as two launches over the same
 small tiles for the sequences of at most ``SHORT_LIMIT`` new tokens, large tiles for the rest
 (each launch's programs skip the other kind), so a decode row never pays for a 128-row tile.
 
+A position bias table (T5's relative position buckets, ``[num_heads, POS_BIAS_LEN]`` float32)
+adds ``bias[head, min(q_pos - k_pos, POS_BIAS_LEN - 1)]`` to each score. Cross-attention is
+the same kernel, not causal, over the cross group's block tables and lengths.
+
 Split-KV (flash-decoding): with ``NUM_SPLITS > 1`` the key range of every tile is cut into
 that many parts, run by separate programs that write unnormalised partial results; a small
 reduce kernel merges them. That fills the GPU when a decode batch has few sequences.
@@ -60,6 +64,7 @@ def unified_attention_kernel(
     seq_lens_ptr,
     query_start_loc_ptr,
     alibi_slopes_ptr,
+    pos_bias_ptr,
     partial_acc_ptr,
     partial_max_ptr,
     partial_sum_ptr,
@@ -89,6 +94,7 @@ def unified_attention_kernel(
     SLIDING_WINDOW: tl.constexpr,
     USE_ALIBI: tl.constexpr,
     USE_SOFT_CAP: tl.constexpr,
+    POS_BIAS_LEN: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SHORT_LIMIT: tl.constexpr,
     SHORT_PASS: tl.constexpr,
@@ -183,6 +189,9 @@ def unified_attention_kernel(
             allowed = allowed & (distance < SLIDING_WINDOW)
         if USE_ALIBI:
             s = s - slope[:, None] * distance.to(tl.float32)
+        if POS_BIAS_LEN > 0:  # a learned bias per (head, distance), the last entry for all farther keys
+            bias_index = tl.minimum(tl.maximum(distance, 0), POS_BIAS_LEN - 1)
+            s = s + tl.load(pos_bias_ptr + head[:, None] * POS_BIAS_LEN + bias_index, mask=allowed, other=0.0)
         s = tl.where(allowed, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
