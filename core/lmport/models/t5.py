@@ -25,9 +25,9 @@ from torch.nn import functional as F
 from lmport.engine.prefix_cache import hash_block
 from lmport.layers.activations import get_activation
 from lmport.layers.attention import CROSS, FULL, AttentionMetadata, AttentionSpec, KVCache, KVCacheGroupSpec
-from lmport.layers.merged_linear import MergedLinear
+from lmport.layers.embedding import LMHead
+from lmport.layers.linear import Linear
 from lmport.layers.norms import RMSNorm
-from lmport.layers.ops import UsesLayerOps
 from lmport.layers.weight_loading import load_checkpoint, rename_rules
 from lmport.models.base import EncoderBatch, EncoderDecoderLM, ModelContext
 
@@ -68,82 +68,77 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
     )
 
 
-def linear(module: UsesLayerOps, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return module.layer_ops.linear(x, layer.weight, layer.bias)
-
-
-class T5FeedForward(UsesLayerOps, nn.Module):
+class T5FeedForward(nn.Module):
     """``x + wo(act(wi(norm(x))))``, or gated: ``wo(act(wi_0(.)) * wi_1(.))`` (one merged matmul)."""
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, quant: Any = None):
         super().__init__()
         self.gated = bool(getattr(config, "is_gated_act", False))
-        shards = {"0": config.d_ff, "1": config.d_ff} if self.gated else {"wi": config.d_ff}
-        self.wi = MergedLinear(config.d_model, shards)
-        self.wo = MergedLinear(config.d_ff, {"wo": config.d_model})
+        self.wi = Linear(config.d_model, {"0": config.d_ff, "1": config.d_ff} if self.gated else config.d_ff, quant=quant)
+        self.wo = Linear(config.d_ff, config.d_model, quant=quant)
         self.act = get_activation(config.dense_act_fn)
         self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        h = linear(self, self.wi, self.layer_norm(hidden))
+        h = self.wi(self.layer_norm(hidden))
         if self.gated:
             gate, up = self.wi.split(h)
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return hidden + linear(self, self.wo, h)
+        return hidden + self.wo(h)
 
 
-class T5EncoderLayer(UsesLayerOps, nn.Module):
-    def __init__(self, config: Any):
+class T5EncoderLayer(nn.Module):
+    def __init__(self, config: Any, quant: Any = None):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.d_kv
         inner = config.num_heads * config.d_kv
-        self.qkv = MergedLinear(config.d_model, {"q": inner, "k": inner, "v": inner})
-        self.o = MergedLinear(inner, {"o": config.d_model})
+        self.qkv = Linear(config.d_model, {"q": inner, "k": inner, "v": inner}, quant=quant)
+        self.o = Linear(inner, config.d_model, quant=quant)
         self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
-        self.ff = T5FeedForward(config)
+        self.ff = T5FeedForward(config, quant)
 
     def forward(self, hidden: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``hidden`` ``[batch, length, d_model]``; ``bias`` ``[batch, heads, length, length]`` (padding: -inf)."""
         batch, length, _ = hidden.shape
-        q, k, v = self.qkv.split(linear(self, self.qkv, self.layer_norm(hidden)))
+        q, k, v = self.qkv.split(self.qkv(self.layer_norm(hidden)))
         q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
         out = out.transpose(1, 2).reshape(batch, length, -1)
-        return self.ff(hidden + linear(self, self.o, out))
+        return self.ff(hidden + self.o(out))
 
 
-class T5DecoderLayer(UsesLayerOps, nn.Module):
+class T5DecoderLayer(nn.Module):
     """Paged causal self-attention (with the position-bias table), cross-attention, feed-forward."""
 
     def __init__(self, config: Any, ctx: ModelContext, layer_index: int, num_layers: int, bias_len: int):
         super().__init__()
         heads, head_dim = config.num_heads, config.d_kv
         inner = heads * head_dim
-        dtype = ctx.dtype_name()
-        self.qkv = MergedLinear(config.d_model, {"q": inner, "k": inner, "v": inner})
-        self.o = MergedLinear(inner, {"o": config.d_model})
+        dtype, quant = ctx.dtype_name(), ctx.quantization
+        self.qkv = Linear(config.d_model, {"q": inner, "k": inner, "v": inner}, quant=quant)
+        self.o = Linear(inner, config.d_model, quant=quant)
         self.self_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self_spec = AttentionSpec(heads, heads, head_dim, scale=1.0, dtype=dtype, position_bias_len=bias_len)
         self.self_attn = ctx.attention(self_spec, layer_index)
-        self.cross_q = MergedLinear(config.d_model, {"q": inner})
-        self.cross_kv = MergedLinear(config.d_model, {"k": inner, "v": inner})
-        self.cross_o = MergedLinear(inner, {"o": config.d_model})
+        self.cross_q = Linear(config.d_model, inner, quant=quant)
+        self.cross_kv = Linear(config.d_model, {"k": inner, "v": inner}, quant=quant)
+        self.cross_o = Linear(inner, config.d_model, quant=quant)
         self.cross_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         cross_spec = AttentionSpec(heads, heads, head_dim, scale=1.0, dtype=dtype, causal=False, kind="cross")
         self.cross_attn = ctx.attention(cross_spec, num_layers + layer_index, kv_group=1)
-        self.ff = T5FeedForward(config)
+        self.ff = T5FeedForward(config, quant)
 
     def write_cross_kv(self, encoder_out: torch.Tensor, kv_caches: list[KVCache], slot_mapping: torch.Tensor) -> None:
-        k, v = self.cross_kv.split(linear(self, self.cross_kv, encoder_out))
+        k, v = self.cross_kv.split(self.cross_kv(encoder_out))
         self.cross_attn.write_cross_kv(k, v, kv_caches, slot_mapping)
 
     def forward(self, hidden, kv_caches, metadata, position_bias) -> torch.Tensor:
-        q, k, v = self.qkv.split(linear(self, self.qkv, self.self_norm(hidden)))
-        hidden = hidden + linear(self, self.o, self.self_attn(q, k, v, kv_caches, metadata, position_bias))
-        q = linear(self, self.cross_q, self.cross_norm(hidden))
-        hidden = hidden + linear(self, self.cross_o, self.cross_attn(q, None, None, kv_caches, metadata))
+        q, k, v = self.qkv.split(self.qkv(self.self_norm(hidden)))
+        hidden = hidden + self.o(self.self_attn(q, k, v, kv_caches, metadata, position_bias))
+        q = self.cross_q(self.cross_norm(hidden))
+        hidden = hidden + self.cross_o(self.cross_attn(q, None, None, kv_caches, metadata))
         return self.ff(hidden)
 
 
@@ -163,7 +158,7 @@ class T5ForConditionalGeneration(EncoderDecoderLM):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder_bias = nn.Embedding(self.num_buckets, config.num_heads)
         self.decoder_bias = nn.Embedding(self.num_buckets, config.num_heads)
-        self.encoder_layers = nn.ModuleList(T5EncoderLayer(config) for _ in range(config.num_layers))
+        self.encoder_layers = nn.ModuleList(T5EncoderLayer(config, ctx.quantization) for _ in range(config.num_layers))
         self.encoder_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         # distances past max_distance all share the last bucket: the table stops there
         self.bias_len = self.max_distance + 1
@@ -172,7 +167,7 @@ class T5ForConditionalGeneration(EncoderDecoderLM):
         )
         self.decoder_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.tied = bool(getattr(config, "tie_word_embeddings", True))
-        self.lm_head = None if self.tied else nn.Parameter(torch.empty(config.vocab_size, config.d_model))
+        self.lm_head = LMHead(config.d_model, config.vocab_size, tied_to=self.shared if self.tied else None)
         self.register_buffer("position_bias_table", torch.zeros(config.num_heads, self.bias_len), persistent=False)
 
     # ------------------------------------------------------------------ the engine's contract
@@ -238,14 +233,13 @@ class T5ForConditionalGeneration(EncoderDecoderLM):
         return self.encoder_norm(hidden[valid])
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.shared.weight if self.tied else self.lm_head
-        return self.decoder_norm.layer_ops.linear(hidden_states, weight, None).float()
+        return self.lm_head(hidden_states)
 
     # ------------------------------------------------------------------ weights
 
     def map_weight_name(self, name: str) -> tuple[str, Hashable | None] | None:
         if name == "lm_head.weight":
-            return ("shared.weight", None) if self.tied else ("lm_head", None)
+            return ("shared.weight", None) if self.tied else ("lm_head.weight", None)
         if m := _SELF_QKV.match(name):
             stack = "encoder_layers" if m[1] == "encoder" else "decoder_layers"
             return f"{stack}.{m[2]}.qkv.weight", m[3]
