@@ -184,8 +184,10 @@ def kernels(args) -> dict:
         del ops
         torch.cuda.empty_cache()
     summary = step_summary(rows, bw)
+    chosen = {f"{n}x{k} g{g} int{b}": c.short() for (n, k, g, b, *_), c in W._TUNED.items()}
+    print("int4 GEMV configs the runtime tuner chose:", json.dumps(chosen))
     return {"device": name_, "torch": torch.__version__, "copy_bytes_per_s": bw, "rows": rows, "step": summary,
-            "tuned": {f"{fmt} {n} {k}": c for (fmt, n, k), c in tuned.items()}, "trials": TRIALS}  # fmt: skip
+            "tuned": {f"{fmt} {n} {k}": c for (fmt, n, k), c in tuned.items()}, "trials": TRIALS, "runtime_tuned": chosen}  # fmt: skip
 
 
 def step_summary(rows: list[dict], bw: float) -> list[dict]:

@@ -1,5 +1,6 @@
 """The CUDA backend's answer to ``lmport_layer_ops``: Triton RMSNorm(+residual), RoPE, SiLU·mul,
-and a skinny-GEMM ``linear`` for decode's few rows.
+a skinny-GEMM ``linear`` for decode's few rows, and the quantized linears ``linear_wq`` (int4/int8
+weight-only) and ``linear_fp8`` (kernels/wq_gemm.py, kernels/fp8_linear.py).
 
 Each op falls back to the core's reference for what its kernel does not take (a CPU tensor,
 a row too wide for one program, an odd rotary width), so binding these ops never narrows
@@ -57,12 +58,46 @@ def gemv_linear_op(
     return linear_op
 
 
+def quantized_linear_ops(
+    capabilities: Any, max_rows: int, runs_on: Callable[[torch.Tensor], bool] = lambda x: x.is_cuda
+) -> dict[str, Callable[..., Any]]:
+    """``linear_wq`` and ``linear_fp8``: the Triton kernels for what they take, the core's
+    reference otherwise. fp8 batches run on the fp8 tensor cores where the backend's flags say
+    the GPU has them (``fp8_compute``), weight-only elsewhere. ``max_rows`` is the GEMV switch
+    (``LMPORT_CUDA_GEMV_MAX_ROWS``): 0 turns the quantized GEMVs off too (each keeps its own measured
+    row limit otherwise)."""
+    from lmport_cuda.kernels import fp8_linear, wq_gemm
+
+    fp8_compute = bool(getattr(capabilities, "fp8_compute", False))
+    # row-wise scaled fp8 GEMMs are an sm_90 (Hopper) cuBLASLt feature; sm_89 takes one scale for all of x
+    rowwise = fp8_compute and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+    wq_rows = wq_gemm.GEMV_MAX_ROWS if max_rows else 0
+    fp8_rows = fp8_linear.GEMV_MAX_ROWS if max_rows else 0
+
+    def linear_wq_op(x, qweight, scales, zeros, bits, group_size, bias=None):
+        flat = x.reshape(-1, x.shape[-1])
+        if not runs_on(x) or not wq_gemm.supports(flat, qweight, scales, bits, group_size):
+            return REFERENCE_OPS.linear_wq(x, qweight, scales, zeros, bits, group_size, bias)
+        y = wq_gemm.linear_wq(flat, qweight, scales, zeros, bits, group_size, bias, gemv_max_rows=wq_rows)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def linear_fp8_op(x, weight, weight_scale, bias=None):
+        flat = x.reshape(-1, x.shape[-1])
+        if not runs_on(x) or not fp8_linear.supports(flat, weight, weight_scale):
+            return REFERENCE_OPS.linear_fp8(x, weight, weight_scale, bias)
+        y = fp8_linear.linear_fp8(flat, weight, weight_scale, bias, fp8_compute=fp8_compute, rowwise=rowwise,
+                                  gemv_max_rows=fp8_rows)  # fmt: skip
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    return {"linear_wq": linear_wq_op, "linear_fp8": linear_fp8_op}
+
+
 def _triton_runs_on(x: torch.Tensor) -> bool:
     # TRITON_INTERPRET=1 runs the kernels on CPU tensors (the tests' CPU path)
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def fused_layer_ops() -> dict[str, Callable[..., Any]] | None:
+def fused_layer_ops(capabilities: Any = None) -> dict[str, Callable[..., Any]] | None:
     """Op name -> fused implementation, or ``None`` where triton is not installed."""
     if importlib.util.find_spec("triton") is None:
         log.warning("triton is not installed: the CUDA backend runs the reference layer ops")
@@ -104,4 +139,6 @@ def fused_layer_ops() -> dict[str, Callable[..., Any]] | None:
     # the GEMV runs on CUDA tensors only (in the interpreter it would crawl through whole models)
     table["linear"] = gemv_linear_op(max_rows) if max_rows else REFERENCE_OPS.linear
     log.info("linear: Triton GEMV up to %d rows, cuBLAS above (%s)", max_rows, GEMV_MAX_ROWS_ENV)
+    # like the GEMV, on CUDA tensors only
+    table.update(quantized_linear_ops(capabilities, max_rows))
     return table

@@ -68,7 +68,7 @@ def lmport_layer_ops(capabilities):
     # Imported here for the same reason as the attention kernels: only a GPU process needs triton.
     from lmport_cuda.layer_ops import fused_layer_ops
 
-    return fused_layer_ops()
+    return fused_layer_ops(capabilities)
 
 
 @hookimpl

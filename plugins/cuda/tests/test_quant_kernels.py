@@ -69,9 +69,10 @@ def wq_configs(block_k_cap: int):
     bk = min(block_k_cap, 32)
     return [
         None,
-        WqConfig(block_n=32, block_k=bk, num_stages=1),
+        WqConfig(block_n=32, block_k=bk, num_stages=1, prefetch=True),
         WqConfig(block_n=16, block_k=16, split_k=3, num_stages=1),
-        WqConfig(block_n=64, block_k=bk, split_k=2, num_stages=2),
+        WqConfig(block_n=64, block_k=bk, split_k=2, num_stages=2, prefetch=True, fused_reduce=True),
+        WqConfig(block_n=16, block_k=16, split_k=4, num_stages=1, fused_reduce=True),
     ]
 
 
@@ -121,7 +122,7 @@ def test_wq_dequantize_and_the_dispatch_agree_with_the_reference(device, bits, m
     for name in ("wq_gemv", "wq_gemm", "wq_dequant_matmul"):
         real = getattr(wq_gemm, name)
         monkeypatch.setattr(wq_gemm, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
-    monkeypatch.setattr(wq_gemm, "GEMM_MAX_ROWS", 4)
+    monkeypatch.setattr(wq_gemm, "GEMM_MAX_ROWS", 4)  # the fused GEMM is off by default (measured slower)
     for rows in (1, 4, 5):
         xr, qw, s, z, b, ref = quantized_operands(rows, 64, 40, bits, 32, torch.bfloat16, device, bias=True, seed=rows)
         assert_close(wq_gemm.linear_wq(xr, qw, s, z, bits, 32, b), ref, torch.bfloat16)
@@ -265,3 +266,44 @@ def test_quantized_kernels_are_captured_by_a_cuda_graph(cuda_device):
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(a, e) for a, e in zip(out, expected))
+
+
+# ---- the ops the backend binds (layer_ops.py) -------------------------------------------------
+
+
+def test_bound_ops_route_to_the_kernels_or_the_reference(device, monkeypatch):
+    from types import SimpleNamespace
+
+    from lmport.layers.ops import REFERENCE_OPS
+    from lmport_cuda import layer_ops
+    from lmport_cuda.kernels import wq_gemm
+
+    calls = []
+    real_gemv = wq_gemm.wq_gemv
+    monkeypatch.setattr(wq_gemm, "wq_gemv", lambda *a, **kw: calls.append("gemv") or real_gemv(*a, **kw))
+    ops = layer_ops.quantized_linear_ops(SimpleNamespace(fp8_compute=False), max_rows=1, runs_on=lambda x: True)
+    x, qw, s, z, b, ref = quantized_operands(6, 64, 40, 4, 32, torch.bfloat16, device, bias=True)
+    y = ops["linear_wq"](x.reshape(2, 3, 64), qw, s, z, 4, 32, b)  # leading dims are flattened and restored
+    assert y.shape == (2, 3, 40)
+    assert_close(y.reshape(6, 40), ref, torch.bfloat16)
+    assert_close(ops["linear_wq"](x[:1], qw, s, z, 4, 32, b), ref[:1], torch.bfloat16)
+    assert calls == ["gemv"]
+    # the GEMV switch at 0 keeps one row off the GEMV
+    off = layer_ops.quantized_linear_ops(None, max_rows=0, runs_on=lambda x: True)
+    assert_close(off["linear_wq"](x[:1], qw, s, z, 4, 32, b), ref[:1], torch.bfloat16)
+    assert calls == ["gemv"]
+    # what the kernels do not take (by default a CPU tensor) is the core's reference, bit for bit
+    cpu_ops = layer_ops.quantized_linear_ops(None, max_rows=1)
+    xc, qc, sc, zc, bc = (t.cpu() for t in (x, qw, s, z, b))
+    assert torch.equal(cpu_ops["linear_wq"](xc, qc, sc, zc, 4, 32, bc), REFERENCE_OPS.linear_wq(xc, qc, sc, zc, 4, 32, bc))
+    xf, w, ws, bf, ref8 = fp8_operands(3, 40, 96, torch.bfloat16, device, True, bias=True)
+    assert_close(ops["linear_fp8"](xf, w, ws, bf), ref8, torch.bfloat16)
+    xfc, wc, wsc, bfc = (t.cpu() for t in (xf, w, ws, bf))
+    assert torch.equal(cpu_ops["linear_fp8"](xfc, wc, wsc, bfc), REFERENCE_OPS.linear_fp8(xfc, wc, wsc, bfc))
+
+
+def test_the_backend_binds_the_quantized_ops(device):
+    from lmport_cuda.plugin import lmport_layer_ops
+
+    table = lmport_layer_ops(capabilities=None)
+    assert {"linear_wq", "linear_fp8"} <= set(table)

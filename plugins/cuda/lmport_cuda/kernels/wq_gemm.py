@@ -15,10 +15,11 @@ Three paths, picked by the row count (:func:`linear_wq`):
   ``y += s * (2**bits * P - (2**bits + z) * sum x)``. About three ALU operations per weight,
   which is what one row can afford at int4's byte rate. Split-K over ``split_k`` programs with
   float32 partials summed by a second kernel (deterministic, no atomics).
-- ``gemm`` (a few to a few hundred rows): tiles of x times the tile's integer values converted to
-  x's dtype on tensor cores (``tl.dot``, float32 accumulation), the same per-tile scale/zero
-  correction; the weight bytes are read once per ``BLOCK_M`` rows.
-- ``dequant`` (large M, prefill): the weight dequantized to x's dtype by one Triton kernel, then
+- ``gemm``: tiles of x times the tile's integer values converted to x's dtype on tensor cores
+  (``tl.dot``, float32 accumulation), the same per-tile scale/zero correction. Measured slower
+  than dequantize + cuBLAS at every batch on an H200 (:data:`GEMM_MAX_ROWS` is 0), so it only
+  runs when asked for (the benchmark, a GPU where it may win).
+- ``dequant`` (two rows and up): the weight dequantized to x's dtype by one Triton kernel, then
   cuBLAS; the extra pass over ``K * N`` elements is small next to ``2 * M * K * N`` FLOPs.
 
 A K tile never straddles a group (``BLOCK_K`` divides ``group_size``). Configs come from shapes
@@ -28,6 +29,7 @@ only (no host reads), so CUDA graphs capture the launches as they are.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +38,15 @@ import triton.language as tl
 
 from lmport_cuda.kernels.gemv import REDUCE_BLOCK, SM_COUNT_GUESS, _split_k_reduce_kernel
 
+log = logging.getLogger(__name__)
+
 BITS = (4, 8)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# measured on an NVIDIA H200 (benchmarks/quant_bench.py, Llama-3-8B projections): the row counts
-# up to which each path wins; see docs/benchmarks.md
+# measured on an NVIDIA H200 (benchmarks/quant_bench.py, Llama-3-8B projections, 2026-12-04): the
+# GEMV wins at one row; from 16 rows up dequantize + cuBLAS beat the fused GEMM on every
+# projection (down, 16 rows: 89 vs 108 us; 256 rows: 104 vs 1357 us), so the GEMM is off (0)
 GEMV_MAX_ROWS = 1
-GEMM_MAX_ROWS = 1024
+GEMM_MAX_ROWS = 0
 ONE_BITS = 0x3F800000  # float32 1.0
 
 
@@ -53,9 +58,12 @@ class WqConfig:
     num_warps: int = 4
     num_stages: int = 2
     block_m: int = 16  # gemm only
+    prefetch: bool = False  # gemv only: register double buffering of the next tile
+    fused_reduce: bool = False  # gemv only: the last split sums the partials (no second kernel)
 
     def short(self) -> str:
-        return f"m{self.block_m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
+        extra = ("p" if self.prefetch else "") + ("f" if self.fused_reduce else "")
+        return f"m{self.block_m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}{' ' + extra if extra else ''}"
 
 
 def supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> bool:
@@ -95,9 +103,83 @@ def with_split(cfg: WqConfig, n: int, k: int, programs_per_sm: int = 2) -> WqCon
 
 
 def pick_gemv_config(n: int, k: int, group_size: int, bits: int) -> WqConfig:
-    # 8 columns x 16 words per thread: the x values each thread loads serve 8 columns (sm_90 compile: 3.7 instructions per int4 weight)
-    cfg = WqConfig(block_n=512, block_k=_block_k(group_size, 128), num_warps=4, num_stages=2)
+    """The rule: what won most shapes on an H200 in the first measurement (4 columns x 16 words
+    per thread, split until the grid has ~2 programs per SM); :func:`tuned_gemv_config` refines it."""
+    cfg = WqConfig(block_n=256, block_k=_block_k(group_size, 128), num_warps=4, num_stages=1)
     return with_split(cfg, n, k)
+
+
+def gemv_candidates(n: int, k: int, group_size: int, bits: int) -> list[WqConfig]:
+    """What :func:`tuned_gemv_config` times: tiles of 4-8 columns x 8-16 words per thread, with and
+    without prefetch, split K none / to ~2 / to ~8 programs per SM (fused reduction when split)."""
+    out: list[WqConfig] = []
+    for bn, cap, warps in ((256, 128, 4), (512, 64, 2), (512, 128, 4), (1024, 64, 4), (256, 64, 2)):
+        block_k = _block_k(group_size, cap)
+        if block_k % (32 // bits) or k % block_k:
+            continue
+        for prefetch in (False, True):
+            base = WqConfig(block_n=bn, block_k=block_k, num_warps=warps, num_stages=1, prefetch=prefetch)
+            for cfg in (base, with_split(base, n, k), with_split(base, n, k, programs_per_sm=8)):
+                cfg = dataclasses.replace(cfg, fused_reduce=cfg.split_k > 1)
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+_TUNED: dict[tuple, WqConfig] = {}
+
+
+def tuned_gemv_config(x, qweight, scales, zeros, bits, group_size, bias) -> WqConfig:
+    """The fastest of :func:`gemv_candidates` for this shape on this GPU, timed once per process
+    (``triton.testing.do_bench``, L2 flushed between runs) at the first call, which the engine's
+    warm-up makes before any CUDA graph is captured; inside a capture, or off CUDA, the rule.
+    A candidate whose output is not within float32-summation distance of the rule's (run on
+    NaN-poisoned memory, so an unwritten or unsummed column shows) is never picked."""
+    n, k = qweight.shape[1], x.shape[1]
+    key = (n, k, group_size, bits, x.dtype, str(x.device), bias is not None)
+    if key in _TUNED:
+        return _TUNED[key]
+    rule = pick_gemv_config(n, k, group_size, bits)
+    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        return rule
+    from triton.testing import do_bench
+
+    expected = wq_gemv(x, qweight, scales, zeros, bits, group_size, bias, rule).float()
+    limit = 1e-2 * expected.abs().max().item() + 1e-6
+    best, best_ms = rule, float("inf")
+    for cfg in gemv_candidates(n, k, group_size, bits):
+        try:
+            # the caching allocator hands the freed poisoned blocks to the candidate's outputs
+            poison = [torch.full((cfg.split_k, 1, n), float("nan"), device=x.device), torch.full((1, n), float("nan"), dtype=x.dtype, device=x.device)]
+            del poison
+            y = wq_gemv(x, qweight, scales, zeros, bits, group_size, bias, cfg).float()
+            if not bool(((y - expected).abs() <= limit).all()):
+                log.warning("int%d GEMV config %s disagrees with the rule's output on %dx%d: skipped", bits, cfg.short(), n, k)
+                continue
+            ms = do_bench(lambda c=cfg: wq_gemv(x, qweight, scales, zeros, bits, group_size, bias, c), warmup=2, rep=10)
+        except Exception as exc:  # a config this GPU's compiler or shared memory refuses
+            log.debug("GEMV config %s failed: %s", cfg.short(), exc)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    log.info("int%d GEMV %dx%d (group %d): %s, %.1f us", bits, n, k, group_size, best.short(), best_ms * 1e3)
+    _TUNED[key] = best
+    return best
+
+
+_LOCKS: dict[str, torch.Tensor] = {}
+LOCKS = 4096  # column blocks a fused-reduction launch may count (N / BLOCK_N)
+
+
+def _locks(device: torch.device) -> torch.Tensor | None:
+    """Zeroed int32 counters, one per column block, that every fused-reduction launch leaves zero.
+    Made once per device outside graph capture (``None`` while capturing before that)."""
+    key = str(device)
+    if key not in _LOCKS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _LOCKS[key] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
+    return _LOCKS[key]
 
 
 def pick_gemm_config(m: int, n: int, k: int, group_size: int, bits: int) -> WqConfig:
@@ -130,20 +212,72 @@ def _mantissa(v, MASK: tl.constexpr, one_bits):
 
 
 @triton.jit
+def _load_words(qw_ptr, k0, offs_kp, offs_n, mask_n, stride_qk, PACK: tl.constexpr, EVEN_N: tl.constexpr):
+    w_ptrs = qw_ptr + (k0 // PACK + offs_kp).to(tl.int64)[:, None] * stride_qk + offs_n[None, :]
+    if EVEN_N:
+        return tl.load(w_ptrs)
+    return tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+
+
+@triton.jit
+def _tile_product(w, x_row, s, z, one_bits, BITS: tl.constexpr, PACK: tl.constexpr, KP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, NIBBLE_PAIRS: tl.constexpr):  # fmt: skip
+    """``sum_k x[k] * w[k, n]`` over one K tile (inside one group), float32 ``[BLOCK_N]``."""
+    if NIBBLE_PAIRS:
+        HI: tl.constexpr = 0xF0000
+        LO: tl.constexpr = 0xF000
+        # the lo values' x is scaled by 16 so both kinds share one accumulator:
+        # hi: x (1 + q/128), lo: 16x (1 + q/2048); 128 * both = (128 x or 2048 x) + q x
+        x0 = tl.load(x_row + 0).to(tl.float32)
+        x1 = tl.load(x_row + 1).to(tl.float32) * 16.0
+        x2 = tl.load(x_row + 2).to(tl.float32)
+        x3 = tl.load(x_row + 3).to(tl.float32) * 16.0
+        x4 = tl.load(x_row + 4).to(tl.float32)
+        x5 = tl.load(x_row + 5).to(tl.float32) * 16.0
+        x6 = tl.load(x_row + 6).to(tl.float32)
+        x7 = tl.load(x_row + 7).to(tl.float32) * 16.0
+        w_l8 = w << 8
+        w_r8 = w >> 8
+        p = _mantissa(w << 16, HI, one_bits) * x0[:, None]
+        p += _mantissa(w_l8, LO, one_bits) * x1[:, None]
+        p += _mantissa(w_l8, HI, one_bits) * x2[:, None]
+        p += _mantissa(w, LO, one_bits) * x3[:, None]
+        p += _mantissa(w, HI, one_bits) * x4[:, None]
+        p += _mantissa(w_r8, LO, one_bits) * x5[:, None]
+        p += _mantissa(w_r8, HI, one_bits) * x6[:, None]
+        p += _mantissa(w >> 16, LO, one_bits) * x7[:, None]
+        xs_hi = tl.sum(x0 + x2 + x4 + x6, axis=0)
+        xs_lo = tl.sum(x1 + x3 + x5 + x7, axis=0) * 0.0625
+        return s * (128.0 * tl.sum(p, axis=0) - (128.0 + z) * xs_hi - (2048.0 + z) * xs_lo)
+    else:
+        ONE: tl.constexpr = 1 << BITS
+        p = tl.zeros((KP, BLOCK_N), dtype=tl.float32)
+        xs = tl.zeros((KP,), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            xj = tl.load(x_row + j).to(tl.float32)
+            p += _value_as_float(w, j, BITS, one_bits) * xj[:, None]
+            xs += xj
+        x_sum = tl.sum(xs, axis=0)
+        return s * (ONE * tl.sum(p, axis=0) - (ONE + z) * x_sum)
+
+
+@triton.jit
 def _wq_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, partial_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr,
     N, K, stride_qk, stride_g, group_size, k_per_split, one_bits,
     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, NIBBLE_PAIRS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``NIBBLE_PAIRS`` (int4, 16-bit x): four shifted copies of each word (<< 16, << 8, >> 8, >> 16)
     put every value at bits 16-19 ("hi", ``1 + q / 2**7``) or 12-15 ("lo", ``1 + q / 2**11``) of a
     mantissa, so a value costs one LOP3 and one FFMA plus half a shift; the lo values keep about
     13 bits through the per-tile cancellation, ample for a 16-bit output (float32 x takes the
-    exact one-shift-per-value path)."""
+    exact one-shift-per-value path). ``PREFETCH``: the next tile's words are loaded before this
+    tile is multiplied (register double buffering). ``FUSED_REDUCE``: the last split of a column
+    block to finish (a counter per block in ``lock_ptr``, reset by that split) sums the partials,
+    so split-K needs no second kernel."""
     PACK: tl.constexpr = 32 // BITS
     KP: tl.constexpr = BLOCK_K // PACK
-    ONE: tl.constexpr = 1 << BITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -153,54 +287,33 @@ def _wq_gemv_kernel(
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if PREFETCH:
+        k_last = k_stop - BLOCK_K
+        w_next = _load_words(qw_ptr, k_start, offs_kp, offs_n, mask_n, stride_qk, PACK, EVEN_N)
     for k0 in range(k_start, k_stop, BLOCK_K):
-        w_ptrs = qw_ptr + (k0 // PACK + offs_kp).to(tl.int64)[:, None] * stride_qk + offs_n[None, :]
-        if EVEN_N:
-            w = tl.load(w_ptrs)
+        if PREFETCH:
+            w = w_next
+            # the last tile loads itself again (an L1/L2 hit) instead of a masked load past the split
+            w_next = _load_words(qw_ptr, tl.minimum(k0 + BLOCK_K, k_last), offs_kp, offs_n, mask_n, stride_qk, PACK, EVEN_N)
         else:
-            w = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+            w = _load_words(qw_ptr, k0, offs_kp, offs_n, mask_n, stride_qk, PACK, EVEN_N)
         g = k0 // group_size
         s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        x_row = x_ptr + k0 + offs_kp * PACK
-        if NIBBLE_PAIRS:
-            w_l16 = w << 16
-            w_l8 = w << 8
-            w_r8 = w >> 8
-            w_r16 = w >> 16
-            x0 = tl.load(x_row + 0).to(tl.float32)
-            x1 = tl.load(x_row + 1).to(tl.float32)
-            x2 = tl.load(x_row + 2).to(tl.float32)
-            x3 = tl.load(x_row + 3).to(tl.float32)
-            x4 = tl.load(x_row + 4).to(tl.float32)
-            x5 = tl.load(x_row + 5).to(tl.float32)
-            x6 = tl.load(x_row + 6).to(tl.float32)
-            x7 = tl.load(x_row + 7).to(tl.float32)
-            HI: tl.constexpr = 0xF0000
-            LO: tl.constexpr = 0xF000
-            p_hi = _mantissa(w_l16, HI, one_bits) * x0[:, None]
-            p_hi += _mantissa(w_l8, HI, one_bits) * x2[:, None]
-            p_hi += _mantissa(w, HI, one_bits) * x4[:, None]
-            p_hi += _mantissa(w_r8, HI, one_bits) * x6[:, None]
-            p_lo = _mantissa(w_l8, LO, one_bits) * x1[:, None]
-            p_lo += _mantissa(w, LO, one_bits) * x3[:, None]
-            p_lo += _mantissa(w_r8, LO, one_bits) * x5[:, None]
-            p_lo += _mantissa(w_r16, LO, one_bits) * x7[:, None]
-            xs_hi = tl.sum(x0 + x2 + x4 + x6, axis=0)
-            xs_lo = tl.sum(x1 + x3 + x5 + x7, axis=0)
-            acc += s * (128.0 * tl.sum(p_hi, axis=0) + 2048.0 * tl.sum(p_lo, axis=0)
-                        - (128.0 + z) * xs_hi - (2048.0 + z) * xs_lo)  # fmt: skip
-        else:
-            p = tl.zeros((KP, BLOCK_N), dtype=tl.float32)
-            xs = tl.zeros((KP,), dtype=tl.float32)
-            for j in tl.static_range(PACK):
-                xj = tl.load(x_row + j).to(tl.float32)
-                p += _value_as_float(w, j, BITS, one_bits) * xj[:, None]
-                xs += xj
-            x_sum = tl.sum(xs, axis=0)
-            acc += s * (ONE * tl.sum(p, axis=0) - (ONE + z) * x_sum)
+        acc += _tile_product(w, x_ptr + k0 + offs_kp * PACK, s, z, one_bits, BITS, PACK, KP, BLOCK_N, NIBBLE_PAIRS)
     if SPLIT:
         tl.store(partial_ptr + pid_k.to(tl.int64) * N + offs_n, acc, mask=mask_n)
+        if FUSED_REDUCE:
+            tl.debug_barrier()  # every thread's partials are written before the block is counted
+            done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if done == tl.num_programs(1) - 1:
+                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for split in range(0, tl.num_programs(1)):
+                    total += tl.load(partial_ptr + split * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
+                tl.atomic_xchg(lock_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -306,21 +419,24 @@ def wq_gemv(
 ) -> torch.Tensor:
     """One row: ``x [1, K]`` (see the module docstring); ``exact`` forces the one-shift-per-value path."""
     k, n = x.shape[1], qweight.shape[1]
-    cfg = config or pick_gemv_config(n, k, group_size, bits)
-    assert group_size % cfg.block_k == 0 and cfg.block_k % (32 // bits) == 0, cfg
     x = x.contiguous()
+    cfg = config or tuned_gemv_config(x, qweight, scales, zeros, bits, group_size, bias)
+    assert group_size % cfg.block_k == 0 and cfg.block_k % (32 // bits) == 0, cfg
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     k_per_split, split_k = _splits(k, cfg)
     split = split_k > 1
     partial = torch.empty((split_k, 1, n), dtype=torch.float32, device=x.device) if split else y
-    _wq_gemv_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
-        x, qweight, scales, zeros, bias if bias is not None else y, y, partial,
+    blocks = triton.cdiv(n, cfg.block_n)
+    locks = _locks(x.device) if split and cfg.fused_reduce and blocks <= LOCKS else None
+    _wq_gemv_kernel[(blocks, split_k)](
+        x, qweight, scales, zeros, bias if bias is not None else y, y, partial, locks if locks is not None else y,
         n, k, qweight.stride(0), scales.stride(0), group_size, k_per_split, ONE_BITS,
         BITS=bits, HAS_BIAS=bias is not None, SPLIT=split, EVEN_N=n % cfg.block_n == 0,
         NIBBLE_PAIRS=bits == 4 and x.dtype != torch.float32 and not exact,
+        PREFETCH=cfg.prefetch, FUSED_REDUCE=locks is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if split:
+    if split and locks is None:
         _finish_split(partial, bias, y, 1, n, split_k)
     return y
 
@@ -357,11 +473,11 @@ def wq_dequant_matmul(x, qweight, scales, zeros, bits, group_size, bias=None) ->
     return y + bias if bias is not None else y
 
 
-def linear_wq(x, qweight, scales, zeros, bits, group_size, bias=None) -> torch.Tensor:
-    """``linear_wq`` by row count: the GEMV for one row, the fused GEMM up to
-    :data:`GEMM_MAX_ROWS`, dequantize + cuBLAS above (assumes :func:`supports`)."""
+def linear_wq(x, qweight, scales, zeros, bits, group_size, bias=None, gemv_max_rows: int = GEMV_MAX_ROWS) -> torch.Tensor:
+    """``linear_wq`` by row count: the GEMV up to ``gemv_max_rows`` (one), the fused GEMM up to
+    :data:`GEMM_MAX_ROWS` (none), dequantize + cuBLAS above (assumes :func:`supports`)."""
     m = x.shape[0]
-    if m <= GEMV_MAX_ROWS:
+    if m <= gemv_max_rows:
         return wq_gemv(x, qweight, scales, zeros, bits, group_size, bias)
     if m <= GEMM_MAX_ROWS:
         return wq_gemm(x, qweight, scales, zeros, bits, group_size, bias)
