@@ -2,7 +2,8 @@
 # lmport's GPU suite, in one call on the GPU machine, from the checkout's root:
 #   bash benchmarks/gpu_suite.sh                 # every stage, in order, within the budget
 #   bash benchmarks/gpu_suite.sh ckpt-1b lmport-1b hf-1b    # only these (a second call)
-# Stages: roofline tests ckpt-8b lmport-8b profile-8b hf-8b attention layer-ops ckpt-1b lmport-1b hf-1b, then the summary.
+# Stages: roofline tests ckpt-8b lmport-8b lmport-8b-fp8 ckpt-8b-int4 lmport-8b-int4 quant-kernels profile-8b hf-8b
+# attention layer-ops ckpt-1b lmport-1b hf-1b, then the summary (and the quantized formats' table).
 # Each stage logs to $OUT/<stage>.log, runs under `timeout`, and a failed stage never stops
 # the next. A stage is skipped when less than its minimum is left of SUITE_BUDGET_S (default
 # 500 s). The table printed last is also in $OUT/summary.txt; JSON results are in $OUT.
@@ -66,6 +67,11 @@ run_stage roofline 20 60 python3 benchmarks/roofline.py --json "$OUT/roofline.js
 run_stage tests 60 240 python3 -m pytest plugins/cuda/tests -q -p no:cacheprovider
 run_stage ckpt-8b 60 180 python3 benchmarks/make_checkpoint.py llama3-8b "$CKPT_ROOT/llama3-8b"
 run_stage lmport-8b 120 300 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3-8b" llama3-8b "$OUT" "$PORT"
+# quantized formats beside that bf16 run: fp8 quantized at load, GPTQ int4 g128 (batch 1 only; a 16-request load)
+run_stage lmport-8b-fp8 120 300 env LMPORT_LAUNCH_ARGS="--quantize fp8" bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3-8b" llama3-8b-fp8 "$OUT" "$PORT"
+run_stage ckpt-8b-int4 40 150 python3 benchmarks/quant_bench.py checkpoint "$CKPT_ROOT/llama3-8b" "$CKPT_ROOT/llama3-8b-gptq-int4"
+run_stage lmport-8b-int4 90 240 env BENCH_NUM_PROMPTS=16 BENCH_CONCURRENCY=16 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3-8b-gptq-int4" llama3-8b-int4 "$OUT" "$PORT"
+run_stage quant-kernels 40 150 python3 benchmarks/quant_bench.py kernels --rows 1 2 4 8 16 256 4096 --json "$OUT/quant_kernels.json"
 run_stage profile-8b 60 150 python3 benchmarks/profile_decode.py --model "$CKPT_ROOT/llama3-8b" --batch-sizes 1,256 --output-len 128 --async-scheduling on --kernel-profile --segments --json "$OUT/profile-8b.json"
 run_stage hf-8b 100 240 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3-8b" --json "$OUT/hf-llama3-8b.json"
 run_stage attention 40 120 python3 benchmarks/attention_bench.py --roofline "$OUT/roofline.json" --json "$OUT/attention.json"
@@ -77,3 +83,7 @@ run_stage hf-1b 60 150 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/lla
 log "suite done in $(( $(date +%s) - START ))s"
 echo
 python3 benchmarks/summarize.py "$OUT" || cat "$STAGES_FILE"
+if ls "$OUT"/lmport-llama3-8b-*-b1.json > /dev/null 2>&1; then
+  echo
+  python3 benchmarks/quant_bench.py report "$OUT"
+fi

@@ -3,6 +3,7 @@ dequantize + cuBLAS and against bf16 cuBLAS, and each format against its weight-
 
     python3 benchmarks/quant_bench.py kernels --json quant_kernels.json          # ~1-2 min on an H200
     python3 benchmarks/quant_bench.py kernels --rows 1 --autotune                # search the one-row configs
+    python3 benchmarks/quant_bench.py checkpoint BF16_DIR GPTQ_DIR               # a GPTQ int4 g128 copy, on the GPU
     python3 benchmarks/quant_bench.py report OUT_DIR                             # the model-level table of a suite run
 
 ``kernels``: for M in ``--rows`` (default 1, 16, 256, 4096) and each projection (qkv, o, gate_up,
@@ -264,6 +265,56 @@ def autotune_fp8_gemv(x, ops, t):
     return best[1], best[1].short()
 
 
+# ---- checkpoint: a GPTQ int4 copy of the bf16 benchmark checkpoint ------------------------------
+
+
+def write_gptq_checkpoint(src: Path, dst: Path, bits: int = 4, group_size: int = GROUP) -> None:
+    """``src`` (bf16 safetensors shards) -> ``dst`` in AutoGPTQ's on-disk layout (v1 ``checkpoint_format``,
+    symmetric), shard by shard on the GPU: the RTN quantizer of ``lmport.testing.quantize_checkpoint``
+    (which works on a whole state dict on the CPU, minutes for 8B) redone per tensor, with its packers,
+    its choice of quantizable weights and its ``quantization_config``."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lmport.layers.quant_ops import pack_int_rows
+    from lmport.layers.quantization.int_weights import pack_int_cols
+    from lmport.testing.quantize_checkpoint import default_quantizable, quantization_config
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and item.name != "model.safetensors.index.json":
+            shutil.copy(item, dst / item.name)
+    maxq = (1 << bits) - 1
+    weight_map = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        out = {}
+        with safe_open(str(shard), framework="pt", device="cuda" if torch.cuda.is_available() else "cpu") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if not default_quantizable(name, t):
+                    out[name] = t.cpu()
+                    continue
+                n, k = t.shape
+                w = t.float().reshape(n, k // group_size, group_size)
+                scale = (w.abs().amax(dim=2) / ((maxq + 1) / 2 - 0.5)).clamp(min=1e-8).half().float()  # [N, G]
+                zero = (maxq + 1) // 2
+                q = torch.clamp(torch.round(w / scale[..., None]) + zero, 0, maxq).reshape(n, k).long()
+                module = name.removesuffix(".weight")
+                out[f"{module}.qweight"] = pack_int_rows(q.t(), bits).cpu()
+                zeros = torch.full((k // group_size, n), zero - 1, dtype=torch.long, device=q.device)  # v1 stores zero - 1
+                out[f"{module}.qzeros"] = pack_int_cols(zeros, bits).cpu()
+                out[f"{module}.scales"] = scale.t().contiguous().half().cpu()
+                out[f"{module}.g_idx"] = (torch.arange(k, dtype=torch.int32) // group_size).contiguous()
+        save_file(out, str(dst / shard.name), metadata={"format": "pt"})
+        weight_map.update({name: shard.name for name in out})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = quantization_config("gptq", bits=bits, group_size=group_size, sym=True)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+
+
 # ---- report: the model-level numbers of a suite run ------------------------------------------
 
 FORMATS = {  # suite name suffix -> (label, bytes per weight of the decoder layers; lm_head stays bf16)
@@ -334,9 +385,21 @@ def main() -> int:
     kp.add_argument("--json", type=Path)
     rp = sub.add_parser("report", help="the model-level table from a suite run's JSON")
     rp.add_argument("out", type=Path)
+    cp = sub.add_parser("checkpoint", help="write a GPTQ int4 (g128) copy of a bf16 checkpoint (on the GPU)")
+    cp.add_argument("src", type=Path)
+    cp.add_argument("dst", type=Path)
     args = parser.parse_args()
     if args.command == "report":
         report(args.out)
+        return 0
+    if args.command == "checkpoint":
+        done = args.dst / "config.json"
+        if done.exists() and "quantization_config" in json.loads(done.read_text()):
+            print(f"{args.dst}: already there")
+            return 0
+        t0 = time.time()
+        write_gptq_checkpoint(args.src, args.dst)
+        print(f"{args.dst}: GPTQ int4 g{GROUP} in {time.time() - t0:.0f} s")
         return 0
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
