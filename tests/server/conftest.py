@@ -17,13 +17,9 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from lmport.config import LaunchConfig
-from lmport.engine.factory import build_engine
-from lmport.plugins import PluginHost
-from lmport.server.app import build_app
-from lmport.server.assemble import build_state
 from lmport.server.serve import ServerThread
 from lmport.testing.hf_oracle import hf_greedy_generate
+from lmport.testing.http_checks import start_server_thread
 from lmport.testing.tiny_models import make_checkpoint
 from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
 
@@ -46,13 +42,7 @@ def start_server(tiny_llama) -> Callable[..., ServerThread]:
         if key not in running:
             settings.setdefault("max_batch_total_tokens", 16384)
             settings.setdefault("max_total_tokens", 512)
-            config = LaunchConfig(model_id=str(tiny_llama[0]), **settings)
-            host = PluginHost(environ={}, load_entry_points=False).load()
-            engine, tokenizer, info = build_engine(config, host)
-            state = build_state(config, engine, tokenizer, info, host=host, model_id="tiny-llama")
-            thread = ServerThread(build_app(state)).start()
-            thread.state = state  # type: ignore[attr-defined]
-            running[key] = thread
+            running[key] = start_server_thread(tiny_llama[0], "tiny-llama", **settings)
         return running[key]
 
     torch.set_num_threads(1)  # tiny models on a shared 2-core box

@@ -115,6 +115,9 @@ def test_bodies_that_are_not_json_are_400(server, path, body):
 @pytest.mark.parametrize("body", MALFORMED, ids=range(len(MALFORMED)))
 def test_malformed_bodies_are_422_never_500(server, path, body):
     response = post(server, path, body)
+    if path == "/tokenize" and body.startswith(b'{"inputs": "x", "parameters": {'):
+        assert response.status_code == 200, response.text  # /tokenize ignores `parameters` (as TGI)
+        return
     assert response.status_code == 422, response.text
     message, kind = error_of(response)
     assert kind == "validation" and message

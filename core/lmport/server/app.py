@@ -122,7 +122,7 @@ def build_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
     app.include_router(routes_tgi.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_info.router)
-    install_openapi(app, auth=api_keys.enabled)
+    install_openapi(app, auth=api_keys.enabled, limits=state.limits)
     if state.config.cors_allow_origin:  # off by default: browsers get no cross-origin access
         app.add_middleware(
             CORSMiddleware,

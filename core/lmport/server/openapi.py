@@ -4,7 +4,8 @@ answers and the error body it answers it with (TGI's on TGI's routes, OpenAI's o
 :data:`ROUTE_ERRORS` is the one table of those statuses; tests check it covers every route and
 a schemathesis run checks the server keeps to it. The ``401`` and the bearer security scheme
 appear only on an app started with ``--api-key``/``--api-key-file``, on the routes that need
-the key, so the document says what that server does.
+the key, and the request fields carry this server's ranges (:func:`field_ranges`), so the
+document says what that server does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
+from lmport.engine.rules import MAX_SEQUENCES_PER_REQUEST
 from lmport.server.auth import require_api_key
 from lmport.server.errors import is_openai_path
 from lmport.server.schemas_openai import OpenAIErrorResponse
@@ -52,6 +54,64 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
 SECURITY_SCHEME = "bearer"
 
 
+def field_ranges(limits: Any) -> dict[str, dict[str, dict[str, Any]]]:
+    """The ranges the engine's rules (engine/rules.py) and the wire rules (server/validation.py)
+    enforce, as JSON Schema keywords per component and field, with this server's limits.
+
+    Only documentation: the checks themselves answer with TGI's messages. What no schema can say
+    (prompt tokens + ``max_new_tokens`` <= ``max_total_tokens``, ``best_of`` needs sampling ...)
+    is in docs/api.md.
+    """
+    probability = {"exclusiveMinimum": 0, "exclusiveMaximum": 1}
+    penalty = {"minimum": -2, "maximum": 2}
+    new_tokens = {"minimum": 1, "maximum": max(limits.max_total_tokens - 1, 1)}
+    tgi = {
+        "temperature": {"exclusiveMinimum": 0}, "repetition_penalty": {"exclusiveMinimum": 0},
+        "frequency_penalty": penalty, "top_p": probability, "typical_p": probability, "top_k": {"minimum": 1},
+        "max_new_tokens": new_tokens, "best_of": {"minimum": 1, "maximum": limits.max_best_of},
+        "top_n_tokens": {"maximum": limits.max_top_n_tokens}, "truncate": {"minimum": 1, "maximum": limits.max_input_tokens},
+        "stop": {"maxItems": limits.max_stop_sequences},
+    }
+    openai = {
+        "temperature": {"minimum": 0}, "top_p": {"exclusiveMinimum": 0, "maximum": 1},
+        "frequency_penalty": penalty, "presence_penalty": penalty, "repetition_penalty": {"exclusiveMinimum": 0},
+        "max_tokens": new_tokens, "n": {"maximum": MAX_SEQUENCES_PER_REQUEST},
+        "stop": {"maxItems": limits.max_stop_sequences},
+    }
+    return {
+        "GenerateParameters": tgi,
+        "GenerateRequest": {"inputs": {"minLength": 1}},
+        "CompatGenerateRequest": {"inputs": {"minLength": 1}},
+        "ChatRequest": {**openai, "max_completion_tokens": new_tokens, "top_logprobs": {"maximum": limits.max_top_n_tokens}},
+        "CompletionRequest": {**openai, "logprobs": {"maximum": limits.max_top_n_tokens}, "best_of": {"maximum": 1}},
+    }
+
+
+def prompt_schema(limits: Any) -> dict[str, Any]:
+    """``/v1/completions``' ``prompt``: one text or token-id list, or a batch of up to
+    ``--max-client-batch-size`` of them; none empty."""
+    ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+    text = {"type": "string", "minLength": 1}
+    batch = {"minItems": 1, "maxItems": limits.max_client_batch_size}
+    return {"anyOf": [text, ids, {"type": "array", "items": text, **batch}, {"type": "array", "items": ids, **batch}],
+            "title": "Prompt", "examples": ["Say this is a test"]}
+
+
+# Routes that answer server-sent events when the body asks for ``stream``
+STREAMS_WHEN_ASKED = {("post", "/"), ("post", "/v1/chat/completions"), ("post", "/v1/completions")}
+
+
+def _constrain(schema: dict[str, Any], keywords: dict[str, Any]) -> None:
+    """Add ``keywords`` to the branches of ``schema`` (or its ``anyOf``) they apply to."""
+    branches = schema.get("anyOf", [schema])
+    for branch in branches:
+        kind = branch.get("type")
+        for keyword, value in keywords.items():
+            applies = {"minLength": "string", "maxItems": "array"}.get(keyword, ("number", "integer"))
+            if kind in (applies if isinstance(applies, tuple) else (applies,)):
+                branch[keyword] = value
+
+
 def iter_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
     """Every route, with included routers flattened (FastAPI 0.16x keeps them nested; routers
     are included here without a prefix, so the paths are the routes' own)."""
@@ -76,7 +136,7 @@ def _schema_of(model: Any) -> dict[str, Any]:
     return model.model_json_schema(ref_template="#/components/schemas/{model}")
 
 
-def contract_document(app: FastAPI, *, auth: bool) -> dict[str, Any]:
+def contract_document(app: FastAPI, *, auth: bool, limits: Any = None) -> dict[str, Any]:
     document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
@@ -86,6 +146,11 @@ def contract_document(app: FastAPI, *, auth: bool) -> dict[str, Any]:
         schemas[model.__name__] = schema
     for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, never answered here
         schemas.pop(name, None)
+    if limits is not None:
+        for component, fields in field_ranges(limits).items():
+            for field, keywords in fields.items():
+                _constrain(schemas[component]["properties"][field], keywords)
+        schemas["CompletionRequest"]["properties"]["prompt"] = prompt_schema(limits)
     protected = protected_routes(app) if auth else set()
     if protected:
         components["securitySchemes"] = {SECURITY_SCHEME: {"type": "http", "scheme": "bearer"}}
@@ -97,6 +162,8 @@ def contract_document(app: FastAPI, *, auth: bool) -> dict[str, Any]:
                 statuses.append(401)
                 operation["security"] = [{SECURITY_SCHEME: []}]
             responses = {code: answer for code, answer in operation.get("responses", {}).items() if code.startswith("2")}
+            if (method, path) in STREAMS_WHEN_ASKED:
+                responses["200"].setdefault("content", {})["text/event-stream"] = {}  # with `stream`: true
             for status in sorted(statuses):
                 responses[str(status)] = {
                     "description": DESCRIPTIONS[status],
@@ -106,12 +173,12 @@ def contract_document(app: FastAPI, *, auth: bool) -> dict[str, Any]:
     return document
 
 
-def install_openapi(app: FastAPI, *, auth: bool) -> None:
+def install_openapi(app: FastAPI, *, auth: bool, limits: Any = None) -> None:
     cache: dict[str, Any] = {}
 
     def openapi() -> dict[str, Any]:
         if "document" not in cache:
-            cache["document"] = contract_document(app, auth=auth)
+            cache["document"] = contract_document(app, auth=auth, limits=limits)
         return cache["document"]
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -37,7 +37,7 @@ def info_payload(state: ServerState) -> dict[str, Any]:
         "max_input_length": limits.max_input_tokens,  # TGI's legacy name
         "max_total_tokens": limits.max_total_tokens,
         "waiting_served_ratio": config.waiting_served_ratio,
-        "max_batch_total_tokens": config.max_batch_total_tokens or kv_cache_tokens(state),
+        "max_batch_total_tokens": limits.max_batch_total_tokens,  # the flag, or what the cache was sized to
         "max_batch_prefill_tokens": config.max_batch_prefill_tokens,
         "max_waiting_tokens": config.max_waiting_tokens,
         "max_batch_size": config.max_batch_size,
@@ -69,14 +69,6 @@ def info_payload(state: ServerState) -> dict[str, Any]:
         info["fallbacks"] = list(host.fallbacks)
         info["custom_kernels"] = not config.disable_custom_kernels
     return info
-
-
-def kv_cache_tokens(state: ServerState) -> int | None:
-    """The KV cache's size in tokens, as sized at start (TGI reports what it settled on too)."""
-    stats = state.engine_stats()
-    if stats is None or not state.model.block_size:
-        return None
-    return stats.kv_blocks_total * state.model.block_size
 
 
 @router.get("/info")

@@ -35,6 +35,7 @@ from lmport.server.schemas_tgi import (
     PrefillToken,
     SimpleToken,
     Token,
+    TokenizeRequest,
 )
 from lmport.server.strict_json import StrictJsonRoute
 from lmport.server.state import ServerState
@@ -103,7 +104,7 @@ async def compat_generate(body: CompatGenerateRequest, request: Request) -> Resp
 
 
 @router.post("/tokenize", response_model=list[SimpleToken], dependencies=[Depends(require_api_key)])
-async def tokenize(body: GenerateRequest, request: Request) -> list[SimpleToken]:
+async def tokenize(body: TokenizeRequest, request: Request) -> list[SimpleToken]:
     """Token ids of ``inputs`` with each token's text and character offsets."""
     return simple_tokens(state_of(request).tokenizer, body.inputs, body.add_special_tokens)
 

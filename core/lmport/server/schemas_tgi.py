@@ -76,6 +76,16 @@ class GenerateRequest(BaseModel):
         return {} if value is None else value
 
 
+class TokenizeRequest(BaseModel):
+    """``/tokenize``'s body: ``/generate``'s, whose ``parameters`` it accepts and ignores."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str = Field(examples=["My name is Olivier and I"])
+    add_special_tokens: bool = True
+    parameters: dict[str, Any] | None = Field(None, description="ignored (accepted, so /generate's body works here too)")
+
+
 class CompatGenerateRequest(GenerateRequest):
     stream: bool = False
 

@@ -50,3 +50,23 @@ def wait_until_idle(server: Any, timeout: float = 10.0) -> Any:
             return stats
         time.sleep(0.02)
     raise AssertionError(f"the engine did not free its blocks: {stats}")
+
+
+def start_server_thread(model_path: Any, model_id: str = "tiny", **settings: Any) -> Any:
+    """A :class:`~lmport.server.serve.ServerThread` serving the checkpoint at ``model_path`` on
+    127.0.0.1 (a free port) with the CPU backend and ``LaunchConfig(**settings)``; started and
+    warmed up. ``.url``, ``.state`` (the ServerState); ``.stop()`` when done."""
+    from lmport.config import LaunchConfig
+    from lmport.engine.factory import build_engine
+    from lmport.plugins import PluginHost
+    from lmport.server.app import build_app
+    from lmport.server.assemble import build_state
+    from lmport.server.serve import ServerThread
+
+    config = LaunchConfig(model_id=str(model_path), **settings)
+    host = PluginHost(environ={}, load_entry_points=False).load()
+    engine, tokenizer, info = build_engine(config, host)
+    state = build_state(config, engine, tokenizer, info, host=host, model_id=model_id)
+    thread = ServerThread(build_app(state)).start()
+    thread.state = state
+    return thread
