@@ -51,6 +51,10 @@ class LaunchConfig:
     # share one GIL. None: on when the selected backend's device is not the CPU, off on CPU
     # (where the child would compete with the server for the same cores)
     engine_process: bool | None = None
+    # deadlines in seconds from arrival (None: none): a request past request_timeout is ended
+    # and its blocks freed; one still waiting to be scheduled after max_queue_time is refused
+    request_timeout: float | None = None
+    max_queue_time: float | None = None
     # how many times in a row a dead engine process is restarted (0: never; it then stays down)
     engine_restarts: int = 5
     # server

@@ -4,6 +4,8 @@ engines built through the real factory, servers on 127.0.0.1 (bounded load, loop
 - ``tiny_checkpoint(name)``: ``(path, hf_model)``, built once per session.
 - ``build_engine_for(name, **settings)``: a synchronous :class:`LLMEngine` via ``build_llm_engine``.
 - ``cpu_host()``: a new PluginHost with the CPU backend selected.
+- ``serve(name="llama", **settings)``: a running :class:`ServerThread` on 127.0.0.1 (port 0) for a
+  ``LaunchConfig`` with those settings, ``.state`` its ServerState; stopped after the test.
 """
 
 from __future__ import annotations
@@ -55,3 +57,29 @@ def build_engine_for(tiny_checkpoint):
         return build_llm_engine(LaunchConfig(model_id=str(path), **settings), make_cpu_host())[0]
 
     return build
+
+
+@pytest.fixture
+def serve(tiny_checkpoint):
+    from lmport.engine.factory import build_engine
+    from lmport.server.app import build_app
+    from lmport.server.assemble import build_state
+    from lmport.server.serve import ServerThread
+
+    started: list[ServerThread] = []
+
+    def start(name: str = "llama", **settings: Any) -> ServerThread:
+        path, _ = tiny_checkpoint(name)
+        settings = {"max_batch_total_tokens": 8192, "max_total_tokens": 512, **settings}
+        config = LaunchConfig(model_id=str(path), **settings)
+        host = make_cpu_host()
+        engine, tokenizer, info = build_engine(config, host)  # an engine process copies this thread count
+        state = build_state(config, engine, tokenizer, info, host=host, model_id="tiny")
+        server = ServerThread(build_app(state)).start()
+        server.state = state  # type: ignore[attr-defined]
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,6 +1,7 @@
 """The HTTP process supervises the engine process: SIGKILL it under load, and every client in
 flight gets an error (none waits forever), ``/health`` says 503 while a new engine process
-loads and 200 once it serves, and new requests get the same tokens as transformers."""
+loads and 200 once it serves (new requests meanwhile: 503 with Retry-After), and new requests
+then get the same tokens as transformers."""
 
 from __future__ import annotations
 
@@ -13,12 +14,7 @@ import httpx
 import pytest
 import torch
 
-from lmport.config import LaunchConfig
 from lmport.engine.engine_process import EngineProcessClient
-from lmport.engine.factory import build_engine
-from lmport.server.app import build_app
-from lmport.server.assemble import build_state
-from lmport.server.serve import ServerThread
 from lmport.testing.hf_oracle import hf_greedy_generate
 from lmport.testing.tgi_stream import read_stream
 
@@ -26,21 +22,18 @@ IN_FLIGHT = 12
 
 
 @pytest.fixture
-def process_server(tiny_checkpoint, cpu_host):
-    path, hf_model = tiny_checkpoint("llama")
-    config = LaunchConfig(model_id=str(path), engine_process=True, max_batch_total_tokens=8192, max_total_tokens=512)
-    host = cpu_host()
+def process_server(serve, tiny_checkpoint):
     saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # the child copies the parent's count
+    torch.set_num_threads(1)  # the engine process copies the parent's count
     try:
-        engine, tokenizer, info = build_engine(config, host)
+        server = serve(engine_process=True)
     finally:
         torch.set_num_threads(saved)
+    engine = server.state.engine
     assert isinstance(engine, EngineProcessClient)
     engine.restart_policy.backoff_s = 0.2
-    server = ServerThread(build_app(build_state(config, engine, tokenizer, info, host=host, model_id="tiny"))).start()
-    yield server, engine, hf_model, tokenizer
-    server.stop()
+    _, hf_model = tiny_checkpoint("llama")
+    return server, engine, hf_model, server.state.tokenizer
 
 
 def test_sigkill_under_load_fails_only_the_requests_in_flight_and_the_server_serves_again(process_server):
@@ -70,6 +63,7 @@ def test_sigkill_under_load_fails_only_the_requests_in_flight_and_the_server_ser
             waited = time.monotonic() - killed_at
 
             down = await client.get("/health")
+            refused = await client.post("/generate", json={"inputs": "too soon", "parameters": {"max_new_tokens": 2}})
             while (health := await client.get("/health")).status_code != 200:
                 assert time.monotonic() - killed_at < 120, "the engine process was not restarted"
                 await asyncio.sleep(0.1)
@@ -77,9 +71,9 @@ def test_sigkill_under_load_fails_only_the_requests_in_flight_and_the_server_ser
 
             after = [f"after the restart {i}" for i in range(4)]
             new = await asyncio.gather(*(client.post("/generate", json={"inputs": p, "parameters": {"max_new_tokens": 8, "details": True}}) for p in after))
-            return results, answered, waited, down, after, new
+            return results, answered, waited, down, refused, after, new
 
-    results, answered, waited, down, after, new = asyncio.run(main())
+    results, answered, waited, down, refused, after, new = asyncio.run(main())
     for result in results:
         assert result.status == 200 and result.generated_text is None  # cut off mid-stream ...
         assert result.error is not None and result.error["error_type"] == "generation"  # ... with an error event
@@ -87,6 +81,8 @@ def test_sigkill_under_load_fails_only_the_requests_in_flight_and_the_server_ser
     assert answered.status_code == 424 and "killed by SIGKILL" in answered.json()["error"]
     assert waited < 30
     assert down.status_code == 503  # right after the kill, while the new engine process loads
+    assert refused.status_code == 503 and refused.json()["error_type"] == "unavailable"
+    assert "being restarted" in refused.json()["error"] and int(refused.headers["retry-after"]) >= 1
     for prompt, response in zip(after, new):
         assert response.status_code == 200, response.text
         expected, _ = hf_greedy_generate(hf_model, tokenizer(prompt)["input_ids"], 8, stop_at_eos=True)

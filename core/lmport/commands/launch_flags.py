@@ -114,6 +114,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--engine-process",), ("LMPORT_ENGINE_PROCESS",), "engine_process", parse_bool,
          help="true/false: run the engine loop in its own process, apart from the HTTP server's GIL "
          "(default: on for accelerators, off on CPU)"),
+    Flag(("--request-timeout",), ("LMPORT_REQUEST_TIMEOUT",), "request_timeout", float,
+         help="seconds a request may take from arrival; past it, it is ended and its KV blocks freed (504)"),
+    Flag(("--max-queue-time",), ("LMPORT_MAX_QUEUE_TIME",), "max_queue_time", float,
+         help="seconds a request may wait to be scheduled; past it, it is refused (429 with Retry-After)"),
     Flag(("--engine-restarts",), ("LMPORT_ENGINE_RESTARTS",), "engine_restarts", int, 5,
          "times in a row a dead engine process is restarted, with a doubling back-off from 1 s (0: never)"),
     Flag(("--block-size",), ("LMPORT_BLOCK_SIZE",), "block_size", int, help="KV cache block size (default: the attention backend's)"),

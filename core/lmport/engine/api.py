@@ -113,6 +113,9 @@ class RequestOutput:
     first_token_time: float | None = None
     finished_time: float | None = None
     error: str | None = None  # set when generation failed (server answers 424)
+    # what ended a failed request when it was not the model: "timeout" (past --request-timeout),
+    # "queue_timeout" (never scheduled within --max-queue-time); None: the step failed
+    error_kind: str | None = None
     # finish_reason "stop_sequence" on a stop string: where that string begins in the sequence's
     # whole text (the concatenated ``text`` of its outputs), so a caller can cut it off (OpenAI does)
     stop_text_offset: int | None = None

@@ -96,6 +96,7 @@ class _Child:
         child_in.close()
         child_out.close()
         self.send_lock = threading.Lock()  # one writer at a time on the pipe to the child
+        self.spawned_at = time.monotonic()
         self.ready_at: float | None = None
         self.dead_reason: str | None = None  # the child's own last words ("dead" message), if any
 
@@ -135,6 +136,9 @@ class _Child:
     def close(self) -> None:
         self.to_child.close()
         self.from_child.close()
+
+    def startup_s(self) -> float | None:
+        return self.ready_at - self.spawned_at if self.ready_at is not None else None
 
     def served_s(self) -> float:
         return time.monotonic() - self.ready_at if self.ready_at is not None else 0.0
@@ -326,8 +330,9 @@ class EngineProcessClient(StreamingFrontend):
         """``dead`` has exited: fail its requests, then start new children until one is ready or the limit is hit."""
         cause = dead.dead_reason or describe_exit(dead.process.exitcode)
         served = dead.served_s()
+        startup = dead.startup_s() or 10.0  # how long a start takes, for Retry-After
         # refuse new requests first, then fail the open ones: none falls between the two
-        self._error = EngineRestartingError(f"the engine process died ({cause}); it is being restarted")
+        self._error = EngineRestartingError(f"the engine process died ({cause}); it is being restarted", startup)
         with self._lock:
             in_flight = len(self._streams)
         self._fail_streams(EngineDeadError(f"the engine process died ({cause})"))
@@ -343,6 +348,7 @@ class EngineProcessClient(StreamingFrontend):
             log.error("the engine process %s died (%s) after serving %.0f s; %d requests in flight failed; "
                       "restarting it in %.1f s (attempt %d of %d)", dead.pid, cause, served, in_flight, delay,
                       self.restart_policy.consecutive, self.restart_policy.max_restarts)
+            self._error = EngineRestartingError(f"the engine process died ({cause}); it is being restarted", delay + startup)
             in_flight = 0
             if self._stopped.wait(delay):
                 return

@@ -18,7 +18,14 @@ class EngineDeadError(RuntimeError):
 
 
 class EngineRestartingError(EngineDeadError):
-    """The engine process died and a new one is starting: it serves again in a few seconds."""
+    """The engine process died and a new one is starting: it serves again in a few seconds.
+
+    ``retry_after_s``: the supervisor's guess of when (the back-off left plus the last start-up's length).
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def check_token_ids(token_ids: Iterable[int], vocab_size: int | None) -> None:

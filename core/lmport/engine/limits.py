@@ -44,6 +44,10 @@ class EngineLimits:
     disable_grammar_support: bool = False
     accepts_images: bool = False  # the model reads images (ImageInputs) with its prompts
     max_images_per_request: int = 4
+    # deadlines, in seconds from a request's arrival (None: none): --request-timeout ends it
+    # wherever it is; --max-queue-time ends one that was never scheduled
+    request_timeout: float | None = None
+    max_queue_time: float | None = None
 
 
 def model_max_positions(hf_config: Any, default: int = 4096) -> int:
@@ -156,4 +160,6 @@ def resolve_limits(
         disable_grammar_support=config.disable_grammar_support,
         accepts_images=accepts_images,
         max_images_per_request=config.max_images_per_request,
+        request_timeout=config.request_timeout or None,
+        max_queue_time=config.max_queue_time or None,
     )

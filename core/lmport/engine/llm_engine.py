@@ -149,12 +149,44 @@ class LLMEngine:
 
         With async scheduling the outputs are those of the step launched by the previous call.
         """
+        lim = self.limits
+        expired = self._expire() if lim.request_timeout is not None or lim.max_queue_time is not None else []
         if self.async_scheduling:
-            return self._step_async()
+            return expired + self._step_async()
         step = self._schedule()
         if step.is_empty:
-            return []
-        return self._execute(step)
+            return expired
+        return expired + self._execute(step)
+
+    def _expire(self) -> list[RequestOutput]:
+        """End the requests past ``request_timeout``, and those never scheduled within ``max_queue_time``.
+
+        Oldest first, stopping at the first one within its deadline (requests are kept in
+        arrival order), so a step pays for the requests that expire, not for all of them.
+        """
+        lim, now = self.limits, self.clock()
+        ended: dict[str, tuple[str, str]] = {}
+        if lim.request_timeout is not None:
+            for request_id, seqs in self._requests.items():
+                if now - seqs[0].arrival_time <= lim.request_timeout:
+                    break
+                ended[request_id] = (f"Request timed out after {lim.request_timeout:g} s (--request-timeout)", "timeout")
+        if lim.max_queue_time is not None:
+            for seq in self.scheduler.waiting:
+                if seq.first_scheduled_time is not None:
+                    continue  # preempted: it was served, and goes on first
+                if now - seq.arrival_time <= lim.max_queue_time:
+                    break
+                if all(s.first_scheduled_time is None for s in self._requests.get(seq.request_id, ())):
+                    ended.setdefault(seq.request_id, (
+                        f"Model is overloaded: not scheduled within {lim.max_queue_time:g} s (--max-queue-time)",
+                        "queue_timeout",
+                    ))
+        outputs: list[RequestOutput] = []
+        for request_id, (message, kind) in ended.items():
+            log.info("request %s: %s", request_id, message)
+            outputs += self._fail(self._requests.get(request_id, []), message, kind)
+        return outputs
 
     def _execute(self, step) -> list[RequestOutput]:
         """Execute ``step`` synchronously and process its results; a failure fails only its culprits."""
@@ -315,14 +347,14 @@ class LLMEngine:
             if out.finished:
                 self._release(seq)
 
-    def _fail(self, seqs: list[Sequence], error: str) -> list[RequestOutput]:
+    def _fail(self, seqs: list[Sequence], error: str, kind: str | None = None) -> list[RequestOutput]:
         now = self.clock()
         outputs = []
-        for seq in seqs:
+        for seq in list(seqs):
             if seq.is_finished:
                 continue
             seq.error = error
-            outputs.append(self.outputs.finished_output(seq, None, now, error))
+            outputs.append(self.outputs.finished_output(seq, None, now, error, kind))
             self._release(seq)
         return outputs
 

@@ -107,12 +107,15 @@ class OutputProcessor:
             self._finish(seq, out, reason, now)
         return out
 
-    def finished_output(self, seq: Sequence, reason: FinishReason | None, now: float, error: str | None = None) -> RequestOutput:
+    def finished_output(
+        self, seq: Sequence, reason: FinishReason | None, now: float, error: str | None = None, error_kind: str | None = None
+    ) -> RequestOutput:
         """The last output of a sequence that ends without a new token (abort, failure)."""
         state = self._states.get(seq.seq_id)
         text = state.detokenizer.flush() if state is not None and error is None else ""
         out = self._output(seq, state, [], text)
         out.error = error
+        out.error_kind = error_kind
         self._finish(seq, out, reason, now)
         return out
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 from lmport.engine.api import GenerationRequest, RequestOutput
-from lmport.engine.errors import EngineDeadError, EngineOverloadedError, RequestValidationError
+from lmport.engine.errors import EngineDeadError, EngineOverloadedError, EngineRestartingError, RequestValidationError
 from lmport.engine.rules import validate_request
 
 
@@ -148,8 +148,10 @@ class StreamingFrontend:
 
     def _not_serving(self) -> EngineDeadError:
         """The refusal while the engine is down, of the error's own kind (restarting or dead)."""
-        kind = type(self._error) if isinstance(self._error, EngineDeadError) else EngineDeadError
-        return kind(f"the engine is not serving: {self._error or 'shut down'}")
+        message = f"the engine is not serving: {self._error or 'shut down'}"
+        if isinstance(self._error, EngineRestartingError):
+            return EngineRestartingError(message, self._error.retry_after_s)
+        return EngineDeadError(message)
 
     def _close(self, request_id: str, aborted: bool) -> None:
         with self._lock:

@@ -4,13 +4,14 @@ LiteLLM and LangChain show only that shape's message).
 
 Status codes follow TGI's router: 400 a body that is not JSON (axum's ``JsonSyntaxError``),
 422 validation, 424 generation failure, 429 overloaded, 500 incomplete generation, 503
-unhealthy; plus 401 (api key), 404/405 (route, method) and 413 (payload limit). Never a 500
-for anything a client sent.
+unhealthy; plus 401 (api key), 404/405 (route, method), 413 (payload limit), 503 while a dead
+engine process is restarted and 504 past --request-timeout. Never a 500 for anything a client sent.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -90,10 +91,40 @@ class BodyNotJson(ApiError):
     error_type = "validation"
 
 
+def retry_after(error: ApiError, seconds: float | None) -> ApiError:
+    """``error`` with a ``Retry-After`` header of ``seconds`` rounded up (at least 1)."""
+    error.headers["Retry-After"] = str(max(1, math.ceil(seconds or 1)))
+    return error
+
+
 class Overloaded(ApiError):
+    """429, with ``Retry-After``: the queue is full, or a request waited past --max-queue-time."""
+
     status_code = 429
     error_type = "overloaded"
     default_message = "Model is overloaded"
+
+    def __init__(self, message: str | None = None, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        retry_after(self, retry_after_s)
+
+
+class EngineUnavailable(ApiError):
+    """503, with ``Retry-After``: the engine process died and a new one is loading."""
+
+    status_code = 503
+    error_type = "unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        retry_after(self, retry_after_s)
+
+
+class TimedOut(ApiError):
+    """504: the request ran past --request-timeout; it was ended and its KV blocks freed."""
+
+    status_code = 504
+    error_type = "timeout"
 
 
 class GenerationFailed(ApiError):

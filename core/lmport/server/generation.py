@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Iterator, Seque
 from starlette.requests import Request
 
 from lmport.engine.api import GenerationRequest, OutputStream, RequestOutput, TokenInfo
-from lmport.engine.errors import EngineDeadError, EngineOverloadedError, RequestValidationError
-from lmport.server.errors import ApiError, GenerationFailed, IncompleteGeneration, Overloaded, ValidationFailed
+from lmport.engine.errors import EngineDeadError, EngineOverloadedError, EngineRestartingError, RequestValidationError
+from lmport.server.errors import (
+    ApiError, EngineUnavailable, GenerationFailed, IncompleteGeneration, Overloaded, TimedOut, ValidationFailed,
+)
 from lmport.server.streaming import token_texts
 from lmport.server.validation import ValidRequest
 
@@ -168,7 +170,7 @@ class RouteScope:
         except EngineOverloadedError as exc:
             raise Overloaded(str(exc)) from exc
         except EngineDeadError as exc:
-            raise GenerationFailed(str(exc)) from exc
+            raise engine_down(exc) from exc
         self.streams.extend(streams)
         metrics = self.state.metrics
         for valid in valids:
@@ -212,18 +214,34 @@ async def stream_outputs(stream: OutputStream, timings: Timings, n: int = 1) -> 
             # one generator between the engine and the route: this runs once per streamed token
             async for output in stream:
                 if output.error:
-                    raise GenerationFailed(output.error)
+                    raise failure_of(output)
                 if timings.scheduled is None or output.finished:
                     timings.observe(output)
                 if output.finished:
                     remaining -= 1
                 yield output
         except EngineDeadError as exc:
-            raise GenerationFailed(str(exc)) from exc
+            raise engine_down(exc) from exc
         if remaining > 0:
             raise IncompleteGeneration()
     finally:
         stream.close()  # synchronous: a cancelled consumer still frees the KV blocks now
+
+
+def failure_of(output: RequestOutput) -> ApiError:
+    """A failed output's answer: 504 past --request-timeout, 429 past --max-queue-time, else 424."""
+    if output.error_kind == "timeout":
+        return TimedOut(output.error)
+    if output.error_kind == "queue_timeout":
+        return Overloaded(output.error)
+    return GenerationFailed(output.error)
+
+
+def engine_down(exc: EngineDeadError) -> ApiError:
+    """503 with Retry-After while a dead engine process is replaced; 424 (TGI's answer) otherwise."""
+    if isinstance(exc, EngineRestartingError):
+        return EngineUnavailable(str(exc), retry_after_s=exc.retry_after_s)
+    return GenerationFailed(str(exc))
 
 
 async def collect(stream: OutputStream, valid: ValidRequest, timings: Timings) -> GenerationResult:

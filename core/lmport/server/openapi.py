@@ -29,13 +29,14 @@ DESCRIPTIONS = {
     413: "Request body larger than --payload-limit",
     422: "Input validation error",
     424: "Generation error",
-    429: "Model is overloaded",
+    429: "Model is overloaded: the queue is full or the request waited past --max-queue-time (with Retry-After)",
     500: "Incomplete generation",
-    503: "Model is warming up, or its engine is down",
+    503: "Model is warming up, or its engine is down or being restarted (with Retry-After)",
+    504: "Request took longer than --request-timeout",
 }
 
 BODY = (400, 413, 422)  # any route that reads a JSON body
-GENERATION = (*BODY, 424, 429, 500)
+GENERATION = (*BODY, 424, 429, 500, 503, 504)
 
 ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/generate"): GENERATION,
