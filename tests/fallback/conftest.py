@@ -1,4 +1,9 @@
-"""Tiny checkpoints of architectures without a native module, and transformers as the oracle."""
+"""Tiny checkpoints for the transformers fallback, and transformers as the oracle.
+
+``olmo2`` has no native module, so the engine serves it through the fallback; the others have
+native modules now (lmport.models) and are loaded through ``load_fallback`` directly, which
+still serves them (that is how an architecture without a native module runs).
+"""
 
 from __future__ import annotations
 
@@ -54,6 +59,14 @@ def granite_config():
                          embedding_multiplier=2.0, residual_multiplier=0.5, **COMMON)
 
 
+def olmo2_config():
+    from transformers import Olmo2Config
+
+    # post-norm blocks and a full-width QK-norm: no native module
+    return Olmo2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, **COMMON)
+
+
 def t5_config():
     from transformers import T5Config
 
@@ -77,6 +90,7 @@ CONFIGS: dict[str, Callable] = {
     "qwen2": qwen2_config,
     "gemma2": gemma2_config,
     "granite": granite_config,
+    "olmo2": olmo2_config,
     "t5": t5_config,
 }
 
@@ -190,7 +204,7 @@ def build_tiny_gguf(model_type: str, folder: Path) -> tuple[Path, Any, Any]:
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory) -> tuple[Path, Any, Any]:
-    """A tiny Qwen2 GGUF (no native module): see :func:`build_tiny_gguf`."""
+    """A tiny Qwen2 GGUF: see :func:`build_tiny_gguf`."""
     return build_tiny_gguf("qwen2", tmp_path_factory.mktemp("tiny-gguf"))
 
 

@@ -197,8 +197,8 @@ def build_executor(
     block_size = config.block_size or caps.default_block_size
     if block_size not in caps.kv_block_sizes:
         raise ValueError(f"block size {block_size} is not supported by backend '{caps.backend}': {caps.kv_block_sizes}")
-    # The native families load safetensors; a GGUF goes through transformers, which dequantizes it.
-    model = None if info.gguf_file else build_native_model(info, host, dtype=dtype, device=device)
+    # A GGUF of a native family is dequantized once into a safetensors cache; others go through transformers.
+    model = build_native_model(info, host, dtype=dtype, device=device)
     if model is not None:
         log.info("native model for %s loaded", info.architecture)
     else:

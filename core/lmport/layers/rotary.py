@@ -6,6 +6,10 @@ what it means there. The config's spelling differs by version: transformers 5.x 
 everything in ``config.rope_parameters``; 4.x has ``rope_theta`` plus an optional
 ``config.rope_scaling`` dict (and GPT-NeoX's ``rotary_emb_base``/``rotary_pct``).
 
+Gemma 3 gives each layer type its own settings (``layer_type``): 5.x nests them in
+``rope_parameters`` by type; 4.x keeps the global layers' in ``rope_theta``/``rope_scaling`` and
+gives the sliding layers plain RoPE of base ``rope_local_base_freq``.
+
 cos/sin are computed once per forward for the whole flat batch and shared by all layers.
 Two variants depend on the sequence length (HF recomputes them from ``max(position) + 1``
 of the forward): dynamic NTK and longrope. Here that length is taken per sequence from the
@@ -25,10 +29,14 @@ from lmport.layers.attention import AttentionMetadata
 _LENGTH_DEPENDENT = ("dynamic", "longrope")
 
 
-def rope_parameters(config: Any) -> dict[str, Any]:
+def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
     """The config's RoPE settings as one dict with ``rope_type`` and ``rope_theta``, any version."""
     params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict) and params and "rope_theta" in params:  # transformers 5.x
+    if layer_type is not None and isinstance(params, dict) and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])  # transformers 5.x, per layer type
+    elif layer_type == "sliding_attention" and getattr(config, "rope_local_base_freq", None):
+        params = {"rope_type": "default", "rope_theta": config.rope_local_base_freq}  # 4.x Gemma 3
+    elif isinstance(params, dict) and params and "rope_theta" in params:  # transformers 5.x
         params = dict(params)
     else:
         params = dict(getattr(config, "rope_scaling", None) or {})
@@ -38,6 +46,8 @@ def rope_parameters(config: Any) -> dict[str, Any]:
         if partial is not None:
             params.setdefault("partial_rotary_factor", partial)
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if params["rope_type"] == "su":  # Phi-3's early name for LongRoPE
+        params["rope_type"] = "longrope"
     return params
 
 
@@ -53,11 +63,14 @@ class RotaryEmbedding(nn.Module):
     list, so ``model.to(bfloat16)`` does not round them.
     """
 
-    def __init__(self, config: Any, head_dim: int, rotary_dim: int | None = None):
+    def __init__(self, config: Any, head_dim: int, rotary_dim: int | None = None, layer_type: str | None = None):
         super().__init__()
         self.config = config
         self.head_dim = head_dim
-        self.params = rope_parameters(config)
+        self.params = rope_parameters(config, layer_type)
+        # transformers' init functions take the layer type where the config nests settings by it
+        nested = isinstance(getattr(config, "rope_parameters", None), dict) and layer_type in config.rope_parameters
+        self._init_kwargs = {"layer_type": layer_type} if nested else {}
         self.rope_type: str = self.params["rope_type"]
         if rotary_dim is None:
             rotary_dim = int(head_dim * self.params.get("partial_rotary_factor", 1.0))
@@ -81,7 +94,7 @@ class RotaryEmbedding(nn.Module):
 
         if self.rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(f"unsupported rope type '{self.rope_type}' (transformers knows {sorted(ROPE_INIT_FUNCTIONS)})")
-        kwargs = {} if seq_len is None else {"seq_len": seq_len}
+        kwargs = dict(self._init_kwargs) if seq_len is None else {"seq_len": seq_len, **self._init_kwargs}
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, torch.device("cpu"), **kwargs)
         if inv_freq.numel() * 2 != self.rotary_dim:
             raise ValueError(f"rope '{self.rope_type}' gave {inv_freq.numel()} frequencies for rotary_dim {self.rotary_dim}")

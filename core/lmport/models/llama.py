@@ -36,25 +36,49 @@ def head_dim_of(config: Any) -> int:
 
 
 class LlamaAttention(UsesLayerOps, nn.Module):
-    """Self-attention with fused q/k/v, RoPE (``layer_ops.rotary``) and grouped KV heads."""
+    """Self-attention with fused q/k/v, RoPE (``layer_ops.rotary``) and grouped KV heads.
 
-    def __init__(self, config: Any, ctx: ModelContext, layer_index: int, sliding_window: int | None = None):
+    The options are what the Llama-like families change: ``qkv_bias``/``o_bias`` (Qwen2 biases
+    q/k/v only; default: the config's ``attention_bias``), ``scale`` (Granite's
+    ``attention_multiplier``, Gemma's ``query_pre_attn_scalar ** -0.5``), ``soft_cap`` (Gemma 2's
+    attention logit soft-cap) and ``qk_norm``, a per-head norm of queries and keys before RoPE
+    (Qwen3, Gemma 3), built as ``qk_norm(head_dim)``.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        ctx: ModelContext,
+        layer_index: int,
+        sliding_window: int | None = None,
+        *,
+        qkv_bias: bool | None = None,
+        o_bias: bool | None = None,
+        scale: float | None = None,
+        soft_cap: float | None = None,
+        qk_norm: Callable[[int], nn.Module] | None = None,
+    ):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim_of(config)
         bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        o_bias = bias if o_bias is None else o_bias
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         quant = ctx.quantization
-        self.qkv_proj = Linear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=bias, quant=quant)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=bias, quant=quant)
+        self.qkv_proj = Linear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias, quant=quant)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias, quant=quant)
+        self.q_norm = qk_norm(self.head_dim) if qk_norm else None
+        self.k_norm = qk_norm(self.head_dim) if qk_norm else None
         spec = AttentionSpec(
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            scale=self.head_dim**-0.5,
+            scale=self.head_dim**-0.5 if scale is None else scale,
             dtype=ctx.dtype_name(),
             sliding_window=sliding_window,
+            logits_soft_cap=soft_cap or None,
         )
         self.attn = ctx.attention(spec, layer_index)
 
@@ -62,6 +86,9 @@ class LlamaAttention(UsesLayerOps, nn.Module):
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[KVCache], metadata: AttentionMetadata
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        if self.q_norm is not None:  # per head: [tokens, heads * head_dim] seen as [tokens * heads, head_dim]
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(hidden.shape[0], -1)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(hidden.shape[0], -1)
         q, k = self.layer_ops.rotary(q, k, cos, sin, self.head_dim)
         return self.o_proj(self.attn(q, k, v, kv_caches, metadata))
 
@@ -72,12 +99,24 @@ class LlamaDecoderLayer(nn.Module):
     As in vLLM, a layer returns its MLP output and the residual stream apart, and the next
     norm adds them (``norm(x, residual)``): each residual add runs inside the norm, one fused
     kernel where the backend has one. The sums and their rounding are those of the plain form.
+    ``residual_multiplier`` scales both branches before they join the stream (Granite);
+    ``attention`` holds :class:`LlamaAttention`'s options.
     """
 
-    def __init__(self, config: Any, ctx: ModelContext, layer_index: int, mlp: nn.Module, sliding_window: int | None):
+    def __init__(
+        self,
+        config: Any,
+        ctx: ModelContext,
+        layer_index: int,
+        mlp: nn.Module,
+        sliding_window: int | None,
+        residual_multiplier: float = 1.0,
+        attention: dict[str, Any] | None = None,
+    ):
         super().__init__()
-        self.self_attn = LlamaAttention(config, ctx, layer_index, sliding_window)
+        self.self_attn = LlamaAttention(config, ctx, layer_index, sliding_window, **(attention or {}))
         self.mlp = mlp
+        self.residual_multiplier = residual_multiplier
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -96,24 +135,43 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, cos, sin, kv_caches, metadata)
+        if self.residual_multiplier != 1.0:
+            hidden = hidden * self.residual_multiplier
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden = self.mlp(hidden)
+        if self.residual_multiplier != 1.0:
+            hidden = hidden * self.residual_multiplier
+        return hidden, residual
 
 
 class LlamaBackbone(nn.Module):
-    """The ``model.`` part of the checkpoint: embeddings, decoder layers, final norm."""
+    """The ``model.`` part of the checkpoint: embeddings, decoder layers, final norm.
 
-    def __init__(self, config: Any, ctx: ModelContext, mlp_factory: Callable[[int], nn.Module], sliding_window: int | None):
+    ``layer_options(i)``: extra :class:`LlamaDecoderLayer` arguments of layer ``i`` (a per-layer
+    ``sliding_window``, the ``attention`` options ...), overriding the shared ``sliding_window``.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        ctx: ModelContext,
+        mlp_factory: Callable[[int], nn.Module],
+        sliding_window: int | None,
+        layer_options: Callable[[int], dict[str, Any]] | None = None,
+    ):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        options = layer_options or (lambda _: {})
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, ctx, i, mlp_factory(i), sliding_window) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, ctx, i, mlp_factory(i), **{"sliding_window": sliding_window, **options(i)})
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(CausalLM):
-    """Llama-architecture causal LM; ``mlp_factory`` and ``sliding_window`` let Mistral/Mixtral reuse it."""
+    """Llama-architecture causal LM; ``mlp_factory``, ``sliding_window`` and ``layer_options``
+    (see :class:`LlamaBackbone`) let Mistral, Mixtral, Qwen, Phi-3 and Granite reuse it."""
 
     def __init__(
         self,
@@ -122,6 +180,7 @@ class LlamaForCausalLM(CausalLM):
         *,
         mlp_factory: Callable[[int], nn.Module] | None = None,
         sliding_window: int | None = None,
+        layer_options: Callable[[int], dict[str, Any]] | None = None,
     ):
         super().__init__()
         self.config = config
@@ -130,7 +189,7 @@ class LlamaForCausalLM(CausalLM):
             mlp_factory = lambda _: GatedMLP(  # noqa: E731
                 config.hidden_size, config.intermediate_size, config.hidden_act, mlp_bias, quant=ctx.quantization
             )
-        self.model = LlamaBackbone(config, ctx, mlp_factory, sliding_window)
+        self.model = LlamaBackbone(config, ctx, mlp_factory, sliding_window, layer_options)
         self.rotary = RotaryEmbedding(config, head_dim_of(config))
         tied = self.model.embed_tokens if getattr(config, "tie_word_embeddings", False) else None
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied_to=tied)
@@ -144,13 +203,16 @@ class LlamaForCausalLM(CausalLM):
         inputs_embeds: torch.Tensor | None = None,  # an image-text model's embeddings (Llava-next)
     ) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(positions, metadata)
-        hidden = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None
         for layer in self.model.layers:
             hidden, residual = layer(hidden, residual, cos, sin, kv_caches, metadata)
         if residual is None:  # a model of zero layers
             return self.model.norm(hidden)
         return self.model.norm(hidden, residual)[0]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_states)

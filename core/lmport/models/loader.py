@@ -29,11 +29,20 @@ def resolve_model_info(path: str | Path, trust_remote_code: bool = False) -> Mod
 def build_native_model(
     info: ModelInfo, host, dtype: torch.dtype, device: torch.device, registry: ModelRegistry | None = None
 ) -> CausalLM | None:
-    """The native model for ``info`` with weights loaded, or ``None`` if no family claims it."""
+    """The native model for ``info`` with weights loaded, or ``None`` if no family claims it.
+
+    A GGUF checkpoint is dequantized once into a safetensors cache (:mod:`lmport.models.gguf_weights`)
+    and loaded from there like any other.
+    """
     registry = registry or model_registry(host)
     entry = registry.get(info.architecture)
     if entry is None:
         return None
+    weights_path = info.path
+    if info.gguf_file:
+        from lmport.models.gguf_weights import dequantized_checkpoint
+
+        weights_path = dequantized_checkpoint(info, dtype)
     context = ModelContext(
         dtype=dtype, device=device, capabilities=host.capabilities(), attention_factory=host.attention_backend
     )
@@ -43,5 +52,5 @@ def build_native_model(
     # fused per-layer ops of the active backend (the reference on cpu or --disable-custom-kernels)
     bind_layer_ops(model, host.layer_ops())
     loader = host.weights_loader(None)
-    model.load_weights(loader.iter_weights(info.path, dtype, device))
+    model.load_weights(loader.iter_weights(weights_path, dtype, device))
     return model.eval()

@@ -178,6 +178,87 @@ def _llama_rope_dynamic():
                        rope_scaling={"rope_type": "dynamic", "factor": 2.0}, **COMMON)
 
 
+def _gemma2():
+    from transformers import Gemma2Config
+
+    # alternating window-4 and global layers; soft-caps low enough to bite on these logits
+    return Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, max_position_embeddings=512,
+                        **COMMON)
+
+
+def _gemma3():
+    from transformers import Gemma3TextConfig
+
+    # explicit head_dim (32, not 64 / 4), one KV head, window 5; the global layers' RoPE has its own
+    # base and a linear scaling, the local ones plain RoPE of base 10k
+    rope = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    return Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=1, head_dim=32, sliding_window=5, query_pre_attn_scalar=24,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                            rope_parameters=rope, max_position_embeddings=512, **COMMON)
+
+
+def _qwen2():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, **COMMON)
+
+
+def _qwen2_sliding():
+    from transformers import Qwen2Config
+
+    # the layers from max_window_layers on attend through a window of 6 (off in released checkpoints)
+    return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, use_sliding_window=True,
+                       sliding_window=6, max_window_layers=1, **COMMON)
+
+
+def _qwen3():
+    from transformers import Qwen3Config
+
+    # explicit head_dim (32, not 64 / 4) as in the released models, QK-norm
+    return Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=32, max_position_embeddings=512, **COMMON)
+
+
+def _phi3(original_max_positions: int = 128):
+    from transformers import Phi3Config
+
+    # LongRoPE: short factors up to original_max_positions, long ones past them; partial rotary
+    # 0.75 as in Phi-4-mini (head_dim 16: 6 frequencies)
+    factors = {"short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0]}
+    return Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=4 * original_max_positions,
+                      original_max_position_embeddings=original_max_positions, partial_rotary_factor=0.75,
+                      rope_scaling={"rope_type": "longrope", **factors}, sliding_window=None, **COMMON)
+
+
+def _phi3_long_switch():
+    # long factors from 17 positions on (see tests/models/test_phi3.py for what crossing means)
+    return _phi3(original_max_positions=16)
+
+
+def _phi3_window():
+    from transformers import Phi3Config
+
+    # Phi-3-mini-4k style: every layer windowed (2047 there, 7 here), plain RoPE
+    return Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=512, sliding_window=7, **COMMON)
+
+
+def _granite():
+    from transformers import GraniteConfig
+
+    # every multiplier away from one, so each one shows
+    return GraniteConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, logits_scaling=0.5, attention_multiplier=0.2,
+                         embedding_multiplier=2.0, residual_multiplier=0.5, max_position_embeddings=512, **COMMON)
+
+
 # name -> (config factory, AutoModel class name)
 TINY_MODELS: dict[str, Callable] = {
     "llama": _llama,
@@ -202,6 +283,15 @@ TINY_MODELS: dict[str, Callable] = {
     "gpt_bigcode-mha": _gpt_bigcode_mha,
     "llama-rope-linear": _llama_rope_linear,
     "llama-rope-dynamic": _llama_rope_dynamic,
+    "gemma2": _gemma2,
+    "gemma3": _gemma3,
+    "qwen2": _qwen2,
+    "qwen2-sliding": _qwen2_sliding,
+    "qwen3": _qwen3,
+    "phi3": _phi3,
+    "phi3-window": _phi3_window,
+    "phi3-long-switch": _phi3_long_switch,
+    "granite": _granite,
 }
 
 
