@@ -12,6 +12,16 @@ sequences that stay below it, equal transformers exactly.
 
 from __future__ import annotations
 
+from lmport.testing.tiny_models import _phi3
+
+# long factors from 17 positions on; not in TINY_MODELS, whose parity tests (tests/engine, the GPU
+# suite) generate across the switch point
+LONG_SWITCH = "phi3-long-switch"
+
+
+def long_switch_checkpoint(tiny_checkpoint):
+    return tiny_checkpoint(LONG_SWITCH, config=_phi3(original_max_positions=16))
+
 
 def test_phi3_matches_transformers(tiny_checkpoint, load_native, random_prompts, assert_matches_hf):
     path, hf_model = tiny_checkpoint("phi3")
@@ -21,7 +31,7 @@ def test_phi3_matches_transformers(tiny_checkpoint, load_native, random_prompts,
 
 
 def test_phi3_long_factors_match_transformers(tiny_checkpoint, load_native, random_prompts, assert_matches_hf):
-    path, hf_model = tiny_checkpoint("phi3-long-switch")
+    path, hf_model = long_switch_checkpoint(tiny_checkpoint)
     model = load_native(path)
     assert model.rotary.original_max_positions == 16
     # 20 and 25 tokens start on the long factors, 5 + 10 stays on the short ones: one batch,
@@ -33,7 +43,7 @@ def test_phi3_long_factors_change_the_output(tiny_checkpoint, random_prompts):
     import torch
 
     _, short_only = tiny_checkpoint("phi3")
-    _, switched = tiny_checkpoint("phi3-long-switch")
+    _, switched = long_switch_checkpoint(tiny_checkpoint)
     prompt = torch.tensor([random_prompts([20], seed=1)[0]])
     with torch.no_grad():
         # same weights (same seed and shapes); only the factors in use differ past 16 positions

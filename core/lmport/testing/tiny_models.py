@@ -237,10 +237,6 @@ def _phi3(original_max_positions: int = 128):
                       rope_scaling={"rope_type": "longrope", **factors}, sliding_window=None, **COMMON)
 
 
-def _phi3_long_switch():
-    # long factors from 17 positions on (see tests/models/test_phi3.py for what crossing means)
-    return _phi3(original_max_positions=16)
-
 
 def _phi3_window():
     from transformers import Phi3Config
@@ -290,7 +286,6 @@ TINY_MODELS: dict[str, Callable] = {
     "qwen3": _qwen3,
     "phi3": _phi3,
     "phi3-window": _phi3_window,
-    "phi3-long-switch": _phi3_long_switch,
     "granite": _granite,
 }
 
