@@ -29,6 +29,7 @@ from lmport.server.schemas_openai import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatRequest,
+    ChatTokenizeRequest,
     ChoiceLogprobs,
     AssistantMessage,
     Completion,
@@ -234,7 +235,7 @@ class StopCutter:
 
 
 @router.post("/chat_tokenize", response_model=ChatTokenizeResponse, responses=ERRORS, tags=["Text Generation Inference"], dependencies=[Depends(require_api_key)])
-async def chat_tokenize(body: ChatRequest, request: Request) -> ChatTokenizeResponse:
+async def chat_tokenize(body: ChatTokenizeRequest, request: Request) -> ChatTokenizeResponse:
     """The chat request's templated prompt and its tokens."""
     state = state_of(request)
     state.metrics.request()

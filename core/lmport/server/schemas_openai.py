@@ -62,6 +62,15 @@ class ChatRequest(BaseModel):
     ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
 
 
+class ChatTokenizeRequest(BaseModel):
+    """``/chat_tokenize``'s body: a chat request, of which only ``messages`` count (the other
+    fields are accepted and ignored, so a chat completion's body works here too)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
