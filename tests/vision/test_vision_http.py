@@ -15,7 +15,9 @@ from lmport.config import LaunchConfig
 from lmport.engine.factory import build_engine
 from lmport.plugins import PluginHost
 from lmport.server.app import build_app
+from lmport.models.image_prompts import PromptImage
 from lmport.server.assemble import build_state
+from lmport.server.images import MARKDOWN_IMAGE, image_digest
 from lmport.server.serve import ServerThread
 from lmport.testing.tiny_vision import png_bytes, tiny_image
 
@@ -140,3 +142,24 @@ def test_a_bad_image_does_not_harm_the_next_request(server, hf_image_greedy):
     client = text_generation.Client(server.url, timeout=60)
     good = client.generate(f"Describe ![]({data_uri(WIDE)})", max_new_tokens=MAX_NEW)
     assert [t.id for t in good.details.tokens] == hf_image_greedy("Describe <image>", [WIDE], MAX_NEW)[0]
+
+
+def test_truncate_keeps_the_images_or_answers_422(server, llava_next, image_prompts):
+    inputs = f"Some words to cut away before ![]({data_uri(WIDE)}) and after"
+    ids, images = image_prompts.build(
+        MARKDOWN_IMAGE.sub(image_prompts.placeholder, inputs), [PromptImage(WIDE.convert("RGB"), image_digest(WIDE.convert("RGB")))]
+    )
+    start, _ = images.spans[0]
+    keep = len(ids) - start + 2  # drops all but two tokens before the image
+    response = httpx.post(f"{server.url}/generate", json={
+        "inputs": inputs, "parameters": {"max_new_tokens": MAX_NEW, "truncate": keep, "details": True}})
+    assert response.status_code == 200, response.text
+    _, hf_model = llava_next
+    pixels = image_prompts.processor(text=[image_prompts.placeholder], images=[WIDE], return_tensors="pt")
+    with torch.inference_mode():
+        hf_model.generation_config.eos_token_id = None
+        out = hf_model.generate(input_ids=torch.tensor([ids[-keep:]]), pixel_values=pixels["pixel_values"],
+                                image_sizes=pixels["image_sizes"], do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=0)
+    assert [t["id"] for t in response.json()["details"]["tokens"]] == out[0, keep:].tolist()
+    cut = httpx.post(f"{server.url}/generate", json={"inputs": inputs, "parameters": {"max_new_tokens": 2, "truncate": keep - 5}})
+    assert cut.status_code == 422 and "cut into the prompt's images" in cut.json()["error"]

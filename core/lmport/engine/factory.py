@@ -94,7 +94,7 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
         block_size=spec.block_size,
         num_blocks=num_blocks,
         backend_max_batch_size=caps.max_batch_size,
-        accepts_images=bool(getattr(executor, "accepts_images", False)),
+        accepts_images=bool(getattr(executor, "accepts_images", False)),  # executors need not subclass ModelExecutor
     )
     log.info(
         "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB); max_input_tokens=%d max_total_tokens=%d "

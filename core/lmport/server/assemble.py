@@ -30,12 +30,14 @@ def build_state(
     device_type = "cpu"
     if host is not None and getattr(host, "selection", None) is not None:
         device_type = host.capabilities().device_type
-    fallback_template = None
-    if not getattr(tokenizer, "chat_template", None):
-        fallback_template = template_for_model_type(getattr(info.hf_config, "model_type", ""))
     image_prompts = None
     if engine.limits.accepts_images:
         image_prompts = ImagePrompts.load(info.path, info.hf_config, info.architecture, config.trust_remote_code)
+    fallback_template = None
+    if not getattr(tokenizer, "chat_template", None):
+        # image-text checkpoints often keep the template with their processor (chat_template.json)
+        processor_template = getattr(getattr(image_prompts, "processor", None), "chat_template", None)
+        fallback_template = processor_template or template_for_model_type(getattr(info.hf_config, "model_type", ""))
     model = ServedModel(
         model_id=model_id or info.model_id,
         dtype=engine.model_dtype or config.dtype or "float32",
