@@ -16,7 +16,7 @@ MAX_NEW = 7
 
 
 def engine_for(path, **overrides):
-    config = LaunchConfig(model_id=str(path), block_size=4, max_batch_total_tokens=512, **overrides)
+    config = LaunchConfig(model_id=str(path), **{"block_size": 4, "max_batch_total_tokens": 512, **overrides})
     engine, tokenizer, _ = build_llm_engine(config, PluginHost(environ={}, load_entry_points=False).load())
     return engine, tokenizer
 
@@ -42,3 +42,34 @@ def test_native_t5_matches_transformers_alone_and_batched(name, t5_checkpoint):
         assert last.finished and last.num_prompt_tokens == len(PROMPTS[i])
         assert "".join(o.text for o in outputs[f"r{i}"]) == tokenizer.decode(want, skip_special_tokens=True)
     assert engine.block_manager.num_used_blocks == 0  # decoder and cross blocks all freed
+
+
+def test_preempted_sequences_are_encoded_again(t5_checkpoint):
+    """A cache too small for all of them: sequences are preempted (cross and decoder blocks freed)
+    and recomputed, their encoder run again; tokens stay transformers'."""
+    path, oracle = t5_checkpoint("flan-t5")
+    engine, _ = engine_for(path, max_batch_total_tokens=48, max_total_tokens=40)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    outputs = engine.generate([GenerationRequest(f"r{i}", tuple(p), params) for i, p in enumerate(PROMPTS)])
+    assert engine.scheduler.num_preemptions > 0
+    for i, prompt in enumerate(PROMPTS):
+        assert tokens_of(outputs, f"r{i}") == hf_greedy_generate(oracle, prompt, 12)[0]
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_async_scheduling_and_n_sequences(t5_checkpoint):
+    """The async step path (the next step launched before this one's tokens are read), and ``n``
+    sequences of one request sharing its encoder input (their decoder blocks shared by the prefix cache)."""
+    path, oracle = t5_checkpoint("t5")
+    engine, _ = engine_for(path, async_scheduling=True)
+    assert engine.async_scheduling
+    greedy = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True, n=2, do_sample=True, seed=5)
+    requests = [GenerationRequest(f"g{i}", tuple(p), greedy) for i, p in enumerate(PROMPTS[:3])]
+    outputs = engine.generate([*requests, GenerationRequest("n", tuple(PROMPTS[3]), sampled)])
+    for i, prompt in enumerate(PROMPTS[:3]):
+        assert tokens_of(outputs, f"g{i}") == hf_greedy_generate(oracle, prompt, MAX_NEW)[0]
+    by_index: dict[int, list[int]] = {}
+    for out in outputs["n"]:
+        by_index.setdefault(out.index, []).extend(t.token_id for t in out.tokens)
+    assert sorted(by_index) == [0, 1] and all(len(t) == MAX_NEW for t in by_index.values())

@@ -1,7 +1,8 @@
-"""Encoder-decoder checkpoints (T5, BART ...) through transformers, as a :class:`ModelExecutor`.
+"""Encoder-decoder checkpoints without a native module (BART ...) through transformers, as a :class:`ModelExecutor`.
 
-The paged cache does not fit these models (cross-attention over the encoder's output), so
-this executor keeps transformers' own cache per sequence: it encodes a prompt once, when the
+T5 is native (:mod:`lmport.models.t5`: paged decoder, a cross-attention KV group, batched
+decode); this executor serves the other encoder-decoder architectures, and keeps
+transformers' own cache per sequence: it encodes a prompt once, when the
 scheduler first asks that sequence for a token, then feeds the decoder one token per step
 with that sequence's ``past_key_values``. Each step loops over its sequences (batch size 1
 each) and samples all of them together with the core's batched sampler.
