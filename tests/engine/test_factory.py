@@ -97,12 +97,12 @@ def test_quantization_is_refused_before_any_weight_is_read(tiny_model_dir, tmp_p
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (path / name).exists():
             shutil.copy(path / name, tmp_path / name)  # no weights in this folder
-    with pytest.raises(CapabilityError, match="awq"):
-        build_llm_engine(LaunchConfig(model_id=str(tmp_path), quantize="awq"), cpu_host_with())
+    with pytest.raises(CapabilityError, match="marlin"):  # a CUDA kernel: not on the CPU backend
+        build_llm_engine(LaunchConfig(model_id=str(tmp_path), quantize="marlin"), cpu_host_with())
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    config["quantization_config"] = {"quant_method": "exl2", "bits": 4}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CapabilityError, match="gptq"):
+    with pytest.raises(CapabilityError, match="exl2"):
         build_llm_engine(LaunchConfig(model_id=str(tmp_path)), cpu_host_with())
 
 

@@ -35,7 +35,7 @@ class QuantBackend:
     @hookimpl
     def lmport_capabilities(self, backend):
         if backend.name == "qb":
-            return Capabilities(backend="qb", device_type="cpu", quantization=frozenset({"gptq", "q3"}))
+            return Capabilities(backend="qb", device_type="cpu", quantization=frozenset({"gptq", "exl2", "q3"}))
 
     @hookimpl
     def lmport_register_quantization(self, register):
@@ -110,12 +110,13 @@ def test_unsupported_quantization_is_a_startup_error_naming_backend_capability_a
     host = make_host(QuantBackend())
     with pytest.raises(CapabilityError) as err:
         host.check_quantization("awq", quantization_registry(host))
-    assert str(err.value) == "backend 'qb' does not support 'awq' quantization (capability 'awq'); supported: gptq, q3"
+    assert str(err.value) == "backend 'qb' does not support 'awq' quantization (capability 'awq'); supported: exl2, gptq, q3"
 
 
 def test_unknown_quantization_lists_the_known_formats():
     host = make_host()
-    with pytest.raises(CapabilityError, match=r"quantization 'q9' \(unknown format\); supported: none; known formats: awq, "):
+    supported = "awq, bitsandbytes, compressed-tensors, eetq, fp8, gptq"  # the CPU backend's reference kernels
+    with pytest.raises(CapabilityError, match=rf"quantization 'q9' \(unknown format\); supported: {supported}; known formats: awq, "):
         host.check_quantization("q9", quantization_registry(host))
 
 
@@ -131,9 +132,18 @@ def test_lmport_weights_loader_for_a_plugin_format_and_for_unquantized(tmp_path)
 
 def test_a_supported_format_without_a_loader_is_a_clear_error():
     host = make_host(QuantBackend())
-    gptq = host.check_quantization("gptq", quantization_registry(host))
-    with pytest.raises(PluginError, match="no weights loader for 'gptq' checkpoints on backend 'qb': lmport has no loader"):
-        host.weights_loader(gptq)
+    exl2 = host.check_quantization("exl2", quantization_registry(host))
+    with pytest.raises(PluginError, match="no weights loader for 'exl2' checkpoints on backend 'qb': lmport has no loader"):
+        host.weights_loader(exl2)
+
+
+def test_the_core_reads_the_formats_it_implements_on_any_backend():
+    """The core's safetensors loader answers (last) for GPTQ; the format's Linear method does the rest."""
+    from lmport.weights.safetensors_loader import SafetensorsLoader
+
+    host = make_host(QuantBackend())
+    loader = host.weights_loader(host.check_quantization("gptq", quantization_registry(host)))
+    assert isinstance(loader, SafetensorsLoader) and not loader.convert_floats
 
 
 def test_lmport_model_executor_takes_over_unless_custom_kernels_are_disabled():

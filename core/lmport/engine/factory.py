@@ -83,8 +83,8 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
     dtype = pick_dtype(config.dtype, info.hf_config, device, caps)
     log.info("dtype %s on %s", str(dtype).removeprefix("torch."), device)
 
-    method = check_quantization(config, info, host)
-    executor = build_executor(config, host, info, dtype, device, method)
+    quant = check_quantization(config, info, host)
+    executor = build_executor(config, host, info, dtype, device, quant)
     spec: KVCacheSpec = executor.kv_cache_spec()
     max_positions = model_max_positions(info.hf_config)
     num_blocks = size_kv_cache(config, host, spec, device, max_positions)
@@ -167,28 +167,32 @@ def pick_dtype(requested: str | None, hf_config: Any, device: torch.device, caps
     return _DTYPES[name]
 
 
-def check_quantization(config: LaunchConfig, info: ModelInfo, host: Any) -> Any:
-    """The checkpoint's quantization method, checked against the backend before weights load."""
+def check_quantization(config: LaunchConfig, info: ModelInfo, host: Any) -> tuple[Any, Any]:
+    """The checkpoint's quantization, checked against the backend before weights load:
+    ``(QuantizationMethod or None, QuantizationConfig or None)``."""
+    from lmport.layers.quantization.detect import build_quantization_config, quantization_format
     from lmport.weights.quantization import QuantizationRegistry
 
-    name = config.quantize
-    if name is None:
-        quant_config = getattr(info.hf_config, "quantization_config", None)
-        if quant_config is not None:
-            name = quant_config.get("quant_method") if isinstance(quant_config, dict) else getattr(quant_config, "quant_method", None)
-            name = str(name) if name is not None else None
+    name, checkpoint_config = quantization_format(config.quantize, info.hf_config, info.path)
     registry = QuantizationRegistry()
     host.register_quantization(registry)
     method = host.check_quantization(name, registry)
-    if method is not None:
-        host.weights_loader(method)  # raises now, naming the backend, when no loader reads it
-    return method
+    if method is None:
+        return None, None
+    host.weights_loader(method)  # raises now, naming the backend, when no loader reads it
+    quantization = build_quantization_config(method.name, checkpoint_config)
+    log.info("quantization: %s", quantization.describe())
+    return method, quantization
 
 
 def build_executor(
-    config: LaunchConfig, host: Any, info: ModelInfo, dtype: torch.dtype, device: torch.device, method: Any
+    config: LaunchConfig, host: Any, info: ModelInfo, dtype: torch.dtype, device: torch.device, quant: Any = (None, None)
 ) -> ModelExecutor:
-    """A backend's whole-model executor, else the native model or the transformers fallback on the paged runner."""
+    """A backend's whole-model executor, else the native model or the transformers fallback on the paged runner.
+
+    ``quant``: ``(QuantizationMethod, QuantizationConfig)`` from :func:`check_quantization`, or ``(None, None)``.
+    """
+    method, quantization = quant
     executor = host.model_executor(info, config)
     if executor is not None:
         log.info("backend '%s' runs the whole model (%s)", host.backend.name, type(executor).__name__)
@@ -198,9 +202,13 @@ def build_executor(
     if block_size not in caps.kv_block_sizes:
         raise ValueError(f"block size {block_size} is not supported by backend '{caps.backend}': {caps.kv_block_sizes}")
     # A GGUF of a native family is dequantized once into a safetensors cache; others go through transformers.
-    model = build_native_model(info, host, dtype=dtype, device=device)
+    model = build_native_model(info, host, dtype=dtype, device=device, quant_method=method, quantization=quantization)
     if model is not None:
         log.info("native model for %s loaded", info.architecture)
+    elif method is not None:
+        raise ValueError(
+            f"'{method.name}' checkpoints load into lmport's native families only; {info.architecture} has none"
+        )
     else:
         from lmport.models.hf_fallback import load_fallback
 

@@ -66,6 +66,7 @@ class WeightSpec:
     per_shard: bool = False
     same_across_shards: bool = False
     optional: bool = False
+    keep_dtype: bool = False  # a model-wide ``.to(dtype)`` leaves it as created (float8 weights, float32 scales)
 
 
 class LinearMethod:
@@ -80,6 +81,8 @@ class LinearMethod:
     repacks = False
     # checkpoint tensors of the format that this method reads and does not use (named in docs)
     ignored_tensors: tuple[str, ...] = ()
+    # checkpoint tensor -> the parameter that receives it (``weight`` -> ``qweight`` when quantizing at load)
+    tensor_aliases: dict[str, str] = {}
 
     def create_weights(self, layer: "Linear") -> None:
         raise NotImplementedError
@@ -189,6 +192,25 @@ class Linear(UsesLayerOps, nn.Module):
             self.drop_weight(name)
         self.method = method
         self.method.create_weights(self)
+
+    def _apply(self, fn, recurse=True):
+        # ``model.to(dtype)`` casts every float parameter; a format's float8 weights and float32
+        # scales keep the dtype they were created with (they are cast back, still empty, before loading)
+        pinned = {name: getattr(self, name).dtype for name, spec in self.weight_specs.items() if spec.keep_dtype}
+        super()._apply(fn, recurse)
+        for name, dtype in pinned.items():
+            param = getattr(self, name)
+            if param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        return self
+
+    def shard_rows(self, shard: Hashable | None) -> tuple[int, int]:
+        """``(first output row, rows)`` of ``shard`` in this layer (``None``: all of them)."""
+        if shard is None:
+            return 0, self.out_features
+        if shard not in self.shard_offsets:
+            raise ValueError(f"unknown shard {shard!r}; this layer has {self.shard_names}")
+        return self.shard_offsets[shard], self.shard_sizes[shard]
 
     # ------------------------------------------------------------------ loading
 

@@ -49,6 +49,11 @@ def _target(
     target = mapper(hf_name)
     if target is not None and target[0] in params:
         return target
+    if target is not None:  # a format that quantizes at load takes ``weight`` into a parameter of its own
+        owner_name, _, local = target[0].rpartition(".")
+        owner = modules.get(owner_name)
+        if isinstance(owner, Linear) and local in owner.method.tensor_aliases:
+            return f"{owner_name}.{owner.method.tensor_aliases[local]}", target[1]
     # a quantized layer's tensor: map the layer's ``.weight`` and keep the tensor's own local name
     module, _, local = hf_name.rpartition(".")
     if not module:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from lmport.layers.linear import UNQUANTIZED, Linear
 from lmport.layers.ops import bind_layer_ops
+from lmport.layers.quantization.config import QuantizationConfig
 from lmport.models.base import CausalLM, ModelContext, ModelInfo
 from lmport.models.registry import ModelRegistry
 from lmport.models.resolve import resolve_model_info as _resolve_model_info
@@ -27,12 +29,21 @@ def resolve_model_info(path: str | Path, trust_remote_code: bool = False) -> Mod
 
 
 def build_native_model(
-    info: ModelInfo, host, dtype: torch.dtype, device: torch.device, registry: ModelRegistry | None = None
+    info: ModelInfo,
+    host,
+    dtype: torch.dtype,
+    device: torch.device,
+    registry: ModelRegistry | None = None,
+    *,
+    quant_method=None,
+    quantization: QuantizationConfig | None = None,
 ) -> CausalLM | None:
     """The native model for ``info`` with weights loaded, or ``None`` if no family claims it.
 
     A GGUF checkpoint is dequantized once into a safetensors cache (:mod:`lmport.models.gguf_weights`)
-    and loaded from there like any other.
+    and loaded from there like any other. ``quant_method`` (the registered format, checked against
+    the backend) and ``quantization`` (its parsed config, see :mod:`lmport.layers.quantization.detect`):
+    ``None`` for unquantized.
     """
     registry = registry or model_registry(host)
     entry = registry.get(info.architecture)
@@ -44,13 +55,26 @@ def build_native_model(
 
         weights_path = dequantized_checkpoint(info, dtype)
     context = ModelContext(
-        dtype=dtype, device=device, capabilities=host.capabilities(), attention_factory=host.attention_backend
+        dtype=dtype,
+        device=device,
+        capabilities=host.capabilities(),
+        attention_factory=host.attention_backend,
+        quantization=quantization,
     )
     with torch.device(device):
         model = entry.builder(info.hf_config, context)
+        if quantization is not None:
+            leave_ignored_modules_unquantized(model, quantization)
     model.to(dtype=dtype)
     # fused per-layer ops of the active backend (the reference on cpu or --disable-custom-kernels)
     bind_layer_ops(model, host.layer_ops())
-    loader = host.weights_loader(None)
+    loader = host.weights_loader(quant_method)
     model.load_weights(loader.iter_weights(weights_path, dtype, device))
     return model.eval()
+
+
+def leave_ignored_modules_unquantized(model: torch.nn.Module, quantization: QuantizationConfig) -> None:
+    """Layers the checkpoint's config lists as not quantized (``ignore``, ``modules_to_not_convert``) go back to full precision."""
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.method is not UNQUANTIZED and quantization.ignores(name):
+            module.set_method(UNQUANTIZED)

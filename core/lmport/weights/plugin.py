@@ -1,7 +1,9 @@
 """The core's quantization formats: names and the capability each needs.
 
-No quantized loader exists in lmport yet, so a format the backend supports still stops at
-startup with "no weights loader" (see docs/hooks.md); the capability check comes first.
+The core reads every format in :data:`CORE_READ_FORMATS` (see docs/quantization.md): its
+safetensors loader reads the tensors and each format's ``LinearMethod`` places, repacks and
+multiplies them. ``exl2`` is registered (backends may report it) but has no reader: it stops at
+startup with "no weights loader".
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ KNOWN_FORMATS = (
     QuantizationMethod("bitsandbytes", "bitsandbytes", "int8 LLM.int8(), quantized at load"),
     QuantizationMethod("bitsandbytes-nf4", "bitsandbytes", "4-bit NF4, quantized at load"),
     QuantizationMethod("bitsandbytes-fp4", "bitsandbytes", "4-bit FP4, quantized at load"),
+    QuantizationMethod("compressed-tensors", "compressed-tensors", "llm-compressor W4A16/W8A16 (pack-quantized) and FP8"),
     QuantizationMethod("exl2", "exl2", "ExLlamaV2 checkpoints"),
+)
+CORE_READ_FORMATS = frozenset(
+    {"gptq", "awq", "marlin", "fp8", "compressed-tensors", "eetq", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4"}
 )
 
 

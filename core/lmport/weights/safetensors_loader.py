@@ -25,8 +25,12 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 class SafetensorsLoader(WeightsLoader):
-    def __init__(self, progress: bool = True):
+    """``convert_floats``: cast floating tensors to the model dtype (unquantized checkpoints); off for
+    quantized ones, whose layers cast what they keep themselves (fp8 weights, float32 scales)."""
+
+    def __init__(self, progress: bool = True, convert_floats: bool = True):
         self.progress = progress
+        self.convert_floats = convert_floats
 
     def iter_weights(self, path: Path, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
         files = checkpoint_files(Path(path))
@@ -39,7 +43,7 @@ class SafetensorsLoader(WeightsLoader):
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in handle.keys():
                     tensor = handle.get_tensor(name)
-                    if tensor.is_floating_point():
+                    if self.convert_floats and tensor.is_floating_point():
                         tensor = tensor.to(dtype)
                     yield name, tensor.to(device)
             if bar is not None:

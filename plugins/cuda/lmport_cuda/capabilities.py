@@ -6,11 +6,12 @@ from lmport.capabilities import Capabilities
 
 AMPERE = (8, 0)  # A100, A10G, A40, RTX 30xx: flash + paged attention kernels, bf16
 ADA = (8, 9)  # L4, L40, H100 (9.0): fp8
-# What the CUDA kernels of this stack would run. lmport has no quantized loader yet: the host
-# stops with "no weights loader" after this capability check passes.
-QUANTIZATION_ANY = frozenset({"gptq", "awq", "bitsandbytes", "eetq", "exl2"})
+# The formats this backend runs (the core reads them, lmport_cuda's kernels multiply them). fp8
+# weights load on every GPU: fp8 matrix units from sm_89 (fp8_compute), a dequantizing kernel before.
+# exl2 passes the check and stops at "no weights loader" (lmport has no reader for it).
+QUANTIZATION_ANY = frozenset({"gptq", "awq", "bitsandbytes", "eetq", "exl2", "fp8", "compressed-tensors"})
 QUANTIZATION_AMPERE = frozenset({"marlin"})
-QUANTIZATION_ADA = frozenset({"fp8"})
+QUANTIZATION_ADA = frozenset()
 TRITON_BLOCK_SIZES = (16, 32, 64)  # the Triton paged kernels run well at 16-64 tokens per block
 FLASH_ATTN_BLOCK_SIZE = 256  # flash-attn's block_table path wants a multiple of 256
 HEAD_SIZES = (64, 80, 96, 128, 256)

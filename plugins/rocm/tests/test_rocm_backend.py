@@ -71,11 +71,12 @@ def test_awq_is_refused_before_loading_with_backend_capability_and_supported_for
     assert (err.value.backend, err.value.supported) == ("rocm", "gptq")
 
 
-def test_gptq_passes_the_check_then_stops_at_the_missing_loader(host, registry):
+def test_gptq_passes_the_check_and_the_core_reads_it(host, registry):
+    from lmport.weights.safetensors_loader import SafetensorsLoader
+
     method = host.check_quantization("gptq", registry)
     assert method.capability == "gptq"
-    with pytest.raises(PluginError, match="no weights loader for 'gptq' checkpoints on backend 'rocm'"):
-        host.weights_loader(method)
+    assert isinstance(host.weights_loader(method), SafetensorsLoader)
 
 
 def test_sliding_window_falls_back_to_the_reference_with_one_warning(host, caplog):

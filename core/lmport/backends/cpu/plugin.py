@@ -19,6 +19,8 @@ from lmport.layers.reference_attention import ReferenceAttention
 from lmport.memory import MemoryInfo
 
 NAME = "cpu"
+# every format the core reads, on the torch reference kernels ("marlin" names a CUDA kernel)
+CPU_QUANTIZATION = frozenset({"gptq", "awq", "fp8", "compressed-tensors", "eetq", "bitsandbytes"})
 
 
 @hookimpl(trylast=True)
@@ -44,6 +46,8 @@ def lmport_capabilities(backend):
         sliding_window_attention=True,
         alibi_attention=True,
         kv_block_sizes=(16, 32, 64, 128, 256, 8, 4, 2, 1),
+        # the torch reference kernels of lmport.layers.quant_ops run every format the core reads
+        quantization=CPU_QUANTIZATION,
         notes=("reference kernels in plain torch; the baseline every other backend is tested against",),
     )
 
@@ -84,11 +88,15 @@ def lmport_memory_info(device):
 
 @hookimpl(trylast=True)
 def lmport_weights_loader(quant):
-    if quant is not None:
-        return None
+    # the core reads every format it implements (the Linear methods do the format's work), on any backend
+    from lmport.weights.plugin import CORE_READ_FORMATS
     from lmport.weights.safetensors_loader import SafetensorsLoader
 
-    return SafetensorsLoader()
+    if quant is None:
+        return SafetensorsLoader()
+    if quant.name in CORE_READ_FORMATS:
+        return SafetensorsLoader(convert_floats=False)  # fp8 weights and float32 scales stay as stored
+    return None
 
 
 @hookimpl(trylast=True)
