@@ -163,6 +163,8 @@ def kernels(args) -> dict:
                                      ops.fp8, ops.fp8_bytes, ops.fp8_ref)  # fmt: skip
             if fp8_compute:
                 cases["fp8 scaled_mm"] = (lambda c: F8.scaled_mm_linear(x, c[0], c[1], None, rowwise=rowwise), ops.fp8, ops.fp8_bytes, ops.fp8_ref)
+            if fp8_compute:  # the per-token activation quantization alone (part of "fp8 scaled_mm")
+                cases["fp8 quantize x"] = (lambda c: F8.quantize_rows(x), ops.fp8, 3 * m * k, None)
             cases["fp8 dequant+cublas"] = (lambda c: F8.dequant_linear(x, c[0], c[1]), ops.fp8, ops.fp8_bytes, ops.fp8_ref)
             cases["fp8 linear_fp8"] = (lambda c: F8.linear_fp8(x, c[0], c[1], None, fp8_compute=fp8_compute, rowwise=rowwise),
                                        ops.fp8, ops.fp8_bytes, ops.fp8_ref)  # fmt: skip

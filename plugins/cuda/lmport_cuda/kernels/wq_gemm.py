@@ -183,10 +183,12 @@ def _locks(device: torch.device) -> torch.Tensor | None:
 
 
 def pick_gemm_config(m: int, n: int, k: int, group_size: int, bits: int) -> WqConfig:
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    """Row tiles of 16/32/64 (64 x 128 float32 accumulators plus the dot's own stay under 255
+    registers on sm_90; 128 rows spilled), split K while the grid is short for up to 64 rows."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 64 if m <= 64 else 128
     cfg = WqConfig(block_m=block_m, block_n=block_n, block_k=_block_k(group_size, 128 if m <= 64 else 64),
-                   num_warps=4, num_stages=4)  # fmt: skip
+                   num_warps=4, num_stages=3)  # fmt: skip
     if m <= 64:
         return with_split(cfg, n, k)
     return cfg
@@ -328,13 +330,27 @@ def _unpack(w, offs_k, BITS: tl.constexpr):
 
 
 @triton.jit
+def _expand_words(w, BITS: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Words ``[KP, BLOCK_N]`` (each loaded once) -> values ``[KP * pack, BLOCK_N]``, row ``kp * pack + j``."""
+    PACK: tl.constexpr = 32 // BITS
+    shifts = tl.arange(0, PACK) * BITS
+    q = (w[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+    return tl.reshape(q, (KP * PACK, BLOCK_N))
+
+
+@triton.jit
 def _wq_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, partial_ptr,
     M, N, K, stride_xm, stride_qk, stride_g, stride_ym, group_size, k_per_split,
-    BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, MAGIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """Each packed word is loaded once (``[BLOCK_K // pack, BLOCK_N]``) and expanded in registers.
+    ``MAGIC`` (16-bit x): a value becomes ``OFFSET + q`` in x's dtype by OR-ing the exponent bits of
+    OFFSET (bf16 0x4300 = 128, fp16 0x6400 = 1024; exact for q < 128 / 1024), and the offset joins
+    the zero point: ``x @ (OFFSET + q) - (OFFSET + z) * sum x`` (no int-to-float conversion)."""
     PACK: tl.constexpr = 32 // BITS
+    KP: tl.constexpr = BLOCK_K // PACK
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -342,22 +358,35 @@ def _wq_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_kp = tl.arange(0, KP)
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    if MAGIC:
+        if x_ptr.dtype.element_ty == tl.bfloat16:
+            OFFSET_BITS: tl.constexpr = 0x4300
+            OFFSET: tl.constexpr = 128.0
+        else:
+            OFFSET_BITS: tl.constexpr = 0x6400
+            OFFSET: tl.constexpr = 1024.0
+    else:
+        OFFSET_BITS: tl.constexpr = 0
+        OFFSET: tl.constexpr = 0.0
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
         ks = k0 + offs_k
         x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None], other=0.0)
-        w = tl.load(qw_ptr + (ks // PACK).to(tl.int64)[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
-        q = _unpack(w, ks, BITS)
+        w = tl.load(qw_ptr + (k0 // PACK + offs_kp).to(tl.int64)[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
+        q = _expand_words(w, BITS, KP, BLOCK_N)
         g = k0 // group_size
         s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32) + OFFSET
         if DOT_FP32:
             d = tl.dot(x.to(tl.float32), q.to(tl.float32), input_precision="ieee")
+        elif MAGIC:
+            d = tl.dot(x, (q | OFFSET_BITS).to(tl.int16).to(x.dtype, bitcast=True))
         else:
             d = tl.dot(x, q.to(x.dtype))  # values < 256: exact in bf16/fp16
         x_sum = tl.sum(x.to(tl.float32), axis=1)
@@ -459,6 +488,7 @@ def wq_gemm(x, qweight, scales, zeros, bits, group_size, bias=None, config: WqCo
         m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), group_size, k_per_split,
         # float32 x, and Triton's interpreter (which mishandles a bf16 tl.dot), take float32 operands
         BITS=bits, HAS_BIAS=bias is not None, SPLIT=split, DOT_FP32=x.dtype == torch.float32 or not x.is_cuda,
+        MAGIC=x.is_cuda and x.dtype != torch.float32 and (bits == 4 or x.dtype == torch.float16),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split:
