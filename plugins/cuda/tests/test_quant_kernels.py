@@ -76,16 +76,16 @@ def wq_configs(block_k_cap: int):
     ]
 
 
-CASES = [  # m, k, n, bits, group_size
-    (1, 128, 40, 4, 32),
-    (1, 96, 64, 4, 96),  # per-channel: one group of all of K
-    (1, 64, 17, 8, 16),
-    (1, 256, 48, 8, 128),
+CASES = [  # m, k, n, bits, group_size, dtype
+    (1, 128, 40, 4, 32, torch.bfloat16),
+    (1, 96, 64, 4, 96, torch.float16),  # per-channel: one group of all of K
+    (1, 64, 48, 4, 32, torch.float32),
+    (1, 64, 17, 8, 16, torch.bfloat16),
+    (1, 256, 48, 8, 128, torch.float32),
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("m,k,n,bits,group_size", CASES)
+@pytest.mark.parametrize("m,k,n,bits,group_size,dtype", CASES)
 def test_wq_gemv_matches_the_dequantized_reference(device, dtype, m, k, n, bits, group_size):
     from lmport_cuda.kernels.wq_gemm import wq_gemv
 
@@ -163,9 +163,8 @@ def test_fp8_bit_conversion_is_exact_for_every_byte(device):
     assert torch.equal(out.cpu()[0][finite], every.float()[finite])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("per_channel", [True, False])
-@pytest.mark.parametrize("m,n,k", [(1, 40, 256), (1, 33, 96), (3, 24, 128)])
+@pytest.mark.parametrize("m,n,k,dtype", [(1, 40, 256, torch.bfloat16), (1, 33, 96, torch.float16), (3, 24, 128, torch.bfloat16)])
 def test_fp8_gemv_matches_the_reference(device, dtype, per_channel, m, n, k):
     from lmport_cuda.kernels.fp8_linear import fp8_gemv
     from lmport_cuda.kernels.gemv import GemvConfig
