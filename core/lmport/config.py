@@ -60,6 +60,7 @@ class LaunchConfig:
     # server
     hostname: str = "0.0.0.0"
     port: int = 3000
+    validation_workers: int = 2  # threads that tokenize and render chat templates (TGI's flag)
     served_model_name: str | None = None  # None: the hub id, or a local checkpoint's folder/file name
     api_key: str | None = None
     api_keys: tuple[str, ...] = ()  # --api-key-file's keys; accepted besides api_key

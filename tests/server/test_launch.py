@@ -61,6 +61,7 @@ ENV_CASES = {
     "CUDA_GRAPHS": ("1,2,4", "cuda_graphs", (1, 2, 4)),
     "API_KEY": ("k", "api_key", "k"),
     "SERVED_MODEL_NAME": ("my-model", "served_model_name", "my-model"),
+    "VALIDATION_WORKERS": ("3", "validation_workers", 3),
     "PAYLOAD_LIMIT": ("10", "payload_limit", 10),
     "CORS_ALLOW_ORIGIN": ("http://a,http://b", "cors_allow_origin", ("http://a", "http://b")),
     "JSON_OUTPUT": ("true", "json_output", True),
@@ -104,7 +105,9 @@ def test_bad_values_and_sharding_are_clear_errors():
 
 def test_tgi_only_flags_are_accepted_with_a_warning():
     settings = parse(["--validation-workers", "4", "--otlp-endpoint", "http://x"])
-    assert any("--validation-workers" in w for w in settings.warnings)
+    assert any("--otlp-endpoint" in w for w in settings.warnings)
+    assert settings.config.validation_workers == 4  # a real flag now: the tokenize pool's size
+    assert not any("--validation-workers" in w for w in settings.warnings)
 
 
 def free_port() -> int:

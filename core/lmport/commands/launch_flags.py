@@ -121,6 +121,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--engine-restarts",), ("LMPORT_ENGINE_RESTARTS",), "engine_restarts", int, 5,
          "times in a row a dead engine process is restarted, with a doubling back-off from 1 s (0: never)"),
     Flag(("--block-size",), ("LMPORT_BLOCK_SIZE",), "block_size", int, help="KV cache block size (default: the attention backend's)"),
+    Flag(("--validation-workers",), ("VALIDATION_WORKERS",), "validation_workers", int, 2,
+         "threads that tokenize prompts and render chat templates, off the event loop"),
     Flag(("--served-model-name",), ("SERVED_MODEL_NAME",), "served_model_name",
          help="the model's name in /info, /v1/models and OpenAI answers (default: the hub id, or a local checkpoint's "
               "folder or file name, never its path)"),
@@ -151,7 +153,6 @@ FLAGS: tuple[Flag, ...] = (
 
 # TGI flags that change nothing here: accepted, so a TGI command line runs, with a warning.
 IGNORED_FLAGS: tuple[tuple[str, str], ...] = (
-    ("--validation-workers", "VALIDATION_WORKERS"),
     ("--huggingface-hub-cache", "HUGGINGFACE_HUB_CACHE"),
     ("--weights-cache-override", "WEIGHTS_CACHE_OVERRIDE"),
     ("--shard-uds-path", "SHARD_UDS_PATH"),

@@ -157,10 +157,10 @@ async def validate_with_images(state: Any, params: Any, *, inputs: str, add_spec
     """
     prompts = getattr(state, "image_prompts", None)
     if prompts is None:
-        return state.validator.validate(params, inputs=inputs, add_special_tokens=add_special_tokens, **kwargs)
+        return await state.off_loop(state.validator.validate, params, inputs=inputs, add_special_tokens=add_special_tokens, **kwargs)
     urls = MARKDOWN_IMAGE.findall(inputs or "")
     if not urls and prompts.placeholder not in (inputs or ""):  # a text-only prompt: the usual path
-        return state.validator.validate(params, inputs=inputs, add_special_tokens=add_special_tokens, **kwargs)
+        return await state.off_loop(state.validator.validate, params, inputs=inputs, add_special_tokens=add_special_tokens, **kwargs)
     policy: ImagePolicy = state.image_policy
     most = state.limits.max_images_per_request  # the engine's rule, checked here before anything is fetched
     if len(urls) > most:
@@ -170,10 +170,10 @@ async def validate_with_images(state: Any, params: Any, *, inputs: str, add_spec
     if not text:
         raise ValidationFailed("`inputs` cannot be empty")
     try:
-        ids, image_inputs = prompts.build(text, images, add_special_tokens)
+        ids, image_inputs = await state.off_loop(prompts.build, text, images, add_special_tokens)
     except ImagePromptError as exc:
         raise ValidationFailed(str(exc)) from exc
-    valid = state.validator.validate(params, prompt_ids=ids, **kwargs)
+    valid = await state.off_loop(state.validator.validate, params, prompt_ids=ids, **kwargs)
     if image_inputs is None:
         return valid
     cut = len(ids) - len(valid.prompt_ids)  # `truncate` keeps the prompt's end

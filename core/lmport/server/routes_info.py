@@ -41,7 +41,7 @@ def info_payload(state: ServerState) -> dict[str, Any]:
         "max_batch_prefill_tokens": config.max_batch_prefill_tokens,
         "max_waiting_tokens": config.max_waiting_tokens,
         "max_batch_size": config.max_batch_size,
-        "validation_workers": 1,
+        "validation_workers": state.tokenize_pool.workers,
         "max_client_batch_size": limits.max_client_batch_size,
         "router": "lmport",
         "version": __version__,

@@ -86,7 +86,7 @@ async def chat_request_to_valid(state: ServerState, body: ChatRequest) -> ValidR
         raise ValidationFailed("`response_format` is not supported: constrained decoding (grammars) is not implemented in lmport yet")
     if body.top_logprobs and not body.logprobs:
         raise ValidationFailed("`top_logprobs` needs `logprobs` set to true")
-    prompt = render_chat(state.tokenizer, body.messages, state.model.chat_template, images=state.image_prompts is not None)
+    prompt = await state.off_loop(render_chat, state.tokenizer, body.messages, state.model.chat_template, images=state.image_prompts is not None)
     params = openai_parameters(
         temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_completion_tokens or body.max_tokens,
         stop=body.stop, seed=body.seed, frequency_penalty=body.frequency_penalty,
@@ -239,8 +239,9 @@ async def chat_tokenize(body: ChatTokenizeRequest, request: Request) -> ChatToke
     """The chat request's templated prompt and its tokens."""
     state = state_of(request)
     state.metrics.request()
-    prompt = render_chat(state.tokenizer, body.messages, state.model.chat_template)
-    return ChatTokenizeResponse(tokenize_response=simple_tokens(state.tokenizer, prompt, False), templated_text=prompt)
+    prompt = await state.off_loop(render_chat, state.tokenizer, body.messages, state.model.chat_template)
+    tokens = await state.off_loop(simple_tokens, state.tokenizer, prompt, False, state.limits.max_input_tokens)
+    return ChatTokenizeResponse(tokenize_response=tokens, templated_text=prompt)
 
 
 # ---------------------------------------------------------------------------- completions
@@ -300,12 +301,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     scope = RouteScope(state)
     if body.stream:
         with scope.opening():
-            requests = completion_requests(state, body)
+            requests = await state.off_loop(completion_requests, state, body)
             streams = scope.open([valid for _, valid in requests])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStreamResponse(completion_events(scope, requests, streams, n, completion_id, include_usage, body))
     with scope:
-        requests = completion_requests(state, body)
+        requests = await state.off_loop(completion_requests, state, body)
         streams = scope.open([valid for _, valid in requests])
         timings = [scope.timings(stream) for stream in streams]
         results = await until_disconnect(

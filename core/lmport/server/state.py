@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from lmport import __version__
 from lmport.config import LaunchConfig
@@ -18,7 +18,10 @@ from lmport.engine.api import EngineClient, EngineStats
 from lmport.engine.limits import EngineLimits
 from lmport.server.images import ImagePolicy
 from lmport.server.metrics import ServerMetrics
+from lmport.server.tokenize_pool import TokenizePool
 from lmport.server.validation import Validator
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.validator = Validator(self.limits, self.tokenizer, self.model.eos_token_ids, vocab_size=self.engine.vocab_size)
+        self.tokenize_pool = TokenizePool(self.config.validation_workers)
         self.metrics = ServerMetrics(
             max_input_tokens=self.limits.max_input_tokens,
             max_total_tokens=self.limits.max_total_tokens,
@@ -62,6 +66,10 @@ class ServerState:
         self.special_ids = frozenset(self.tokenizer.all_special_ids or ())
         # TGI's x-compute-type header comes from $COMPUTE_TYPE; read when the app is built
         self.compute_type = os.environ.get("COMPUTE_TYPE") or f"{self.model.device_type}+lmport"
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run tokenizing or template work on the tokenize pool (:mod:`lmport.server.tokenize_pool`)."""
+        return await self.tokenize_pool.run(fn, *args, **kwargs)
 
     @property
     def limits(self) -> EngineLimits:
