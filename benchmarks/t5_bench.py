@@ -75,7 +75,11 @@ def run_path(name: str, path: Path, args, prompts: list[list[int]]) -> dict:
         model_id=str(path), dtype=args.dtype, max_batch_total_tokens=args.requests * (args.input_len + args.output_len + 32),
         max_total_tokens=args.input_len + args.output_len + 8, max_batch_prefill_tokens=max(4096, args.requests * 8),
     )
-    host = PluginHost().load() if args.device != "cpu" else PluginHost(environ={}, load_entry_points=False).load()
+    if args.device == "cpu":
+        host = PluginHost(environ={}, load_entry_points=False).load()
+    else:
+        host = PluginHost()
+        host.select_backend(args.device)
     if name == "hf-seq2seq":
         with transformers_seq2seq_path():
             engine, _, _ = factory.build_llm_engine(config, host)

@@ -36,10 +36,13 @@ def test_t5_decodes_through_the_graph_runner(tmp_path, device: torch.device, mon
 
     oracle = make_t5_checkpoint(tmp_path, flan=True)
     on_gpu = device.type == "cuda"
-    host = PluginHost(environ={}, load_entry_points=on_gpu).load()  # on a GPU: the cuda plugin itself
-    if not on_gpu:
+    if on_gpu:  # the cuda plugin itself
+        host = PluginHost(environ={})
+        assert host.select_backend("cuda").backend.name == "cuda"
+    else:
+        host = PluginHost(environ={}, load_entry_points=False).load()
         host.register(TritonAttentionPlugin(), "triton-attention")
-    host.select_backend()
+        host.select_backend()
     config = LaunchConfig(model_id=str(tmp_path), block_size=16, max_batch_total_tokens=256, dtype="float32",
                           cuda_graphs=(1, 2, 4), max_total_tokens=64)  # fmt: skip
     engine, _, _ = build_llm_engine(config, host)
@@ -61,3 +64,24 @@ def test_t5_decodes_through_the_graph_runner(tmp_path, device: torch.device, mon
     for i, prompt in enumerate(prompts):
         assert [t.token_id for o in outputs[f"r{i}"] for t in o.tokens] == hf_greedy_generate(oracle, prompt, 5)[0]
     assert replays and set(replays) == {3}  # every decode step went through the static batch
+
+
+def test_t5_bf16_on_cuda_is_close_to_transformers_fp32(tmp_path, cuda_device: torch.device) -> None:
+    """bf16 on the GPU (kernels and graphs): every generated token's logprob close to what
+    transformers' float32 model gives the same token after the same prefix."""
+    oracle = make_t5_checkpoint(tmp_path, flan=True)
+    host = PluginHost(environ={})
+    assert host.select_backend("cuda").backend.name == "cuda"
+    config = LaunchConfig(model_id=str(tmp_path), dtype="bfloat16", max_batch_total_tokens=1024, max_total_tokens=64)
+    engine, _, _ = build_llm_engine(config, host)
+    assert engine.executor.graph_runner is not None
+    prompts = [[5, 9, 33, 4, 80, 81, 82, 90, 91, 92, 7], [100, 7], [8, 8, 8, 120, 43, 19]]
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    outputs = engine.generate([GenerationRequest(f"r{i}", tuple(p), params) for i, p in enumerate(prompts)])
+    for i, prompt in enumerate(prompts):
+        tokens = [t for o in outputs[f"r{i}"] for t in o.tokens]
+        ids = [t.token_id for t in tokens]
+        with torch.inference_mode():
+            logits = oracle(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([[0, *ids[:-1]]])).logits[0]
+        want = torch.log_softmax(logits.float(), -1)[torch.arange(len(ids)), torch.tensor(ids)]
+        torch.testing.assert_close(torch.tensor([t.logprob for t in tokens]), want, atol=0.1, rtol=0.05)
