@@ -121,7 +121,11 @@ def main() -> int:
         path = Path(args.checkpoint or tmp)
         if not (path / "config.json").exists():
             build_checkpoint(args.shape, path)
-        results = [run_path(name, path, args, prompts) for name in args.paths.split(",")]
+        results = []
+        for name in args.paths.split(","):
+            results.append(run_path(name, path, args, prompts))
+            r = results[-1]
+            print(f"# {name}: {r['wall_s']:.2f} s wall, {r['cpu_s']:.2f} s CPU, {r['output_tok_per_s']:.1f} tok/s", flush=True)
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"T5 {args.shape} on {device_name}, {args.dtype}: {args.requests} requests at once, "
           f"{args.input_len} tokens in, {args.output_len} out")  # fmt: skip
