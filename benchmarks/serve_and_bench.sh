@@ -50,12 +50,12 @@ python3 -c "import httpx, json; print(json.dumps(httpx.get('$URL/info', timeout=
 rc=0
 echo "[$(date +%T)] batch-1 decode: 8 requests of $IN in / $GEN out, one at a time"
 python3 -m lmport.cli bench --base-url "$URL" --max-concurrency 1 --num-prompts 8 --input-len "$IN" --output-len "$GEN" \
-  --no-progress --result-json "$OUT/lmport-$NAME-b1.json" || rc=$?
+  --tokenizer "$CKPT" --no-progress --result-json "$OUT/lmport-$NAME-b1.json" || rc=$?
 echo "[$(date +%T)] load: $N requests of $IN in / $GEN out, concurrency $CONC"
 # the client's own CPU time: a load generator that saturates its core would understate the server
 TIMEFORMAT="load generator: %U s user + %S s system CPU over %R s wall"
 time python3 -m lmport.cli bench --base-url "$URL" --max-concurrency "$CONC" --num-prompts "$N" --input-len "$IN" --output-len "$GEN" \
-  --no-progress --result-json "$OUT/lmport-$NAME-load.json" || rc=$?
+  --tokenizer "$CKPT" --no-progress --result-json "$OUT/lmport-$NAME-load.json" || rc=$?
 # which processes hold GPU memory (the engine process; the HTTP parent should hold none)
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv > "$OUT/lmport-$NAME-gpu-apps.txt" 2>&1
 echo "server pid $(cat "$PIDFILE")" >> "$OUT/lmport-$NAME-gpu-apps.txt"
