@@ -310,3 +310,15 @@ def test_the_backend_binds_the_quantized_ops(device):
 
     table = lmport_layer_ops(capabilities=None)
     assert {"linear_wq", "linear_fp8"} <= set(table)
+
+
+@pytest.mark.parametrize("n,k,group_size,bits", [(6144, 4096, 128, 4), (4096, 14336, 128, 4), (1024, 4096, 32, 4), (4096, 4096, 4096, 8)])
+def test_the_tuner_only_times_configs_the_kernel_takes(n, k, group_size, bits):
+    from lmport_cuda.kernels.wq_gemm import gemv_candidates, pick_gemv_config
+
+    candidates = gemv_candidates(n, k, group_size, bits)
+    assert len(candidates) == len(set(candidates)) >= 5
+    for cfg in [pick_gemv_config(n, k, group_size, bits), *candidates]:
+        assert group_size % cfg.block_k == 0 and cfg.block_k % (32 // bits) == 0 and k % cfg.block_k == 0
+        assert cfg.fused_reduce == (cfg.split_k > 1) or cfg in (pick_gemv_config(n, k, group_size, bits),)
+        assert k // cfg.split_k >= cfg.block_k  # every split has a tile
