@@ -105,6 +105,17 @@ def test_openai_chat_image_url_parts_equal_transformers(server, hf_image_greedy,
     assert streamed == reply.choices[0].message.content
 
 
+def test_openai_completions_read_markdown_images(server, hf_image_greedy, image_prompts):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60)
+    reply = client.completions.create(
+        model="tiny-llava-next", prompt=[f"Describe ![]({data_uri(WIDE)})", "The quick brown fox"], max_tokens=MAX_NEW, temperature=0
+    )
+    tokenizer = image_prompts.processor.tokenizer
+    texts = [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+    assert texts[0] == tokenizer.decode(hf_image_greedy("Describe <image>", [WIDE], MAX_NEW)[0], skip_special_tokens=True)
+    assert texts[1] == tokenizer.decode(hf_image_greedy("The quick brown fox", [], MAX_NEW)[0], skip_special_tokens=True)
+
+
 @pytest.mark.parametrize(
     "image, message",
     [

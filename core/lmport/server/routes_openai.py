@@ -262,12 +262,13 @@ def completion_prompts(state: ServerState, body: CompletionRequest) -> list[tupl
     return [(state.tokenizer.decode(ids), ids) for ids in id_prompts]
 
 
-def completion_requests(state: ServerState, body: CompletionRequest) -> list[tuple[str, ValidRequest]]:
+async def completion_requests(state: ServerState, body: CompletionRequest) -> list[tuple[str, ValidRequest]]:
+    """Each prompt's engine request; tokenizing and decoding run on the tokenize pool (off the loop)."""
     if body.suffix is not None:
         raise ApiError("Suffix is not supported and can be achieved by preprocessing the prompt.", status_code=422, error_type="suffix not supported")
     if body.best_of is not None and body.best_of > 1:
         raise ValidationFailed("`best_of` is not supported on /v1/completions; use `n` or /generate's best_of")
-    prompts = completion_prompts(state, body)
+    prompts = await state.off_loop(completion_prompts, state, body)
     if len(prompts) > state.limits.max_client_batch_size:
         raise ApiError(
             f"Number of prompts exceeds the maximum allowed batch size of {state.limits.max_client_batch_size}",
@@ -282,12 +283,15 @@ def completion_requests(state: ServerState, body: CompletionRequest) -> list[tup
     )
     want_prompt_logprobs = body.echo and body.logprobs is not None
     out = []
+    options = dict(
+        n=body.n or 1, presence_penalty=body.presence_penalty or None, prompt_logprobs=want_prompt_logprobs,
+        ignore_eos=body.ignore_eos,
+    )
     for text, ids in prompts:
-        valid = state.validator.validate(
-            params, inputs=text if ids is None else None, prompt_ids=ids, add_special_tokens=True,
-            n=body.n or 1, presence_penalty=body.presence_penalty or None, prompt_logprobs=want_prompt_logprobs,
-            ignore_eos=body.ignore_eos,
-        )
+        if ids is None:  # a text prompt may hold markdown images, as /generate's
+            valid = await validate_with_images(state, params, inputs=text, add_special_tokens=True, **options)
+        else:
+            valid = await state.off_loop(state.validator.validate, params, prompt_ids=ids, add_special_tokens=True, **options)
         out.append((text, valid))
     return out
 
@@ -301,12 +305,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     scope = RouteScope(state)
     if body.stream:
         with scope.opening():
-            requests = await state.off_loop(completion_requests, state, body)
+            requests = await completion_requests(state, body)
             streams = scope.open([valid for _, valid in requests])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStreamResponse(completion_events(scope, requests, streams, n, completion_id, include_usage, body))
     with scope:
-        requests = await state.off_loop(completion_requests, state, body)
+        requests = await completion_requests(state, body)
         streams = scope.open([valid for _, valid in requests])
         timings = [scope.timings(stream) for stream in streams]
         results = await until_disconnect(
