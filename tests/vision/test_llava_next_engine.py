@@ -73,14 +73,23 @@ def test_images_change_the_output(hf_image_greedy):
     assert (with_wide[0] - with_tall[0]).abs().max() > 1e-2
 
 
-def test_chunked_prefill_through_an_image(llava_next, image_request, hf_image_greedy):
-    """A prefill budget of 16 tokens cuts every image span over several steps (features cached per sequence)."""
-    engine = make_engine(llava_next[0], max_batch_prefill_tokens=16, max_input_tokens=400, max_total_tokens=420)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_chunked_prefill_through_an_image(llava_next, image_request, hf_image_greedy, async_scheduling):
+    """A prefill budget of 16 tokens cuts every image span over several steps (features cached per
+    sequence), beside a text request that decodes meanwhile; with async scheduling too."""
+    engine = make_engine(llava_next[0], max_batch_prefill_tokens=16, max_input_tokens=400, max_total_tokens=420,
+                         async_scheduling=async_scheduling)
     text, images = PROMPTS[1]
     request = image_request("chunked", text, images, max_new_tokens=5)
     assert max(end - start for start, end in request.images.spans) > 16
-    got = tokens_of(engine.generate([request]))["chunked"]
-    assert got == hf_image_greedy(text, images, 5)[0]
+    from lmport.engine.api import GenerationRequest, SamplingParams
+
+    text_request = GenerationRequest("text", (5, 6, 7, 8), SamplingParams(max_new_tokens=12, ignore_eos=True))
+    got = tokens_of(engine.generate([text_request, request]))
+    assert got["chunked"] == hf_image_greedy(text, images, 5)[0]
+    from lmport.testing.hf_oracle import hf_greedy_generate
+
+    assert got["text"] == hf_greedy_generate(llava_next[1], [5, 6, 7, 8], 12)[0]
     assert not engine.executor._image_features  # dropped once the last image token was fed
 
 
