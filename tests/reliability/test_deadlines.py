@@ -85,7 +85,8 @@ def test_max_queue_time_refuses_only_requests_never_scheduled(build_engine_for):
 # ---------------------------------------------------------------------- over HTTP
 
 
-LONG = {"inputs": "a long one", "parameters": {"max_new_tokens": 480}}
+# 480 tokens, EOS or not (vLLM's ignore_eos on the OpenAI route)
+LONG = {"prompt": "a long one", "max_tokens": 480, "ignore_eos": True}
 
 
 def test_a_full_server_answers_429_with_retry_after(serve):
@@ -93,7 +94,7 @@ def test_a_full_server_answers_429_with_retry_after(serve):
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            busy = [asyncio.create_task(client.post("/generate", json=LONG)) for _ in range(2)]
+            busy = [asyncio.create_task(client.post("/v1/completions", json=LONG)) for _ in range(2)]
             while server.state.engine.num_open < 2:
                 await asyncio.sleep(0.01)
             tgi = await client.post("/generate", json={"inputs": "one more"})
@@ -112,19 +113,33 @@ def test_a_full_server_answers_429_with_retry_after(serve):
 def test_deadlines_over_http(serve):
     """504 past --request-timeout; 429 with Retry-After for one that waited past --max-queue-time
     (one sequence at a time, behind a long one); both free their blocks."""
-    server = serve(request_timeout=0.05, max_batch_size=1)
-    timed_out = httpx.post(f"{server.url}/generate", json=LONG, timeout=60)
-    chat = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 480}, timeout=60)
+    # one sequence at a time, 480 tokens each: whichever runs first may finish within the second,
+    # every one behind it cannot (it would need 480 steps in what is left of that second)
+    server = serve(request_timeout=1.0, max_batch_size=1)
+
+    async def timed_out():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            first = [asyncio.create_task(client.post("/v1/completions", json=LONG)) for _ in range(3)]
+            while server.state.engine.num_open < 3:
+                await asyncio.sleep(0.005)
+            chat = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 480, "ignore_eos": True})
+            return await asyncio.gather(*first), chat
+
+    generated, chat = asyncio.run(timed_out())
     wait_until_idle(server)  # every block freed
-    assert timed_out.status_code == 504 and timed_out.json()["error_type"] == "timeout"
-    assert "--request-timeout" in timed_out.json()["error"]
+    late = [r for r in generated if r.status_code == 504]
+    assert len(late) >= 2 and all(r.status_code in (200, 504) for r in generated)
+    for response in late:
+        error = response.json()["error"]
+        assert error["code"] == "timeout" and error["type"] == "server_error" and "--request-timeout" in error["message"]
     assert chat.status_code == 504 and chat.json()["error"]["type"] == "server_error"
+    assert chat.json()["error"]["code"] == "timeout"
 
     server = serve(max_queue_time=0.05, max_batch_size=1)
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            long = asyncio.create_task(client.post("/generate", json=LONG))
+            long = asyncio.create_task(client.post("/v1/completions", json=LONG))
             while server.state.engine.stats().running < 1:
                 await asyncio.sleep(0.005)
             queued = await client.post("/generate", json={"inputs": "queued", "parameters": {"max_new_tokens": 3}})

@@ -12,6 +12,7 @@ import httpx
 class StreamResult:
     status: int
     token_ids: list[int] = field(default_factory=list)
+    indexes: list[int] = field(default_factory=list)  # each token event's ``index`` (1, 2, 3 ... when none is lost)
     generated_text: str | None = None  # set by the final event
     error: dict | None = None  # an error event (or the error body of a non-200 answer)
     events: int = 0
@@ -32,6 +33,7 @@ async def read_stream(client: httpx.AsyncClient, body: dict, *, on_token=None) -
                 result.error = event
                 continue
             result.token_ids.append(event["token"]["id"])
+            result.indexes.append(event["index"])
             if event.get("generated_text") is not None:
                 result.generated_text = event["generated_text"]
             if on_token is not None:
