@@ -72,8 +72,8 @@ def time_eager(fn, weights, reps: int) -> float:
     return statistics.median(times)
 
 
-def time_graph(fn, weights, replays: int) -> float:
-    """Median µs per call over ``replays`` replays of a graph of GRAPH_CALLS calls (weights rotating)."""
+def time_graph(fn, weights, replays: int, calls: int = GRAPH_CALLS) -> float:
+    """Median µs per call over ``replays`` replays of a graph of ``calls`` calls (weights rotating)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -82,7 +82,7 @@ def time_graph(fn, weights, replays: int) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for i in range(GRAPH_CALLS):
+        for i in range(calls):
             fn(weights[i % len(weights)])
     graph.replay()
     torch.cuda.synchronize()
@@ -93,7 +93,7 @@ def time_graph(fn, weights, replays: int) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / GRAPH_CALLS)
+        times.append(start.elapsed_time(end) * 1e3 / calls)
     del graph
     return statistics.median(times)
 

@@ -31,7 +31,6 @@ import argparse
 import itertools
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,28 +50,9 @@ DEVICE = "cuda"  # a smoke test of this script sets "cpu" (kernels in Triton's i
 
 def graph_us(fn, copies: list, replays: int, calls: int) -> float:
     """Median µs per call over replays of a CUDA graph of ``calls`` calls, operands rotating."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in copies[:2]:
-            fn(c)  # compile, pick cuBLAS algorithms, outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(copies[i % len(copies)])
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return statistics.median(times)
+    from gemv_bench import time_graph
+
+    return time_graph(fn, copies, replays, calls)
 
 
 def device_facts() -> tuple[str, int, tuple[int, int]]:
@@ -129,7 +109,7 @@ def kernels(args) -> dict:
     from lmport_cuda.kernels import wq_gemm as W
 
     name_, sms, cc = device_facts()
-    G.SM_COUNT_GUESS = W.SM_COUNT_GUESS = sms
+    G.SM_COUNT_GUESS = sms
     rowwise, fp8_compute = cc >= (9, 0), cc >= (8, 9)
     bw = copy_bandwidth()
     print(f"{name_}: copy {bw / 1e12:.2f} TB/s; µs per call in CUDA graphs; 'roof' = own bytes / copy bandwidth / time")
@@ -148,8 +128,9 @@ def kernels(args) -> dict:
             wq = lambda fn: (lambda c: fn(x, c[0], c[1], c[2], 4, GROUP))  # noqa: E731
             if m == 1:
                 gemv_cfg = None
-                if args.autotune:
-                    gemv_cfg, tuned[("int4", n, k)] = autotune_wq_gemv(x, ops, t)
+                if args.autotune:  # the runtime tuner's candidates, timed here with rotating weights
+                    gemv_cfg, tuned[("int4", n, k)] = autotune("int4 gemv", W.gemv_candidates(n, k, GROUP, 4),
+                                                               lambda c, cfg: W.wq_gemv(x, *c, 4, GROUP, None, cfg), ops.int4, t, n, k)  # fmt: skip
                 cases["int4 gemv"] = (lambda c, cfg=gemv_cfg: W.wq_gemv(x, *c, 4, GROUP, None, cfg), ops.int4, ops.int4_bytes, ops.int4_ref)
             if m <= 4096:
                 cases["int4 gemm"] = (wq(W.wq_gemm), ops.int4, ops.int4_bytes, ops.int4_ref)
@@ -158,7 +139,8 @@ def kernels(args) -> dict:
             if m <= G.MAX_FMA_ROWS:
                 f8cfg = None
                 if args.autotune and m == 1:
-                    f8cfg, tuned[("fp8", n, k)] = autotune_fp8_gemv(x, ops, t)
+                    f8cfg, tuned[("fp8", n, k)] = autotune("fp8 gemv", fp8_gemv_grid(n, k),
+                                                           lambda c, cfg: F8.fp8_gemv(x, c[0], c[1], None, config=cfg), ops.fp8, t, n, k)  # fmt: skip
                 cases["fp8 gemv"] = (lambda c, cfg=f8cfg: F8.fp8_gemv(x, c[0], c[1], None, native=fp8_compute, config=cfg),
                                      ops.fp8, ops.fp8_bytes, ops.fp8_ref)  # fmt: skip
             if fp8_compute:
@@ -215,56 +197,35 @@ def step_summary(rows: list[dict], bw: float) -> list[dict]:
 TRIALS: list[dict] = []  # every autotune timing, for the JSON
 
 
-def autotune_wq_gemv(x, ops, t):
-    from lmport_cuda.kernels import wq_gemm as W
-
-    kernel_name = "int4 gemv"
+def autotune(kernel_name: str, configs: list, run, copies: list, t, n: int, k: int):
+    """The fastest of ``configs`` for ``run(copy, config)`` (timed by ``t``); every timing goes to TRIALS."""
     best = None
-    tiles = [(256, 128, 4), (512, 128, 4), (512, 64, 4), (1024, 64, 4), (1024, 32, 4), (2048, 32, 4), (2048, 64, 4),
-             (1024, 64, 8), (512, 64, 2)]  # (BLOCK_N, BLOCK_K, warps): 4 to 16 columns and 4 to 16 words of K per thread
-    for (bn, bk, warps), stages in itertools.product(tiles, (1, 3)):
-        for spp in (1, 2, 4):
-            cfg = W.with_split(W.WqConfig(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages), ops.n, ops.k, spp)
-            try:
-                us = t(lambda c, cfg=cfg: W.wq_gemv(x, *c, 4, GROUP, None, cfg), ops.int4)
-            except Exception:
-                continue
-            TRIALS.append(dict(shape=f"{ops.n}x{ops.k}", kernel=kernel_name, config=cfg.short(), us=us))
-            if best is None or us < best[0]:
-                best = (us, cfg)
+    for cfg in configs:
+        try:
+            us = t(lambda c, cfg=cfg: run(c, cfg), copies)
+        except Exception:  # a config the compiler or the shared memory refuses
+            continue
+        TRIALS.append(dict(shape=f"{n}x{k}", kernel=kernel_name, config=cfg.short(), us=us))
+        if best is None or us < best[0]:
+            best = (us, cfg)
     if best is None:
-        print(f"  {kernel_name} {ops.n}x{ops.k}: no config ran; the default stays")
+        print(f"  {kernel_name} {n}x{k}: no config ran; the default stays")
         return None, "default"
-    print(f"  int4 gemv {ops.n}x{ops.k}: best {best[1].short()} {best[0]:.1f} us")
+    print(f"  {kernel_name} {n}x{k}: best {best[1].short()} {best[0]:.1f} us")
     return best[1], best[1].short()
 
 
-def autotune_fp8_gemv(x, ops, t):
-    from lmport_cuda.kernels import fp8_linear as F8
+def fp8_gemv_grid(n: int, k: int) -> list:
     from lmport_cuda.kernels import gemv as G
 
-    kernel_name = "fp8 gemv"
-    best = None
+    out = []
     for bn, bk, warps in itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8)):
-        per_thread = bn * bk // (32 * warps)
-        if not 16 <= per_thread <= 128:
-            continue
-        for spp in (2, 4, 8):
-            cfg = G.with_split(G.GemvConfig(bn, bk, 1, warps, 1), ops.n, ops.k, spp)
-            if ops.k % cfg.block_k:
-                continue
-            try:
-                us = t(lambda c, cfg=cfg: F8.fp8_gemv(x, c[0], c[1], None, config=cfg), ops.fp8)
-            except Exception:
-                continue
-            TRIALS.append(dict(shape=f"{ops.n}x{ops.k}", kernel=kernel_name, config=cfg.short(), us=us))
-            if best is None or us < best[0]:
-                best = (us, cfg)
-    if best is None:
-        print(f"  {kernel_name} {ops.n}x{ops.k}: no config ran; the default stays")
-        return None, "default"
-    print(f"  fp8 gemv {ops.n}x{ops.k}: best {best[1].short()} {best[0]:.1f} us")
-    return best[1], best[1].short()
+        if 16 <= bn * bk // (32 * warps) <= 128:  # fp8 elements per thread per step
+            for spp in (2, 4, 8):
+                cfg = G.with_split(G.GemvConfig(bn, bk, 1, warps, 1), n, k, spp)
+                if k % cfg.block_k == 0 and cfg not in out:
+                    out.append(cfg)
+    return out
 
 
 # ---- checkpoint: a GPTQ int4 copy of the bf16 benchmark checkpoint ------------------------------
@@ -383,7 +344,7 @@ def main() -> int:
     kp = sub.add_parser("kernels", help="the kernel microbenchmark")
     kp.add_argument("--rows", type=int, nargs="+", default=[1, 16, 256, 4096])
     kp.add_argument("--replays", type=int, default=10)
-    kp.add_argument("--autotune", action="store_true", help="search the one-row GEMV configs per shape")
+    kp.add_argument("--autotune", action="store_true", help="time the one-row GEMV configs per shape with rotating weights")
     kp.add_argument("--json", type=Path)
     rp = sub.add_parser("report", help="the model-level table from a suite run's JSON")
     rp.add_argument("out", type=Path)

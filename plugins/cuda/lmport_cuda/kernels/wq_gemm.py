@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmport_cuda.kernels.gemv import REDUCE_BLOCK, SM_COUNT_GUESS, _split_k_reduce_kernel
+from lmport_cuda.kernels.gemv import REDUCE_BLOCK, _split_k_reduce_kernel, with_split
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GEMV_MAX_ROWS = 1
 GEMM_MAX_ROWS = 0
 ONE_BITS = 0x3F800000  # float32 1.0
+PROGRAMS_PER_SM = 2  # split K until the grid has about this many programs per SM (gemv.with_split)
 
 
 @dataclass(frozen=True)
@@ -90,23 +91,11 @@ def _block_k(group_size: int, cap: int) -> int:
     return block
 
 
-def with_split(cfg: WqConfig, n: int, k: int, programs_per_sm: int = 2) -> WqConfig:
-    """Split K (powers of two, each split >= 2 tiles) while the grid is short of the SMs' worth."""
-    blocks, split = triton.cdiv(n, cfg.block_n), 1
-    while (
-        blocks * split < programs_per_sm * SM_COUNT_GUESS
-        and k % (2 * split * cfg.block_k) == 0
-        and k // (2 * split) >= 2 * cfg.block_k
-    ):
-        split *= 2
-    return dataclasses.replace(cfg, split_k=split)
-
-
 def pick_gemv_config(n: int, k: int, group_size: int, bits: int) -> WqConfig:
     """The rule: what won most shapes on an H200 in the first measurement (4 columns x 16 words
     per thread, split until the grid has ~2 programs per SM); :func:`tuned_gemv_config` refines it."""
     cfg = WqConfig(block_n=256, block_k=_block_k(group_size, 128), num_warps=4, num_stages=1)
-    return with_split(cfg, n, k)
+    return with_split(cfg, n, k, PROGRAMS_PER_SM)
 
 
 def gemv_candidates(n: int, k: int, group_size: int, bits: int) -> list[WqConfig]:
@@ -119,7 +108,7 @@ def gemv_candidates(n: int, k: int, group_size: int, bits: int) -> list[WqConfig
             continue
         for prefetch in (False, True):
             base = WqConfig(block_n=bn, block_k=block_k, num_warps=warps, num_stages=1, prefetch=prefetch)
-            for cfg in (base, with_split(base, n, k), with_split(base, n, k, programs_per_sm=8)):
+            for cfg in (base, with_split(base, n, k, PROGRAMS_PER_SM), with_split(base, n, k, programs_per_sm=8)):
                 cfg = dataclasses.replace(cfg, fused_reduce=cfg.split_k > 1)
                 if cfg not in out:
                     out.append(cfg)
@@ -200,7 +189,7 @@ def pick_gemm_config(m: int, n: int, k: int, group_size: int, bits: int) -> WqCo
     cfg = WqConfig(block_m=block_m, block_n=block_n, block_k=_block_k(group_size, 128 if m <= 64 else 64),
                    num_warps=4, num_stages=3)  # fmt: skip
     if m <= 64:
-        return with_split(cfg, n, k)
+        return with_split(cfg, n, k, PROGRAMS_PER_SM)
     return cfg
 
 
