@@ -42,6 +42,10 @@ class Capabilities:
     backend: str
     device_type: str
     dtypes: tuple[str, ...] = ("float32",)
+    # the dtypes the device computes at full speed, first = the default; None: all of ``dtypes``.
+    # A checkpoint's own dtype is served only when it is one of them (a CPU without bf16 dot
+    # products runs a bfloat16 checkpoint in float32)
+    fast_dtypes: tuple[str, ...] | None = None
     # attention kernels
     flash_attention: bool = False
     paged_attention: bool = False

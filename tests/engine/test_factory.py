@@ -226,6 +226,14 @@ def test_dtype_on_an_accelerator_is_the_checkpoints_own():
     assert pick_dtype(None, SimpleNamespace(), gpu, no_bf16) == torch.float16
     assert pick_dtype(None, SimpleNamespace(torch_dtype="bfloat16"), gpu, no_bf16) == torch.float16
     assert pick_dtype("bf16", SimpleNamespace(torch_dtype="float32"), gpu, caps) == torch.bfloat16
-    assert pick_dtype(None, SimpleNamespace(torch_dtype="bfloat16"), torch.device("cpu"), caps) == torch.float32
+    cpu = torch.device("cpu")
+    plain_cpu = dataclasses.replace(caps, device_type="cpu", fast_dtypes=("float32",))
+    bf16_cpu = dataclasses.replace(caps, device_type="cpu", fast_dtypes=("float32", "bfloat16"))
+    assert pick_dtype(None, SimpleNamespace(torch_dtype="bfloat16"), cpu, plain_cpu) == torch.float32
+    assert pick_dtype(None, SimpleNamespace(), cpu, plain_cpu) == torch.float32  # a GGUF
+    assert pick_dtype(None, SimpleNamespace(torch_dtype="bfloat16"), cpu, bf16_cpu) == torch.bfloat16
+    assert pick_dtype(None, SimpleNamespace(), cpu, bf16_cpu) == torch.bfloat16
+    assert pick_dtype(None, SimpleNamespace(torch_dtype="float32"), cpu, bf16_cpu) == torch.float32
+    assert pick_dtype(None, SimpleNamespace(torch_dtype="float16"), cpu, bf16_cpu) == torch.float32
     with pytest.raises(ValueError, match="does not support dtype bfloat16"):
         pick_dtype("bfloat16", SimpleNamespace(), gpu, no_bf16)

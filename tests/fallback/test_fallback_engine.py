@@ -50,7 +50,7 @@ def test_build_engine_resolves_a_gguf_path_and_the_default_model_as_launch_does(
     prompt = reference_tokenizer("The quick brown fox").input_ids
     expected = hf_greedy_generate(oracle, prompt, MAX_NEW)[0]
     for model_id, shown_as in ((str(gguf_path), str(gguf_path)), ("", resolve.DEFAULT_MODEL_NAME)):
-        config = LaunchConfig(model_id=model_id, block_size=4, max_batch_total_tokens=256)
+        config = LaunchConfig(model_id=model_id, block_size=4, max_batch_total_tokens=256, dtype="float32")  # as the oracle
         engine, tokenizer, info = build_llm_engine(config, PluginHost(environ={}, load_entry_points=False).load())
         assert info.model_id == shown_as and info.gguf_file == gguf_path.name
         assert info.architecture == "Qwen2ForCausalLM" and isinstance(engine.executor.model, LlamaForCausalLM)  # native
@@ -88,7 +88,7 @@ def test_a_gguf_of_a_native_family_runs_natively_and_is_dequantized_once(tiny_ll
     prompt = reference_tokenizer("Paged attention keeps the KV cache").input_ids
     expected = hf_greedy_generate(oracle, prompt, MAX_NEW)[0]
     for launch in (1, 2):
-        config = LaunchConfig(model_id=str(gguf_path), block_size=4, max_batch_total_tokens=256)
+        config = LaunchConfig(model_id=str(gguf_path), block_size=4, max_batch_total_tokens=256, dtype="float32")
         with caplog.at_level(logging.INFO, logger="lmport.models.gguf_weights"):
             engine, _, info = build_llm_engine(config, PluginHost(environ={}, load_entry_points=False).load())
         assert info.architecture == "LlamaForCausalLM" and isinstance(engine.executor.model, LlamaForCausalLM)

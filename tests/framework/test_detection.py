@@ -95,3 +95,14 @@ def test_gpu_plugins_need_a_matching_torch_build():
 
     host = PluginHost(environ={}, detection_env=replace(FakeMachine.nvidia(), torch=CPU_TORCH))
     assert {info.name for _, info in host.detect()} == {"cpu"}
+
+
+def test_cpu_fast_dtypes_follow_the_bf16_flags():
+    """bfloat16 is a fast dtype of the CPU backend only where the CPU has bf16 dot products."""
+    from lmport.backends.cpu.plugin import has_bf16_dot_products
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire_rapids = "flags\t\t: avx512f amx_bf16 amx_tile\n"
+    skylake = "flags\t\t: fpu avx2 avx512f avx512bw\n"
+    assert has_bf16_dot_products(zen4) and has_bf16_dot_products(sapphire_rapids)
+    assert not has_bf16_dot_products(skylake) and not has_bf16_dot_products("")

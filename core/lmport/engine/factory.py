@@ -142,10 +142,12 @@ def model_vocab_size(hf_config: Any, tokenizer: Any) -> int | None:
 
 
 def pick_dtype(requested: str | None, hf_config: Any, device: torch.device, caps: Any) -> torch.dtype:
-    """``--dtype`` if given; on CPU float32; else the checkpoint's own dtype.
+    """``--dtype`` if given; else the checkpoint's own dtype where the backend computes it at full speed.
 
-    A checkpoint that names no dtype runs in bfloat16 (float16 where the backend lacks it);
-    one the backend cannot run falls back to the first of bfloat16, float16, float32 it has.
+    A checkpoint that names no dtype (a GGUF: its weights are 4-8 bit) runs in bfloat16 (float16
+    where the backend lacks it); one the backend cannot run falls back to the first of bfloat16,
+    float16, float32 it has; one outside the backend's ``fast_dtypes`` runs in the first of those
+    (the CPU backend: float32, plus bfloat16 where the CPU has bf16 dot products).
     """
     if requested:
         name = _DTYPE_ALIASES.get(requested, requested)
@@ -154,14 +156,14 @@ def pick_dtype(requested: str | None, hf_config: Any, device: torch.device, caps
         if not caps.supports_dtype(name):
             raise ValueError(f"backend '{caps.backend}' does not support dtype {name}; supported: {', '.join(caps.dtypes)}")
         return _DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32
     declared = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
     name = str(declared).removeprefix("torch.") if declared is not None else None
     if name not in _DTYPES:
         name = "bfloat16" if caps.supports_dtype("bfloat16") else "float16"
     if not caps.supports_dtype(name):
         name = next((d for d in ("bfloat16", "float16", "float32") if caps.supports_dtype(d)), "float32")
+    if caps.fast_dtypes is not None and name not in caps.fast_dtypes:
+        name = caps.fast_dtypes[0]
     if name == "float32":
         log.info("the checkpoint is float32: pass --dtype bfloat16 (or float16) to halve memory and time per step")
     return _DTYPES[name]

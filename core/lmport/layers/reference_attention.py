@@ -3,6 +3,12 @@
 It is what the CPU backend runs, what ``--disable-custom-kernels`` runs everywhere, and what
 a backend without a kernel for some spec (a sliding window on ROCm) falls back to. Other
 backends' kernels are tested against it. Scores are computed in float32.
+
+Sequences with several new tokens (prompts, prompt chunks) are attended one by one; the
+one-token rows of a causal self-attention step (decodes) all at once, over their block tables
+gathered into one padded ``[rows, blocks * block_size, kv_heads, head_dim]`` view with the
+lengths and the window as a mask: a loop of ~10 small ops per sequence and layer costs more
+than the math on a CPU once 16 sequences decode together.
 """
 
 from __future__ import annotations
@@ -68,10 +74,16 @@ class ReferenceAttention(AttentionBackend):
         out = torch.empty_like(query)
         group = spec.num_heads // spec.num_kv_heads
         starts = metadata.query_start_loc_host
+        batched: set[int] = set()
+        if causal and not spec.alibi_slopes and position_bias is None:
+            decodes = [i for i in range(metadata.num_seqs) if starts[i + 1] - starts[i] == 1]
+            if len(decodes) > 1:
+                self._decode_rows(query, kv_cache, metadata, decodes, out)
+                batched = set(decodes)
         for i, seq_len in enumerate(metadata.seq_lens_host):
             q_start, q_end = starts[i], starts[i + 1]
             q_len = q_end - q_start
-            if q_len == 0:
+            if q_len == 0 or i in batched:
                 continue
             k, v = gather_sequence_kv(kv_cache, metadata.block_tables[i], seq_len)
             q = query[q_start:q_end].float().transpose(0, 1)  # [heads, q_len, d]
@@ -95,6 +107,35 @@ class ReferenceAttention(AttentionBackend):
             probs = torch.softmax(scores, dim=-1)
             out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)
         return out
+
+    def _decode_rows(self, query, kv_cache: KVCache, metadata: AttentionMetadata, seqs: list[int], out) -> None:
+        """One query token for each sequence in ``seqs``, attended together (see the module doc)."""
+        spec = self.spec
+        key_cache, value_cache = kv_cache
+        block_size = key_cache.shape[1]
+        device = query.device
+        lengths = [metadata.seq_lens_host[i] for i in seqs]
+        blocks = -(-max(lengths) // block_size)
+        index = torch.tensor(seqs, device=device)
+        rows = torch.tensor([metadata.query_start_loc_host[i] for i in seqs], device=device)
+        tables = metadata.block_tables.index_select(0, index)[:, :blocks].long()
+        n, width = len(seqs), blocks * block_size
+        k = key_cache[tables].view(n, width, spec.num_kv_heads, spec.head_dim).float()
+        v = value_cache[tables].view(n, width, spec.num_kv_heads, spec.head_dim).float()
+        group = spec.num_heads // spec.num_kv_heads
+        q = query.index_select(0, rows).float().view(n, spec.num_kv_heads, group, spec.head_dim)
+        scores = torch.einsum("nkgd,nlkd->nkgl", q, k) * spec.scale
+        if spec.logits_soft_cap:
+            scores = spec.logits_soft_cap * torch.tanh(scores / spec.logits_soft_cap)
+        seq_lens = torch.tensor(lengths, device=device)[:, None]
+        k_pos = torch.arange(width, device=device)[None, :]
+        allowed = k_pos < seq_lens  # the query is the last token: every cached key is at or before it
+        if spec.sliding_window:
+            allowed = allowed & (seq_lens - 1 - k_pos < spec.sliding_window)
+        scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        attended = torch.einsum("nkgl,nlkd->nkgd", probs, v).reshape(n, spec.num_heads, spec.head_dim)
+        out.index_copy_(0, rows, attended.to(out.dtype))
 
     def _alibi_slopes(self, device: torch.device) -> torch.Tensor:
         if self._slopes is None or self._slopes.device != device:

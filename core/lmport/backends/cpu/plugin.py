@@ -34,6 +34,19 @@ def lmport_detect_backend(env):
     )
 
 
+def has_bf16_dot_products(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16, AMX): then a bfloat16 matmul runs
+    ~2-4x faster than float32 (oneDNN), and the 262k-row LM head of Gemma reads half the bytes."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as handle:
+                cpuinfo = handle.read(1 << 16)
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @hookimpl(trylast=True)
 def lmport_capabilities(backend):
     if backend.name != NAME:
@@ -42,6 +55,7 @@ def lmport_capabilities(backend):
         backend=NAME,
         device_type="cpu",
         dtypes=("float32", "bfloat16", "float16"),
+        fast_dtypes=("float32", "bfloat16") if has_bf16_dot_products() else ("float32",),
         paged_attention=True,  # the reference attention reads the paged cache
         sliding_window_attention=True,
         alibi_attention=True,

