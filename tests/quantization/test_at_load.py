@@ -82,3 +82,18 @@ def test_a_quantized_checkpoint_is_not_quantized_again(quantized, load_quantized
         load_quantized(path, quantize="eetq")
     with pytest.raises(ValueError, match="does not match the checkpoint's quantization 'awq'"):
         load_quantized(path, quantize="gptq")
+
+
+@pytest.mark.parametrize("name, code", [("nf4", NF4_CODE), ("fp4", FP4_CODE)])
+def test_4bit_codes_equal_bitsandbytes_where_it_is_installed(name, code):
+    """bitsandbytes' own quantize_4bit (it runs on the CPU): same codes, same dequantized weights."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    from lmport.layers.quantization.at_load import dequantize_4bit_blocks, quantize_4bit_blocks
+
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
+    packed, state = functional.quantize_4bit(weight, blocksize=64, quant_type=name)
+    codes, absmax = quantize_4bit_blocks(weight, code)
+    theirs = functional.dequantize_4bit(packed, state)
+    torch.testing.assert_close(dequantize_4bit_blocks(codes, absmax, code), theirs, atol=1e-6, rtol=0)
+    agree = (packed.view(-1) == codes.view(-1)).float().mean().item()
+    assert agree > 0.99  # fp4: a value halfway between two codes may round either way
