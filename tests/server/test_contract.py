@@ -171,3 +171,43 @@ def test_deep_nesting_and_huge_numbers_are_422(server):
     response = post(server, "/v1/completions", json.dumps({"prompt": "x", "stop": [[[["a"]]]]}))
     assert response.status_code == 422  # wrong shape, shallow: pydantic's own message
     assert post(server, "/generate", GEN).status_code == 200
+
+
+LIMITS = [  # (route, body, message start, where the document states the limit)
+    ("/generate", {"inputs": "x", "parameters": {"stop": ["a"] * 5}}, "`stop` supports up to 4 stop sequences. Given: 5",
+     ("GenerateParameters", "stop", "maxItems", 4)),
+    ("/generate", {"inputs": "x", "parameters": {"stop": ["s" * 513]}}, "`stop` sequences must be at most 512 characters long. Given: 513",
+     ("GenerateParameters", "stop", "items.maxLength", 512)),
+    ("/v1/chat/completions", {**CHAT, "stop": "s" * 600}, "`stop` sequences must be at most 512 characters long. Given: 600",
+     ("ChatRequest", "stop", "maxLength", 512)),
+    ("/v1/chat/completions", {**CHAT, "n": 129}, "`n` must be >= 1 and <= 128. Given: 129", ("ChatRequest", "n", "maximum", 128)),
+    ("/generate", {"inputs": "x", "parameters": {"best_of": 3, "do_sample": True}}, "`best_of` must be > 0 and <= 2. Given: 3",
+     ("GenerateParameters", "best_of", "maximum", 2)),
+    ("/generate", {"inputs": "x", "parameters": {"top_n_tokens": 6}}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6",
+     ("GenerateParameters", "top_n_tokens", "maximum", 5)),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, "`logprobs` must be >= 0 and <= 5. Given: 6",
+     ("CompletionRequest", "logprobs", "maximum", 5)),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6",
+     ("ChatRequest", "top_logprobs", "maximum", 5)),
+]
+
+
+def documented(spec, component: str, field: str, keyword: str):
+    schema = spec["components"]["schemas"][component]["properties"][field]
+    for branch in schema.get("anyOf", [schema]):
+        node = branch
+        for part in keyword.split(".")[:-1]:
+            node = node.get(part, {})
+        if keyword.split(".")[-1] in node:
+            return node[keyword.split(".")[-1]]
+    return None
+
+
+@pytest.mark.parametrize("path, body, message, where", LIMITS, ids=[f"{c[3][0]}.{c[3][1]}.{c[3][2]}" for c in LIMITS])
+def test_request_limits_answer_422_and_are_documented(server, spec, path, body, message, where):
+    response = post(server, path, body)
+    assert response.status_code == 422, response.text
+    text, kind = error_of(response)
+    assert kind == "validation" and text.startswith(message), text
+    component, field, keyword, value = where
+    assert documented(spec, component, field, keyword) == value

@@ -15,6 +15,7 @@ from lmport.engine.errors import RequestValidationError, check_token_ids
 from lmport.engine.limits import EngineLimits
 
 MAX_SEQUENCES_PER_REQUEST = 128  # OpenAI's upper bound for n
+MAX_STOP_SEQUENCE_CHARS = 512  # each stop string is matched against the text's tail at every token
 
 
 def check_sampling(params: SamplingParams, limits: EngineLimits) -> None:
@@ -36,6 +37,11 @@ def check_sampling(params: SamplingParams, limits: EngineLimits) -> None:
     if len(params.stop) > limits.max_stop_sequences:
         raise RequestValidationError(
             f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(params.stop)}"
+        )
+    longest = max((len(stop) for stop in params.stop), default=0)
+    if longest > MAX_STOP_SEQUENCE_CHARS:
+        raise RequestValidationError(
+            f"`stop` sequences must be at most {MAX_STOP_SEQUENCE_CHARS} characters long. Given: {longest}"
         )
     if not 0 <= params.top_n_tokens <= limits.max_top_n_tokens:
         raise RequestValidationError(

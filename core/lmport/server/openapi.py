@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
-from lmport.engine.rules import MAX_SEQUENCES_PER_REQUEST
+from lmport.engine.rules import MAX_SEQUENCES_PER_REQUEST, MAX_STOP_SEQUENCE_CHARS
 from lmport.server.auth import require_api_key
 from lmport.server.errors import is_openai_path
 from lmport.server.schemas_openai import OpenAIErrorResponse
@@ -71,13 +71,13 @@ def field_ranges(limits: Any) -> dict[str, dict[str, dict[str, Any]]]:
         "frequency_penalty": penalty, "top_p": probability, "typical_p": probability, "top_k": {"minimum": 1},
         "max_new_tokens": new_tokens, "best_of": {"minimum": 1, "maximum": limits.max_best_of},
         "top_n_tokens": {"maximum": limits.max_top_n_tokens}, "truncate": {"minimum": 1, "maximum": limits.max_input_tokens},
-        "stop": {"maxItems": limits.max_stop_sequences},
+        "stop": {"maxItems": limits.max_stop_sequences, "maxLength": MAX_STOP_SEQUENCE_CHARS},
     }
     openai = {
         "temperature": {"minimum": 0}, "top_p": {"exclusiveMinimum": 0, "maximum": 1},
         "frequency_penalty": penalty, "presence_penalty": penalty, "repetition_penalty": {"exclusiveMinimum": 0},
         "max_tokens": new_tokens, "n": {"maximum": MAX_SEQUENCES_PER_REQUEST},
-        "stop": {"maxItems": limits.max_stop_sequences},
+        "stop": {"maxItems": limits.max_stop_sequences, "maxLength": MAX_STOP_SEQUENCE_CHARS},
     }
     return {
         "GenerateParameters": tgi,
@@ -107,8 +107,10 @@ def _constrain(schema: dict[str, Any], keywords: dict[str, Any]) -> None:
     branches = schema.get("anyOf", [schema])
     for branch in branches:
         kind = branch.get("type")
+        if kind == "array" and branch.get("items", {}).get("type") == "string" and "maxLength" in keywords:
+            branch["items"]["maxLength"] = keywords["maxLength"]  # each string of a list of them
         for keyword, value in keywords.items():
-            applies = {"minLength": "string", "maxItems": "array"}.get(keyword, ("number", "integer"))
+            applies = {"minLength": "string", "maxLength": "string", "maxItems": "array"}.get(keyword, ("number", "integer"))
             if kind in (applies if isinstance(applies, tuple) else (applies,)):
                 branch[keyword] = value
 
