@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from lmport.server.schemas_tgi import OmitEmpty
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ContentPart(BaseModel):
@@ -43,12 +43,12 @@ class ChatRequest(BaseModel):
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(None, ge=0)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
     n: int | None = Field(None, ge=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: Union[str, list[str], None] = None
@@ -59,7 +59,7 @@ class ChatRequest(BaseModel):
     tool_choice: Any = None
     tool_prompt: str | None = None
     user: str | None = None
-    ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
+    ignore_eos: StrictBool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
 
 
 class ChatTokenizeRequest(BaseModel):
@@ -81,10 +81,10 @@ class CompletionRequest(BaseModel):
     top_p: float | None = None
     n: int | None = Field(None, ge=1)
     best_of: int | None = Field(None, ge=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
+    echo: StrictBool = False
     stop: Union[str, list[str], None] = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -93,7 +93,7 @@ class CompletionRequest(BaseModel):
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
+    ignore_eos: StrictBool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
 
 
 # ---------------------------------------------------------------------------- responses

@@ -2,14 +2,15 @@
 
 Field names, defaults and what is omitted when empty follow TGI, so TGI's own clients
 (``text-generation``, ``huggingface_hub.InferenceClient``) parse our answers unchanged.
-Range checks live in :mod:`lmport.server.validation` so their messages can match TGI's.
+Range checks live in the engine's rules so their messages can match TGI's. Booleans are strict,
+as TGI's serde is: ``"details": 0`` or ``"stream": "yes"`` is a 422, not a guess.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_serializer
 
 
 class OmitEmpty(BaseModel):
@@ -44,14 +45,14 @@ class GenerateParameters(BaseModel):
     top_k: int | None = Field(None, examples=[10])
     top_p: float | None = Field(None, examples=[0.95])
     typical_p: float | None = Field(None, examples=[0.95])
-    do_sample: bool = False
+    do_sample: StrictBool = False
     max_new_tokens: int | None = Field(None, ge=0, examples=[20], description="None: up to max_total_tokens, at most 1024")
-    return_full_text: bool | None = None
+    return_full_text: StrictBool | None = None
     stop: list[str] = Field(default_factory=list, examples=[["photographer"]])
     truncate: int | None = Field(None, ge=0)
-    watermark: bool = False
-    details: bool = False
-    decoder_input_details: bool = False
+    watermark: StrictBool = False
+    details: StrictBool = False
+    decoder_input_details: StrictBool = False
     seed: int | None = Field(None, ge=0, lt=2**64)
     top_n_tokens: int | None = Field(None, ge=0, examples=[5])
     grammar: Grammar | None = None
@@ -68,7 +69,7 @@ class GenerateRequest(BaseModel):
 
     inputs: str = Field(examples=["My name is Olivier and I"])
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -82,12 +83,12 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     inputs: str = Field(examples=["My name is Olivier and I"])
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
     parameters: dict[str, Any] | None = Field(None, description="ignored (accepted, so /generate's body works here too)")
 
 
 class CompatGenerateRequest(GenerateRequest):
-    stream: bool = False
+    stream: StrictBool = False
 
 
 # ---------------------------------------------------------------------------- responses
