@@ -112,8 +112,12 @@ def main() -> int:
     parser.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on a GPU")
     parser.add_argument("--paths", default="native,hf-seq2seq")
     parser.add_argument("--checkpoint", default=None, help="a folder to build the checkpoint in (default: a temporary one)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default on the CPU: 1; on a shared, loaded CPU, two threads wait on each other at every op)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, VOCAB, (args.input_len,), generator=gen).tolist() for _ in range(args.requests)]
