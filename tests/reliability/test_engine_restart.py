@@ -16,7 +16,7 @@ import torch
 
 from lmport.engine.engine_process import EngineProcessClient
 from lmport.testing.hf_oracle import hf_greedy_generate
-from lmport.testing.tgi_stream import read_stream
+from lmport.testing.tgi_stream import open_streams
 
 IN_FLIGHT = 12
 
@@ -43,18 +43,9 @@ def test_sigkill_under_load_fails_only_the_requests_in_flight_and_the_server_ser
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            started = asyncio.Event()
-            streaming = set()
-
-            async def on_token(result):
-                streaming.add(id(result))
-                if len(streaming) == IN_FLIGHT:
-                    started.set()
-
             body = lambda p: {"inputs": p, "parameters": {"max_new_tokens": 400, "details": True}}  # noqa: E731
-            streams = [asyncio.create_task(read_stream(client, body(p), on_token=on_token)) for p in prompts]
             plain = asyncio.create_task(client.post("/generate", json=body("a plain request")))
-            await asyncio.wait_for(started.wait(), 60)
+            streams = await asyncio.wait_for(open_streams(client, [body(p) for p in prompts]), 60)
             os.kill(first_pid, signal.SIGKILL)
             killed_at = time.monotonic()
             # nobody waits forever: every client in flight has its answer within seconds

@@ -14,7 +14,7 @@ import pytest
 
 from lmport.testing.hf_oracle import hf_greedy_generate
 from lmport.testing.http_checks import metric_value, wait_until_idle
-from lmport.testing.tgi_stream import read_stream
+from lmport.testing.tgi_stream import open_streams, read_stream
 
 PROMPTS = [f"stream {i} of the load test" for i in range(20)]
 
@@ -142,17 +142,8 @@ def test_bad_requests_fail_alone_while_the_batch_they_would_join_goes_on(serve, 
 
     async def main():
         async with client_for(server, 64) as client:
-            started = asyncio.Event()
-            running = set()
-
-            async def on_token(result):
-                running.add(id(result))
-                if len(running) == 12:
-                    started.set()
-
-            body = lambda p: {"inputs": p, "parameters": {"max_new_tokens": max_new}}  # noqa: E731
-            batch = [asyncio.create_task(read_stream(client, body(p), on_token=on_token)) for p in PROMPTS[:12]]
-            await asyncio.wait_for(started.wait(), 60)
+            bodies = [{"inputs": p, "parameters": {"max_new_tokens": max_new}} for p in PROMPTS[:12]]
+            batch = await asyncio.wait_for(open_streams(client, bodies), 60)
             answers = []
             for path, payload, _ in BAD:  # while the batch runs
                 if isinstance(payload, (bytes, str)):

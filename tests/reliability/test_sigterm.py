@@ -18,7 +18,7 @@ import httpx
 from transformers import AutoTokenizer
 
 from lmport.testing.hf_oracle import hf_greedy_generate
-from lmport.testing.tgi_stream import read_stream
+from lmport.testing.tgi_stream import open_streams
 
 IN_FLIGHT = 16
 MAX_NEW = 60
@@ -75,18 +75,9 @@ def test_sigterm_to_the_group_under_load_drains_and_exits_0(tiny_checkpoint, tmp
 
         async def main():
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-                started = asyncio.Event()
-                seen = set()
-
-                async def on_token(result):
-                    seen.add(id(result))
-                    if len(seen) == IN_FLIGHT:
-                        started.set()
-
                 body = {"inputs": "draining", "parameters": {"max_new_tokens": MAX_NEW, "details": True}}
-                streams = [asyncio.create_task(read_stream(client, body, on_token=on_token)) for _ in range(IN_FLIGHT)]
                 plain = [asyncio.create_task(client.post("/generate", json=body)) for _ in range(4)]
-                await asyncio.wait_for(started.wait(), 60)
+                streams = await asyncio.wait_for(open_streams(client, [body] * IN_FLIGHT), 60)
                 os.killpg(process.pid, signal.SIGTERM)
                 return await asyncio.gather(*streams), await asyncio.gather(*plain)
 

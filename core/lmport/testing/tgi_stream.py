@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 
@@ -39,3 +40,17 @@ async def read_stream(client: httpx.AsyncClient, body: dict, *, on_token=None) -
             if on_token is not None:
                 await on_token(result)
         return result
+
+
+async def open_streams(client: httpx.AsyncClient, bodies: list[dict]) -> list[asyncio.Task]:
+    """Start one stream per body; return their tasks once each has had its first token (all in flight)."""
+    started, seen = asyncio.Event(), set()
+
+    async def on_token(result: StreamResult) -> None:
+        seen.add(id(result))
+        if len(seen) == len(bodies):
+            started.set()
+
+    tasks = [asyncio.create_task(read_stream(client, body, on_token=on_token)) for body in bodies]
+    await started.wait()
+    return tasks
