@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from lmport.config import LaunchConfig
-from lmport.engine.api import GenerationRequest, SamplingParams
-from lmport.engine.factory import build_llm_engine, check_quantization
+from lmport.engine.factory import check_quantization
 from lmport.models.loader import build_native_model, resolve_model_info
 from lmport.plugins import PluginHost
+from lmport.testing.engine_driver import engine_greedy as run_engine_greedy
 from lmport.testing.cached_logits import native_last_logits
 from lmport.testing.hf_oracle import hf_greedy_generate
 from lmport.testing.quantize_checkpoint import input_square_sums, quantize_checkpoint
@@ -113,17 +113,7 @@ def at_load_oracle(hf_model, fmt: str):
 
 
 def engine_greedy(path, host: PluginHost, **settings) -> list[list[int]]:
-    config = LaunchConfig(model_id=str(path), dtype="float32", block_size=16, max_batch_total_tokens=4096,
-                          max_batch_prefill_tokens=12, max_input_tokens=32, max_total_tokens=64, **settings)  # fmt: skip
-    engine, _, _ = build_llm_engine(config, host)
-    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
-    for i, p in enumerate(prompts()):
-        engine.add_request(GenerationRequest(f"r{i}", tuple(p), params))
-    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(PROMPT_LENGTHS))}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens[out.request_id].extend(t.token_id for t in out.tokens)
-    return [tokens[f"r{i}"] for i in range(len(PROMPT_LENGTHS))]
+    return run_engine_greedy(path, host, prompts(), MAX_NEW, **settings)
 
 
 @pytest.mark.parametrize("label", list(INT_FORMATS))
