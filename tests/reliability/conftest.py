@@ -5,19 +5,21 @@ engines built through the real factory, servers on 127.0.0.1 (bounded load, loop
 - ``build_engine_for(name, **settings)``: a synchronous :class:`LLMEngine` via ``build_llm_engine``.
 - ``cpu_host()``: a new PluginHost with the CPU backend selected.
 - ``serve(name="llama", **settings)``: a running :class:`ServerThread` on 127.0.0.1 (port 0) for a
-  ``LaunchConfig`` with those settings, ``.state`` its ServerState; stopped after the test.
+  ``LaunchConfig`` with those settings, ``.state`` its ServerState; stopped after the test
+  (``serve_module``: after the module).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pytest
 
 from lmport.config import LaunchConfig
 from lmport.engine.factory import build_llm_engine
 from lmport.plugins import PluginHost
+from lmport.testing.http_checks import start_server_thread
 from lmport.testing.tiny_models import make_checkpoint
 from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
 from lmport.testing.torch_threads import one_torch_thread  # noqa: F401  (autouse: one intra-op thread)
@@ -59,27 +61,27 @@ def build_engine_for(tiny_checkpoint):
     return build
 
 
-@pytest.fixture
-def serve(tiny_checkpoint):
-    from lmport.engine.factory import build_engine
-    from lmport.server.app import build_app
-    from lmport.server.assemble import build_state
-    from lmport.server.serve import ServerThread
+def _servers(tiny_checkpoint) -> Iterator[Callable[..., Any]]:
+    started: list[Any] = []
 
-    started: list[ServerThread] = []
-
-    def start(name: str = "llama", **settings: Any) -> ServerThread:
+    def start(name: str = "llama", **settings: Any) -> Any:
         path, _ = tiny_checkpoint(name)
         settings = {"max_batch_total_tokens": 8192, "max_total_tokens": 512, **settings}
-        config = LaunchConfig(model_id=str(path), **settings)
-        host = make_cpu_host()
-        engine, tokenizer, info = build_engine(config, host)  # an engine process copies this thread count
-        state = build_state(config, engine, tokenizer, info, host=host, model_id="tiny")
-        server = ServerThread(build_app(state)).start()
-        server.state = state  # type: ignore[attr-defined]
+        server = start_server_thread(path, "tiny", **settings)  # an engine process copies this thread count
         started.append(server)
         return server
 
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def serve(tiny_checkpoint):
+    yield from _servers(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def serve_module(tiny_checkpoint):
+    """``serve``, with servers kept for the whole module (many cases against one server)."""
+    yield from _servers(tiny_checkpoint)

@@ -12,17 +12,14 @@ import time
 import httpx
 import pytest
 
-from lmport.testing.http_checks import error_of, start_server_thread
+from lmport.testing.http_checks import error_of
 
 WORDS = "the quick brown fox jumps over a lazy dog while servers stream tokens to many clients".split()
 
 
 @pytest.fixture(scope="module")
-def big_prompt_server(tiny_checkpoint):
-    path, _ = tiny_checkpoint("llama")
-    server = start_server_thread(path, "tiny-llama", max_total_tokens=512, max_batch_total_tokens=8192)
-    yield server
-    server.stop()
+def big_prompt_server(serve_module):
+    return serve_module(max_total_tokens=512, max_batch_total_tokens=8192)
 
 
 def big_text(size: int) -> str:

@@ -13,7 +13,6 @@ import pytest
 
 from lmport.server.errors import ValidationFailed
 from lmport.server.images import ImagePolicy, load_image
-from lmport.testing.http_checks import start_server_thread
 
 _watch: dict[str, object] = {"active": False, "path": None, "port": None, "seen": []}
 
@@ -50,11 +49,8 @@ def watched(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def text_server(tiny_checkpoint):
-    path, _ = tiny_checkpoint("llama")
-    server = start_server_thread(path, "tiny-llama", max_total_tokens=128, max_batch_total_tokens=2048)
-    yield server
-    server.stop()
+def text_server(serve_module):
+    return serve_module(max_total_tokens=128, max_batch_total_tokens=2048)
 
 
 def bodies(path: str, url: str) -> list[tuple[str, dict]]:

@@ -14,7 +14,6 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402  (hypothesis comes with schemathesis)
 
 from lmport.server.openapi import ROUTE_ERRORS  # noqa: E402
-from lmport.testing.http_checks import start_server_thread  # noqa: E402
 
 EXAMPLES = 40  # per operation
 
@@ -54,11 +53,8 @@ def rejected_only_by_rules_beyond_the_schema(ctx, response, case):
 
 
 @pytest.fixture(scope="module")
-def contract_server(tiny_checkpoint):
-    path, _ = tiny_checkpoint("llama")
-    server = start_server_thread(path, "tiny-llama", max_total_tokens=48, max_batch_total_tokens=4096, max_concurrent_requests=16)
-    yield server
-    server.stop()
+def contract_server(serve_module):
+    return serve_module(max_total_tokens=48, max_batch_total_tokens=4096, max_concurrent_requests=16)
 
 
 @pytest.fixture(scope="module")
