@@ -134,6 +134,9 @@ class ReferenceAttention(AttentionBackend):
             allowed = allowed & (seq_lens - 1 - k_pos < spec.sliding_window)
         scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
+        # Slots past a sequence's length hold whatever the cache had (NaN in the kernel tests):
+        # a zero probability times NaN is NaN, so those values are zeroed, not only masked.
+        v = v.masked_fill(~allowed[:, :, None, None], 0.0)
         attended = torch.einsum("nkgl,nlkd->nkgd", probs, v).reshape(n, spec.num_heads, spec.head_dim)
         out.index_copy_(0, rows, attended.to(out.dtype))
 
