@@ -2,8 +2,8 @@
 # lmport's GPU suite, in one call on the GPU machine, from the checkout's root:
 #   bash benchmarks/gpu_suite.sh                 # every stage, in order, within the budget
 #   bash benchmarks/gpu_suite.sh ckpt-1b lmport-1b hf-1b    # only these (a second call)
-# Stages: roofline tests ckpt-8b lmport-8b lmport-8b-fp8 ckpt-8b-int4 lmport-8b-int4 quant-kernels profile-8b hf-8b
-# attention layer-ops ckpt-1b lmport-1b soak-1b hf-1b t5, then the summary (and the quantized formats' table).
+# Stages: roofline tests ckpt-8b lmport-8b lmport-8b-fp8 ckpt-8b-int4 lmport-8b-int4 quant-kernels t5 profile-8b
+# hf-8b attention layer-ops ckpt-1b lmport-1b soak-1b hf-1b, then the summary (and the quantized formats' table).
 # Each stage logs to $OUT/<stage>.log, runs under `timeout`, and a failed stage never stops
 # the next. A stage is skipped when less than its minimum is left of SUITE_BUDGET_S (default
 # 500 s). The table printed last is also in $OUT/summary.txt; JSON results are in $OUT.
@@ -72,6 +72,8 @@ run_stage lmport-8b-fp8 120 300 env LMPORT_LAUNCH_ARGS="--quantize fp8" bash ben
 run_stage ckpt-8b-int4 40 150 python3 benchmarks/quant_bench.py checkpoint "$CKPT_ROOT/llama3-8b" "$CKPT_ROOT/llama3-8b-gptq-int4"
 run_stage lmport-8b-int4 90 240 env BENCH_NUM_PROMPTS=16 BENCH_CONCURRENCY=16 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3-8b-gptq-int4" llama3-8b-int4 "$OUT" "$PORT"
 run_stage quant-kernels 40 150 python3 benchmarks/quant_bench.py kernels --rows 1 2 4 8 16 256 4096 --json "$OUT/quant_kernels.json"
+# T5 natively (paged, batched, CUDA graphs) vs the transformers one-at-a-time executor, 32 requests at once
+run_stage t5 40 200 python3 benchmarks/t5_bench.py --device cuda --shape flan-t5-base --requests 32 --input-len 128 --output-len 64 --json "$OUT/t5.json"
 run_stage profile-8b 60 150 python3 benchmarks/profile_decode.py --model "$CKPT_ROOT/llama3-8b" --batch-sizes 1,256 --output-len 128 --async-scheduling on --kernel-profile --segments --json "$OUT/profile-8b.json"
 run_stage hf-8b 100 240 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3-8b" --json "$OUT/hf-llama3-8b.json"
 run_stage attention 40 120 python3 benchmarks/attention_bench.py --roofline "$OUT/roofline.json" --json "$OUT/attention.json"
@@ -79,13 +81,11 @@ run_stage layer-ops 20 60 python3 benchmarks/layer_ops_bench.py --json "$OUT/lay
 run_stage ckpt-1b 30 90 python3 benchmarks/make_checkpoint.py llama3.2-1b "$CKPT_ROOT/llama3.2-1b"
 run_stage lmport-1b 90 200 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3.2-1b" llama3.2-1b "$OUT" "$PORT"
 # a soak on the 1B: steady mixed load (streams, plain, disconnects, bad requests) with RSS and GPU memory sampled
-run_stage soak-1b 100 240 python3 benchmarks/soak.py --model-id "$CKPT_ROOT/llama3.2-1b" --duration 120 --concurrency 64 \
+run_stage soak-1b 100 240 python3 benchmarks/soak.py --model-id "$CKPT_ROOT/llama3.2-1b" --duration "${SOAK_DURATION_S:-120}" --concurrency 64 \
   --sample-every 15 --mix stream=0.45,plain=0.3,disconnect=0.15,bad=0.1 --max-new-tokens 16 128 \
   --json "$OUT/soak-1b.json" --server-log "$OUT/lmport-soak-1b-server.log" --pid-file "$OUT/lmport-soak-1b.pid" \
   -- --dtype bfloat16 --max-total-tokens 2048 --max-concurrent-requests 1024
 run_stage hf-1b 60 150 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3.2-1b" --json "$OUT/hf-llama3.2-1b.json"
-# T5 natively (paged, batched, CUDA graphs) vs the transformers one-at-a-time executor, 32 requests at once
-run_stage t5 40 200 python3 benchmarks/t5_bench.py --device cuda --shape flan-t5-base --requests 32 --input-len 128 --output-len 64 --json "$OUT/t5.json"
 
 log "suite done in $(( $(date +%s) - START ))s"
 echo
