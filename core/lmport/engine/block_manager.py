@@ -151,6 +151,21 @@ class BlockManager:
 
     # ------------------------------------------------------------------ release
 
+    def rewind(self, seq: Sequence) -> None:
+        """Give back the blocks past ``seq.num_computed_tokens`` (speculative decoding's rollback).
+
+        A verify step allocates room for every draft token; the rejected ones leave blocks with
+        K/V of tokens the sequence never had. Those blocks were never offered to the prefix cache
+        (only blocks of known, computed tokens are), so they go straight back to the pool; K/V
+        left in a kept block past the computed length is overwritten before it is read.
+        """
+        keep = self.blocks_for(seq.num_computed_tokens)
+        if keep < seq.num_committed_blocks:
+            raise RuntimeError(f"sequence {seq.seq_id}: cannot rewind into its {seq.num_committed_blocks} cached blocks")
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
+
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; its computed tokens must be recomputed to be used again.
 
