@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from lmport.capabilities import BackendInfo, Capabilities
     from lmport.config import ConfigAdjustment, LaunchConfig
     from lmport.detection import DetectionEnv
+    from lmport.engine.api import Constraint
+    from lmport.engine.constraints import LogitsProcessor, ProcessorContext
     from lmport.engine.executor import ModelExecutor
     from lmport.engine.graphs import DecodeGraphRunner
     from lmport.layers.attention import AttentionBackend, AttentionSpec, KVCache, KVCacheSpec
@@ -229,4 +231,22 @@ def lmport_server_info(capabilities: Capabilities) -> dict[str, Any] | None:
 
     Called when the server starts. All results are merged in registration order, core first;
     keys already set by the core are not overwritten.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_logits_processors(constraint: Constraint, context: ProcessorContext) -> LogitsProcessor | None:
+    """Return a new stateful logits processor for one sequence under ``constraint``.
+
+    ``constraint`` (:class:`lmport.engine.api.Constraint`, plain data from ``SamplingParams``):
+    ``kind`` ``json_schema`` / ``json_object`` / ``regex`` / ``lark`` and its ``value``.
+    ``context`` (:class:`lmport.engine.constraints.ProcessorContext`): the tokenizer, the logits
+    width and the EOS ids. The processor follows :class:`lmport.engine.constraints.LogitsProcessor`
+    (``needs_host_tokens``, ``advance(token)``, the batch class methods ``begin`` and ``apply``).
+    Raise :class:`lmport.engine.errors.RequestValidationError` for a constraint you cannot
+    compile or whose features you do not support (the message names them: the server answers
+    422). Called in the server process to check a request before it is submitted, and in the
+    engine process once per sequence. First non-``None`` wins; the core's llguidance backend
+    (``lmport.engine.sampling.plugin``) answers last, so returning ``None`` leaves a
+    constraint to it.
     """

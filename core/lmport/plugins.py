@@ -35,6 +35,7 @@ CORE_PLUGINS = {
     CORE_BACKEND: "lmport.backends.cpu.plugin",
     "core-models": "lmport.models.plugin",
     "core-weights": "lmport.weights.plugin",
+    "core-sampling": "lmport.engine.sampling.plugin",
 }
 
 
@@ -392,6 +393,10 @@ class PluginHost:
             for key, value in (extra or {}).items():
                 merged.setdefault(key, value)
         return merged
+
+    def logits_processors(self, constraint: Any, context: Any) -> Any:
+        """A new per-sequence processor for ``constraint`` (the core's llguidance backend answers last)."""
+        return self._pm.hook.lmport_logits_processors(constraint=constraint, context=context)
 
     # ------------------------------------------------------------------ checks
 

@@ -18,6 +18,24 @@ if TYPE_CHECKING:
     from lmport.engine.limits import EngineLimits
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "abort"]
+ConstraintKind = Literal["json_schema", "json_object", "regex", "lark"]
+CONSTRAINT_KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "lark")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's output must match (constrained decoding), as plain, picklable data.
+
+    ``kind``: ``"json_schema"`` (``value`` is the JSON schema as JSON text), ``"json_object"``
+    (any JSON object; ``value`` is ignored, usually ``""``), ``"regex"`` (``value`` is the
+    regular expression the whole output must match) or ``"lark"`` (``value`` is a Lark grammar,
+    llguidance's dialect). The engine process resolves it through the ``lmport_logits_processors``
+    hook into a per-sequence processor that masks the tokens the constraint does not allow;
+    :func:`lmport.engine.constraints.check_constraint` compile-checks one before it is submitted.
+    """
+
+    kind: ConstraintKind
+    value: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,7 @@ class SamplingParams:
     prompt_logprobs: bool = False  # TGI's decoder_input_details
     skip_special_tokens: bool = True
     n: int = 1  # independent sequences for one prompt (OpenAI n, TGI best_of)
+    constraint: Constraint | None = None  # constrained decoding (TGI grammar, OpenAI response_format, tools)
 
     @property
     def greedy(self) -> bool:

@@ -43,6 +43,8 @@ def check_sampling(params: SamplingParams, limits: EngineLimits) -> None:
         raise RequestValidationError(
             f"`stop` sequences must be at most {MAX_STOP_SEQUENCE_CHARS} characters long. Given: {longest}"
         )
+    if params.constraint is not None and limits.disable_grammar_support:
+        raise RequestValidationError("grammar is not supported")
     if not 0 <= params.top_n_tokens <= limits.max_top_n_tokens:
         raise RequestValidationError(
             f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {params.top_n_tokens}"
