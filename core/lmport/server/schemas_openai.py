@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat
 
-from lmport.server.schemas_tgi import OmitEmpty
+from lmport.server.schemas_tgi import JsonNumbers, OmitEmpty
 
 
 class StreamOptions(BaseModel):
@@ -34,14 +34,14 @@ class ChatMessage(BaseModel):
     tool_calls: list[Any] | None = None
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(JsonNumbers):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="Ignored: the server serves one model")
     messages: list[ChatMessage] = Field(min_length=1)
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
+    frequency_penalty: StrictFloat | None = None
+    presence_penalty: StrictFloat | None = None
+    repetition_penalty: StrictFloat | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(None, ge=0)
@@ -52,8 +52,8 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: Union[str, list[str], None] = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
     response_format: Any = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -71,14 +71,14 @@ class ChatTokenizeRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(JsonNumbers):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(examples=["Say this is a test"])
     max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
     n: int | None = Field(None, ge=1)
     best_of: int | None = Field(None, ge=1)
     stream: StrictBool = False
@@ -86,9 +86,9 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0)
     echo: StrictBool = False
     stop: Union[str, list[str], None] = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    repetition_penalty: StrictFloat | None = None
     seed: int | None = Field(None, ge=0, lt=2**64)
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None

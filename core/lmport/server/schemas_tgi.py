@@ -3,15 +3,33 @@
 Field names, defaults and what is omitted when empty follow TGI, so TGI's own clients
 (``text-generation``, ``huggingface_hub.InferenceClient``) parse our answers unchanged.
 Range checks live in the engine's rules so their messages can match TGI's. Booleans are strict,
-as TGI's serde is: ``"details": 0`` or ``"stream": "yes"`` is a 422, not a guess.
+as TGI's serde is: ``"details": 0`` or ``"stream": "yes"`` is a 422, not a guess; so are
+``"top_k": true`` and ``"temperature": "0.5"``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, ValidationInfo, field_validator, model_serializer
 
+
+
+class JsonNumbers(BaseModel):
+    """A request's integers as JSON Schema reads "integer": 9 and 9.0, not ``true`` or ``"9"``,
+    which pydantic's lax int would take (its numbers are StrictFloat: not ``true`` or ``"0.5"``)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integers_are_json_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, (bool, str)) and info.field_name in _integer_fields(cls):
+            raise ValueError("Input should be a valid integer")
+        return value
+
+
+def _integer_fields(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(name for name, field in model.model_fields.items()
+                     if field.annotation is int or int in get_args(field.annotation))
 
 class OmitEmpty(BaseModel):
     """Drops the fields named in ``omit_if_empty`` from the JSON when they are None or []."""
@@ -35,16 +53,16 @@ class Grammar(BaseModel):
     value: Any
 
 
-class GenerateParameters(BaseModel):
+class GenerateParameters(JsonNumbers):
     model_config = ConfigDict(extra="ignore")
 
     best_of: int | None = Field(None, ge=0, description="Generate best_of sequences and return the one with the highest log probability")
-    temperature: float | None = Field(None, examples=[0.5])
-    repetition_penalty: float | None = Field(None, examples=[1.03])
-    frequency_penalty: float | None = Field(None, examples=[0.1])
+    temperature: StrictFloat | None = Field(None, examples=[0.5])
+    repetition_penalty: StrictFloat | None = Field(None, examples=[1.03])
+    frequency_penalty: StrictFloat | None = Field(None, examples=[0.1])
     top_k: int | None = Field(None, examples=[10])
-    top_p: float | None = Field(None, examples=[0.95])
-    typical_p: float | None = Field(None, examples=[0.95])
+    top_p: StrictFloat | None = Field(None, examples=[0.95])
+    typical_p: StrictFloat | None = Field(None, examples=[0.95])
     do_sample: StrictBool = False
     max_new_tokens: int | None = Field(None, ge=0, examples=[20], description="None: up to max_total_tokens, at most 1024")
     return_full_text: StrictBool | None = None
