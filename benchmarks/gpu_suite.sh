@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_suite.sh                 # every stage, in order, within the budget
 #   bash benchmarks/gpu_suite.sh ckpt-1b lmport-1b hf-1b    # only these (a second call)
 # Stages: roofline tests ckpt-8b lmport-8b lmport-8b-fp8 ckpt-8b-int4 lmport-8b-int4 quant-kernels t5 profile-8b
-# hf-8b attention layer-ops ckpt-1b lmport-1b soak-1b hf-1b, then the summary (and the quantized formats' table).
+# profile-8b-fp8 hf-8b attention layer-ops ckpt-1b lmport-1b soak-1b hf-1b, then the summary (and the quantized formats' table).
 # Each stage logs to $OUT/<stage>.log, runs under `timeout`, and a failed stage never stops
 # the next. A stage is skipped when less than its minimum is left of SUITE_BUDGET_S (default
 # 500 s). The table printed last is also in $OUT/summary.txt; JSON results are in $OUT.
@@ -75,6 +75,8 @@ run_stage quant-kernels 40 150 python3 benchmarks/quant_bench.py kernels --rows 
 # T5 natively (paged, batched, CUDA graphs) vs the transformers one-at-a-time executor, 32 requests at once
 run_stage t5 40 200 python3 benchmarks/t5_bench.py --device cuda --shape flan-t5-base --requests 32 --input-len 128 --output-len 64 --json "$OUT/t5.json"
 run_stage profile-8b 60 150 python3 benchmarks/profile_decode.py --model "$CKPT_ROOT/llama3-8b" --batch-sizes 1,256 --output-len 128 --async-scheduling on --kernel-profile --segments --json "$OUT/profile-8b.json"
+# where an fp8 batch-1 step's time goes (kernels by GPU time), beside profile-8b's bf16 one
+run_stage profile-8b-fp8 60 150 python3 benchmarks/profile_decode.py --model "$CKPT_ROOT/llama3-8b" --quantize fp8 --batch-sizes 1 --output-len 64 --async-scheduling on --kernel-profile --json "$OUT/profile-8b-fp8.json"
 run_stage hf-8b 100 240 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3-8b" --json "$OUT/hf-llama3-8b.json"
 run_stage attention 40 120 python3 benchmarks/attention_bench.py --roofline "$OUT/roofline.json" --json "$OUT/attention.json"
 run_stage layer-ops 20 60 python3 benchmarks/layer_ops_bench.py --json "$OUT/layer_ops.json"

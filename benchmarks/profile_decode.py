@@ -254,6 +254,7 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--quantize", default=None, help="as lmport launch's --quantize (fp8: quantized at load)")
     parser.add_argument("--async-scheduling", choices=("on", "off", "both"), default="both",
                         help="launch step N+1 before step N's tokens reach the host; both: each batch size twice, off then on")  # fmt: skip
     parser.add_argument("--cprofile", action="store_true",
@@ -269,7 +270,7 @@ def main() -> int:
     host.select_backend()
     config = LaunchConfig(model_id=args.model, dtype="bfloat16", max_total_tokens=2048, max_input_tokens=1024,
                           max_batch_prefill_tokens=8192, max_batch_size=256,
-                          async_scheduling=args.async_scheduling != "off")  # fmt: skip
+                          async_scheduling=args.async_scheduling != "off", quantize=args.quantize)  # fmt: skip
     engine, tokenizer, _ = build_llm_engine(config, host)
     runner = engine.executor
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.async_scheduling]
