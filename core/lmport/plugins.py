@@ -24,6 +24,7 @@ from lmport import hookspecs
 from lmport.capabilities import BackendInfo, Capabilities, CapabilityError
 from lmport.config import ConfigAdjustment, LaunchConfig, apply_adjustments
 from lmport.detection import DetectionEnv
+from lmport.planning import plan_for
 
 log = logging.getLogger(__name__)
 
@@ -438,6 +439,7 @@ class PluginHost:
                 "reason": self.selection.reason,
                 "detected": [i.name for i in self.selection.detected],
                 "capabilities": self.capabilities().to_dict(),
+                "engine_plan": [list(row) for row in plan_for(self.capabilities()).describe()],
                 "custom_kernels": self._custom_kernels,
             }
         return out

@@ -79,4 +79,7 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(f"  {key:<26} {value}")
         for note in active["capabilities"]["notes"]:
             lines.append(f"  note: {note}")
+        lines += ["", "Engine plan (what the engine does with these flags):"]
+        for flag, action in active.get("engine_plan", []):
+            lines.append(f"  {flag:<26} {action}")
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ from lmport.layers.attention import KVCacheSpec
 from lmport.models.base import ModelInfo
 from lmport.models.loader import build_native_model
 from lmport.models.resolve import ModelSource, model_info_for, resolve_model_source
+from lmport.planning import plan_for
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
         num_blocks=num_blocks,
         backend_max_batch_size=caps.max_batch_size,
         accepts_images=bool(getattr(executor, "accepts_images", False)),  # executors need not subclass ModelExecutor
+        fixed_slots=plan_for(caps).fixed_slots,
     )
     log.info(
         "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB); max_input_tokens=%d max_total_tokens=%d "
@@ -219,9 +221,13 @@ def build_executor(
         if isinstance(model, ModelExecutor):
             return model
     kv_dtype = pick_kv_cache_dtype(config.kv_cache_dtype, dtype, caps)
-    max_batch = config.max_batch_size or caps.max_batch_size
+    max_batch = min(filter(None, (config.max_batch_size, caps.max_batch_size)), default=None)
+    plan = plan_for(caps)
+    if plan.shape_buckets is not None:
+        log.info("static shapes: steps padded to buckets (%s)", plan.shape_buckets.describe())
     return PagedModelRunner(
-        model, block_size=block_size, device=device, kv_cache_dtype=kv_dtype, host=host, config=config, max_batch_size=max_batch
+        model, block_size=block_size, device=device, kv_cache_dtype=kv_dtype, host=host, config=config,
+        max_batch_size=max_batch, shape_buckets=plan.shape_buckets,
     )
 
 

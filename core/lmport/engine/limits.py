@@ -48,6 +48,10 @@ class EngineLimits:
     # wherever it is; --max-queue-time ends one that was never scheduled
     request_timeout: float | None = None
     max_queue_time: float | None = None
+    # the backend has no continuous batching (``Capabilities.continuous_batching`` off): a step
+    # prefills whole prompts into free slots of the fixed batch while the others pause, or
+    # decodes every running sequence (see :class:`~lmport.engine.scheduler.Scheduler`)
+    fixed_slots: bool = False
 
 
 def model_max_positions(hf_config: Any, default: int = 4096) -> int:
@@ -124,10 +128,14 @@ def resolve_limits(
     num_blocks: int,
     backend_max_batch_size: int | None = None,
     accepts_images: bool = False,
+    fixed_slots: bool = False,
 ) -> EngineLimits:
     """Fill TGI's defaults: total = min(4096, positions), input = total - 1, prefill = input + 50.
 
     Settings the user gave that the KV cache cannot hold are an error; defaults are clamped.
+    ``backend_max_batch_size`` (the backend's compiled batch) caps ``--max-batch-size``.
+    With ``fixed_slots`` prompts are never chunked: a prefill budget the user gave below
+    ``max_input_tokens`` is an error.
     """
     capacity = num_blocks * block_size
     max_total = config.max_total_tokens or min(4096, max_positions, capacity)
@@ -140,7 +148,16 @@ def resolve_limits(
     if max_input >= max_total:
         raise ValueError(f"max_input_tokens ({max_input}) must be smaller than max_total_tokens ({max_total})")
     prefill = config.max_batch_prefill_tokens or max_input + 50
+    if fixed_slots and prefill < max_input:
+        raise ValueError(
+            f"max_batch_prefill_tokens ({prefill}) is smaller than max_input_tokens ({max_input}); this backend has "
+            "no continuous batching and prefills whole prompts: raise it or lower --max-input-tokens"
+        )
     max_batch_size = config.max_batch_size or backend_max_batch_size or DEFAULT_MAX_BATCH_SIZE
+    if backend_max_batch_size and max_batch_size > backend_max_batch_size:
+        log.warning("--max-batch-size %d is capped at %d, the backend's compiled batch size",
+                    max_batch_size, backend_max_batch_size)
+        max_batch_size = backend_max_batch_size
     return EngineLimits(
         max_concurrent_requests=config.max_concurrent_requests,
         max_input_tokens=max_input,
@@ -162,4 +179,5 @@ def resolve_limits(
         max_images_per_request=config.max_images_per_request,
         request_timeout=config.request_timeout or None,
         max_queue_time=config.max_queue_time or None,
+        fixed_slots=fixed_slots,
     )

@@ -45,8 +45,11 @@ class PagedModelRunner(ModelExecutor):
         host: Any = None,
         config: Any = None,
         max_batch_size: int | None = None,
+        shape_buckets: Any = None,
     ) -> None:
         self.model = model
+        # a static-shape backend's buckets (lmport.planning.ShapeBuckets): every step is padded to them
+        self.shape_buckets = shape_buckets
         self.block_size = block_size
         self.device = torch.device(device)
         self.kv_cache_dtype = kv_cache_dtype
@@ -123,7 +126,7 @@ class PagedModelRunner(ModelExecutor):
 
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> ExecutorOutput:
-        batch = build_flat_batch(step, self.block_size, self.device)
+        batch = self._flat_batch(step)
         sampled_pos, prompt_pos, prompt_top_n, results = self._run(step, batch)
         if results is None:  # only prompt chunks that sample nothing
             none = [None] * len(step.entries)
@@ -141,7 +144,7 @@ class PagedModelRunner(ModelExecutor):
         token the host does not know yet, taken on the device from the previous step's samples.
         The results come back through one non-blocking copy into pinned host memory.
         """
-        batch = build_flat_batch(step, self.block_size, self.device)
+        batch = self._flat_batch(step)
         if feed:
             starts = batch.metadata.query_start_loc_host
             dst, src = _send([[starts[i] for i, _ in feed], [row for _, row in feed]], torch.int64, self.device)
@@ -149,6 +152,14 @@ class PagedModelRunner(ModelExecutor):
         sampled_pos, prompt_pos, prompt_top_n, results = self._run(step, batch)
         pending = PendingStep(self, step, batch, sampled_pos, prompt_pos, prompt_top_n, results)
         return pending
+
+    def _flat_batch(self, step: ScheduledStep) -> FlatBatch:
+        batch = build_flat_batch(step, self.block_size, self.device)
+        if self.shape_buckets is not None:
+            from lmport.engine.static_shapes import pad_flat_batch
+
+            batch = pad_flat_batch(batch, self.shape_buckets)
+        return batch
 
     def _run(self, step: ScheduledStep, batch: FlatBatch):
         """Forward, logits and sampling, all left on the device."""

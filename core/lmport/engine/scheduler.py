@@ -12,6 +12,10 @@ next chunk of a prompt that did not fit the prefill budget), then admits waiting
   they fill the step's prefill budget (a burst of arrivals: holding them back could not make
   the prefill bigger, and decodes ride along in the same step anyway).
 * ``max_batch_size`` bounds the running sequences.
+* ``fixed_slots`` (a backend without continuous batching, whose graphs run a fixed batch): a
+  step either prefills, whole, the prompts of sequences admitted into free slots (the running
+  ones pause for it, as TGI's Neuron backend does) or decodes every running sequence; never
+  both in one step. A sequence keeps its slot until it ends.
 
 The ``n`` sequences of one request share their prompt: the first is prefilled alone, the
 others come in a step later and find its full blocks in the prefix cache.
@@ -65,6 +69,10 @@ class Scheduler:
     # ------------------------------------------------------------------ planning
 
     def schedule(self) -> ScheduledStep:
+        if self.limits.fixed_slots:
+            prefill = self._schedule_prefill_only()
+            if prefill is not None:
+                return prefill
         budget = self.limits.max_batch_prefill_tokens
         entries: list[ScheduledSequence] = []
         preempted = False
@@ -96,14 +104,37 @@ class Scheduler:
                 continue
             break  # ``seq`` preempted itself: it was the last running sequence
         admitted = 0
-        if not preempted and self.waiting and self._should_admit(budget):
+        if not preempted and self.waiting and not self.limits.fixed_slots and self._should_admit(budget):
             admitted = self._admit(budget, entries)
         if admitted or not self.running:
             self.steps_since_admission = 0
         else:
             self.steps_since_admission += 1
+        return self._step(entries)
+
+    def _step(self, entries: list[ScheduledSequence]) -> ScheduledStep:
         released, self._released = self._released, []
         return ScheduledStep(entries=entries, released_seq_ids=released, block_table_rows=self.block_manager.rows.array)
+
+    def _schedule_prefill_only(self) -> ScheduledStep | None:
+        """``fixed_slots``: a step of prefills only (a resumed sequence's rest, then newcomers
+        into free slots), or None when there is none and every running sequence decodes."""
+        budget = self.limits.max_batch_prefill_tokens
+        entries: list[ScheduledSequence] = []
+        for seq in self.running:
+            if seq.is_decoding or seq.num_uncomputed_tokens == 0:
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0 or not self.block_manager.allocate(seq, n):
+                break
+            entries.append(self._entry(seq, n))
+            budget -= n
+        if self.waiting and len(self.running) < self.limits.max_batch_size:
+            self._admit(budget, entries)
+        if not entries:
+            return None
+        self.steps_since_admission = 0
+        return self._step(entries)
 
     def _admit(self, budget: int, entries: list[ScheduledSequence]) -> int:
         """Admit waiting sequences in arrival order (preempted ones first) while they fit."""

@@ -15,8 +15,10 @@ class CountingAttention(ReferenceAttention):
         super().__init__(spec)
         self.calls = 0
         self.tokens = 0
+        self.shapes: set[tuple[int, int, int]] = set()  # (sequences, tokens, block-table width) seen
 
     def forward(self, query, key, value, kv_cache, metadata, position_bias=None):
         self.calls += 1
         self.tokens += query.shape[0]
+        self.shapes.add((metadata.num_seqs, query.shape[0], metadata.block_tables.shape[1]))
         return super().forward(query, key, value, kv_cache, metadata, position_bias)

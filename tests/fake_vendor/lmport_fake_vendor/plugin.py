@@ -3,6 +3,10 @@
 "Hardware" is present when ``LMPORT_FAKE_VENDOR_DEVICE=1``: then it is auto-selected over the
 CPU (priority 50), and ``LMPORT_BACKEND=fake`` selects it by name. Without the variable it is
 installed but not detected, like a GPU plugin on a machine without a GPU.
+
+``LMPORT_FAKE_VENDOR_PROFILE=static`` makes it a static-shape accelerator (a compiled graph per
+shape, like Gaudi's HPU graphs): ``static_shapes``, no continuous batching and a compiled
+batch of ``STATIC_BATCH`` sequences, which the engine plans with.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from lmport_fake_vendor.attention import CountingAttention
 
 NAME = "fake"
 DEVICE_ENV = "LMPORT_FAKE_VENDOR_DEVICE"
+PROFILE_ENV = "LMPORT_FAKE_VENDOR_PROFILE"
 BLOCK_SIZES = (8, 16)
+STATIC_BATCH = 4
 
 
 @hookimpl
@@ -29,7 +35,7 @@ def lmport_detect_backend(env):
         device_type="cpu",
         priority=50,
         description="FakeAccel 1 (the CPU, wearing a vendor's hat)",
-        details=(("device_count", 1),),
+        details=(("device_count", 1), ("profile", env.environ.get(PROFILE_ENV, ""))),
     )
 
 
@@ -37,6 +43,7 @@ def lmport_detect_backend(env):
 def lmport_capabilities(backend):
     if backend.name != NAME:
         return None
+    static = backend.detail("profile") == "static"
     return Capabilities(
         backend=NAME,
         device_type="cpu",
@@ -44,7 +51,11 @@ def lmport_capabilities(backend):
         paged_attention=True,
         sliding_window_attention=True,
         alibi_attention=True,
+        flash_layer_norm=True,
         kv_block_sizes=BLOCK_SIZES,
+        static_shapes=static,
+        continuous_batching=not static,
+        max_batch_size=STATIC_BATCH if static else None,
         notes=("a test double: attention is the reference with a call counter",),
     )
 
