@@ -65,6 +65,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 run_stage roofline 20 60 python3 benchmarks/roofline.py --json "$OUT/roofline.json"
 # every test runs (no -x): one GPU call should say all that is wrong
 run_stage tests 60 240 python3 -m pytest plugins/cuda/tests -q -p no:cacheprovider
+# stage rocm-forced: the ROCm backend's code path forced on this NVIDIA GPU (LMPORT_ROCM_FORCE=1; plugins/rocm/README.md)
+run_stage rocm-forced 30 150 bash -c 'python3 -m pip install --quiet --no-deps --no-build-isolation -e plugins/rocm && python3 -m pytest plugins/rocm/tests -q -p no:cacheprovider'
 run_stage ckpt-8b 60 180 python3 benchmarks/make_checkpoint.py llama3-8b "$CKPT_ROOT/llama3-8b"
 run_stage lmport-8b 120 300 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3-8b" llama3-8b "$OUT" "$PORT"
 # quantized formats beside that bf16 run: fp8 quantized at load, GPTQ int4 g128 (batch 1 only; a 16-request load)

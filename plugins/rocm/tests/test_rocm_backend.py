@@ -18,6 +18,8 @@ from lmport.weights.quantization import QuantizationRegistry
 
 require_distribution("lmport-rocm", "pip install -e plugins/rocm")
 
+from lmport_cuda.attention import TritonPagedAttention  # noqa: E402  (lmport-rocm depends on lmport-cuda)
+
 WINDOWED = AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=128, scale=0.088, dtype="bfloat16", sliding_window=4096)
 PLAIN = AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=128, scale=0.088, dtype="bfloat16")
 
@@ -61,7 +63,7 @@ def test_flags_follow_the_seed(host):
     assert caps.paged_attention and caps.flash_attention
     assert caps.quantization == {"gptq"}
     assert not caps.flash_layer_norm and not caps.sliding_window_attention
-    assert "in this release the ROCm plugin runs lmport's reference attention path on the GPU" in caps.notes
+    assert "attention runs lmport-cuda's Triton paged kernels (shared, compiled by Triton for the GPU)" in caps.notes
 
 
 def test_awq_is_refused_before_loading_with_backend_capability_and_supported_formats(host, registry):
@@ -85,7 +87,7 @@ def test_sliding_window_falls_back_to_the_reference_with_one_warning(host, caplo
         second = host.attention_backend(WINDOWED)
         plain = host.attention_backend(PLAIN)
     assert type(first) is ReferenceAttention and second is first
-    assert type(plain) is ReferenceAttention  # this release's stand-in, chosen by the plugin itself
+    assert type(plain) is TritonPagedAttention  # lmport-cuda's kernels, shared (not copied)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == [
         "backend 'rocm' has no attention kernel for head_dim=128, dtype=bfloat16, sliding_window=4096; "
@@ -122,3 +124,26 @@ def test_a_sliding_window_model_builds_on_rocm_with_one_warning_and_generates_li
     reference = build_native_model(info, cpu, torch.float32, torch.device("cpu"))
     prompts = [[1, 5, 9, 33, 2, 70, 71, 72, 80, 81], [1, 200]]
     assert greedy_generate(model, prompts, 6, host=rocm) == greedy_generate(reference, prompts, 6, host=cpu)
+
+
+def test_the_rocm_path_can_be_forced_on_an_nvidia_gpu_but_is_never_auto_selected():
+    h200 = FakeMachine.nvidia("9.0", name="NVIDIA H200")
+    forced = FakeMachine.nvidia("9.0", name="NVIDIA H200", environ={"LMPORT_ROCM_FORCE": "1"})
+    assert PluginHost(environ={}, detection_env=forced).select_backend().backend.name == "cuda"
+    host = PluginHost(environ={}, detection_env=forced)
+    backend = host.select_backend("rocm").backend
+    assert backend.priority < 0 and backend.detail("forced") is True
+    assert "forced with LMPORT_ROCM_FORCE=1" in backend.description
+    caps = host.capabilities()
+    assert caps.notes[0].startswith("forced with LMPORT_ROCM_FORCE=1 on a CUDA GPU")
+    assert caps.quantization == {"gptq"} and not caps.sliding_window_attention
+    with pytest.raises(PluginError, match="found no usable device"):
+        PluginHost(environ={}, detection_env=h200).select_backend("rocm")  # not forced: a CUDA build is not ROCm
+
+
+def test_gptq_runs_the_shared_triton_linear_wq_and_no_fused_norm_is_bound(host):
+    from lmport.layers.ops import REFERENCE_OPS
+
+    ops = host.layer_ops()
+    assert ops.overridden() == ("linear_wq",)
+    assert ops.rms_norm is REFERENCE_OPS.rms_norm  # no flash layer-norm kernel on ROCm
