@@ -7,10 +7,15 @@ server only passes a fallback template for checkpoints that carry none (GGUF fil
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from lmport.server.errors import TemplateFailed, ValidationFailed
 from lmport.server.schemas_openai import ChatMessage
+
+if TYPE_CHECKING:
+    from lmport.server.tools import ToolPlan
 
 
 def message_dicts(messages: list[ChatMessage], images: bool = False) -> list[dict[str, Any]]:
@@ -37,9 +42,37 @@ def message_dicts(messages: list[ChatMessage], images: bool = False) -> list[dic
         if message.name:
             entry["name"] = message.name
         if message.tool_calls:
-            entry["tool_calls"] = message.tool_calls
+            entry["tool_calls"] = [template_tool_call(call) for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
         out.append(entry)
     return out
+
+
+def template_tool_call(call: Any) -> Any:
+    """An assistant turn's call as templates read it: OpenAI's object with its ``arguments``
+    JSON text parsed into a dict (transformers' templates ``tojson`` them), as vLLM passes them."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return call
+    arguments = call["function"].get("arguments")
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            return call
+        return {**call, "function": {**call["function"], "arguments": parsed}}
+    return call
+
+
+@lru_cache(maxsize=8)
+def template_takes_tools(template: str) -> bool:
+    """Whether a chat template reads the ``tools`` variable (TGI's test, on the template's variables)."""
+    from jinja2 import Environment, meta
+
+    try:
+        return "tools" in meta.find_undeclared_variables(Environment().parse(template))
+    except Exception:  # a template jinja cannot parse without transformers' extensions: look for the name
+        return "tools" in template
 
 
 def image_part_url(part: Any) -> str:
@@ -53,18 +86,29 @@ def image_part_url(part: Any) -> str:
     return url
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage], fallback_template: str | None = None, images: bool = False) -> str:
-    """The prompt text for ``messages`` with the generation prompt appended."""
+def render_chat(
+    tokenizer: Any, messages: list[ChatMessage], fallback_template: str | None = None, images: bool = False,
+    tools: ToolPlan | None = None,
+) -> str:
+    """The prompt text for ``messages`` with the generation prompt appended.
+
+    With ``tools``, a template that reads ``tools`` receives them, and the last message gets the
+    tool prompt appended (after the tools' JSON when the template does not show them), as TGI does."""
     template = getattr(tokenizer, "chat_template", None) or fallback_template
     if not template:
         raise TemplateFailed(
             "this model has no chat template (tokenizer_config.json has no `chat_template` and there is no "
             "chat_template.jinja); use /generate or /v1/completions with a raw prompt"
         )
+    dicts = message_dicts(messages, images)
+    extra: dict[str, Any] = {}
+    if tools is not None:
+        takes_tools = template_takes_tools(template)
+        if takes_tools:
+            extra["tools"] = tools.tools_json()
+        dicts[-1] = {**dicts[-1], "content": (dicts[-1]["content"] or "") + tools.prompt_suffix(takes_tools)}
     try:
-        return tokenizer.apply_chat_template(
-            message_dicts(messages, images), chat_template=template, tokenize=False, add_generation_prompt=True
-        )
+        return tokenizer.apply_chat_template(dicts, chat_template=template, tokenize=False, add_generation_prompt=True, **extra)
     except ValidationFailed:
         raise
     except Exception as exc:  # jinja's TemplateError, raise_exception(...) in the template

@@ -3,7 +3,8 @@
 Parameters map onto TGI's (and so go through TGI's validation and error JSON): temperature 0
 means greedy, no temperature means sampling at 1.0 (OpenAI's default), ``top_p`` 1.0 means
 off, ``top_logprobs`` is ``top_n_tokens``. Stop sequences are cut from the returned text.
-``response_format`` and ``tools`` need constrained decoding, which lmport lacks: 422.
+``tools`` are read and answered by :mod:`lmport.server.tools`; ``response_format`` needs
+constrained decoding, which lmport lacks: 422.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import time
 import uuid
 from contextlib import aclosing
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -46,6 +47,8 @@ from lmport.server.schemas_tgi import ChatTokenizeResponse, GenerateParameters
 from lmport.server.strict_json import StrictJsonRoute
 from lmport.server.state import ServerState
 from lmport.server.streaming import ChunkTemplate, EventStreamResponse, finite_or_none, sse_data, token_texts
+from lmport.server.tool_stream import CallArguments, CallStarted, Event, ReplyText, ToolCallScanner, read_tool_calls
+from lmport.server.tools import ToolPlan, constrain, new_call_id, plan_tools, tool_calls_of
 from lmport.server.validation import ValidRequest
 
 router = APIRouter(tags=["OpenAI compatible"], route_class=StrictJsonRoute)
@@ -79,14 +82,15 @@ def now() -> int:
 # ---------------------------------------------------------------------------- chat
 
 
-async def chat_request_to_valid(state: ServerState, body: ChatRequest) -> ValidRequest:
-    if body.tools and body.tool_choice != "none":
-        raise ValidationFailed("`tools` are not supported: tool calling needs constrained decoding (grammars), which lmport does not implement yet")
+async def chat_request_to_valid(state: ServerState, body: ChatRequest) -> tuple[ValidRequest, ToolPlan | None]:
+    tools = plan_tools(body)
     if body.response_format is not None and (getattr(body.response_format, "get", None) is None or body.response_format.get("type") != "text"):
         raise ValidationFailed("`response_format` is not supported: constrained decoding (grammars) is not implemented in lmport yet")
     if body.top_logprobs and not body.logprobs:
         raise ValidationFailed("`top_logprobs` needs `logprobs` set to true")
-    prompt = await state.off_loop(render_chat, state.tokenizer, body.messages, state.model.chat_template, images=state.image_prompts is not None)
+    prompt = await state.off_loop(
+        render_chat, state.tokenizer, body.messages, state.model.chat_template, images=state.image_prompts is not None, tools=tools,
+    )
     params = openai_parameters(
         temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_completion_tokens or body.max_tokens,
         stop=body.stop, seed=body.seed, frequency_penalty=body.frequency_penalty,
@@ -96,7 +100,9 @@ async def chat_request_to_valid(state: ServerState, body: ChatRequest) -> ValidR
         state, params, inputs=prompt, add_special_tokens=False, n=body.n or 1, presence_penalty=body.presence_penalty or None,
         extra_stop_token_ids=() if body.ignore_eos else state.model.chat_stop_token_ids, ignore_eos=body.ignore_eos,
     )
-    return valid
+    if tools is not None:
+        valid = await state.off_loop(constrain, state, valid, tools)
+    return valid, tools
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS, dependencies=[Depends(require_api_key)])
@@ -107,31 +113,46 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
     scope = RouteScope(state)
     if body.stream:
         with scope.opening():
-            valid = await chat_request_to_valid(state, body)
+            valid, tools = await chat_request_to_valid(state, body)
             (stream,) = scope.open([valid])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = chat_events(scope, stream, valid, completion_id, include_usage, bool(body.logprobs), body.top_logprobs or 0)
+        events = chat_events(scope, stream, valid, completion_id, include_usage, bool(body.logprobs), body.top_logprobs or 0, tools)
         return EventStreamResponse(events)
     with scope:
-        valid = await chat_request_to_valid(state, body)
+        valid, tools = await chat_request_to_valid(state, body)
         (stream,) = scope.open([valid])
         timings = scope.timings(stream)
         result = await until_disconnect(request, collect(stream, valid, timings))
     scope.succeeded(timings, result.generated_tokens)
-    choices = [
-        ChatChoice(
+    choices = []
+    for seq in result.sequences:
+        message = chat_message(seq.text_before_stop, tools)
+        choices.append(ChatChoice(
             index=seq.index,
-            message=AssistantMessage(content=seq.text_before_stop),
+            message=message,
             logprobs=chat_logprobs(seq.tokens, seq.token_texts, body.top_logprobs or 0) if body.logprobs else None,
-            finish_reason=FINISH.get(seq.finish_reason, "stop"),
-        )
-        for seq in result.sequences
-    ]
+            finish_reason=chat_finish(seq.finish_reason, bool(message.tool_calls)),
+        ))
     completion = ChatCompletion(
         id=completion_id, created=now(), model=state.model.model_id, system_fingerprint=state.system_fingerprint,
         choices=choices, usage=usage(result),
     )
     return JSONResponse(completion.model_dump())
+
+
+def chat_message(text: str, tools: ToolPlan | None) -> AssistantMessage:
+    """The reply: its text, or (with tools) the calls read from it."""
+    if tools is None:
+        return AssistantMessage(content=text)
+    calls, content = read_tool_calls(text, tools.text_allowed)
+    return AssistantMessage(content=content, tool_calls=tool_calls_of(calls) or None)
+
+
+def chat_finish(finish_reason: str | None, called: bool) -> str:
+    """OpenAI's finish reason; ``tool_calls`` for a reply of calls that was not cut by the length limit."""
+    if called and finish_reason != "length":
+        return "tool_calls"
+    return FINISH.get(finish_reason, "stop")
 
 
 def usage(result: GenerationResult | None, prompt_tokens: int = 0, completion_tokens: int = 0) -> Usage:
@@ -158,15 +179,19 @@ def chat_logprobs(tokens: list[TokenInfo], texts: list[str], top: int) -> Choice
 
 async def chat_events(
     scope: RouteScope, stream: OutputStream, valid: ValidRequest, completion_id: str,
-    include_usage: bool, logprobs: bool, top: int,
+    include_usage: bool, logprobs: bool, top: int, tools: ToolPlan | None = None,
 ) -> AsyncIterator[bytes]:
-    """``ChatCompletionChunk`` events, one per engine output (see :class:`ChunkTemplate`: this runs per token)."""
+    """``ChatCompletionChunk`` events, one per engine output (see :class:`ChunkTemplate`: this runs per token).
+
+    With ``tools``, each sequence's text goes through a :class:`StreamedCalls`: calls stream as
+    ``delta.tool_calls`` and outputs that add nothing visible send no chunk."""
     state = scope.state
     created, model = now(), state.model.model_id
     chunks = ChunkTemplate(completion_id, "chat.completion.chunk", created, model, state.system_fingerprint)
     started: set[int] = set()
     generated = 0
     stop_cutter = StopCutter(valid.params.stop)
+    calls = StreamedCalls(tools) if tools is not None else None
     timings = scope.timings(stream)
     try:
         async for output in stream_outputs(stream, timings, valid.params.n):
@@ -178,16 +203,23 @@ async def chat_events(
             else:
                 plain = "".join(t for t, tok in zip(texts, tokens) if not tok.special)
             content = stop_cutter.feed(output.index, plain, output)
-            if output.index in started:
+            finish = FINISH.get(output.finish_reason, "stop") if output.finished else None
+            if calls is None:
                 delta = {"content": content}
             else:
+                delta = calls.delta(output.index, content, output.finished)
+                if output.finished:
+                    finish = chat_finish(output.finish_reason, calls.called(output.index))
+                if not delta and output.index in started and finish is None and not (logprobs and tokens):
+                    continue
+            if output.index not in started:
                 started.add(output.index)
-                delta = {"role": "assistant", "content": content}
+                delta = {"role": "assistant", **delta}
             yield chunks.event({
                 "index": output.index,
                 "delta": delta,
                 "logprobs": chat_logprobs(tokens, texts, top).model_dump() if logprobs and tokens else None,
-                "finish_reason": FINISH.get(output.finish_reason, "stop") if output.finished else None,
+                "finish_reason": finish,
             })
         scope.succeeded(timings, generated)
         if include_usage:
@@ -202,6 +234,49 @@ async def chat_events(
         yield sse_data(exc.openai_body())
     finally:
         scope.close()
+
+
+class StreamedCalls:
+    """The ``delta`` of each sequence's next text under a tool plan: plain ``content``, or
+    ``tool_calls`` entries (the first of a call with its id, type and name, then argument
+    fragments), read by a :class:`ToolCallScanner` per sequence."""
+
+    def __init__(self, tools: ToolPlan):
+        self.tools = tools
+        self.scanners: dict[int, ToolCallScanner] = {}
+        self.ids: dict[tuple[int, int], str] = {}
+
+    def called(self, index: int) -> bool:
+        scanner = self.scanners.get(index)
+        return scanner is not None and scanner.is_tool_reply
+
+    def delta(self, index: int, text: str, finished: bool) -> dict[str, Any]:
+        scanner = self.scanners.get(index)
+        if scanner is None:
+            scanner = self.scanners[index] = ToolCallScanner(self.tools.text_allowed)
+        events: list[Event] = scanner.feed(text)
+        if finished:
+            events += scanner.finish()
+        content: list[str] = []
+        entries: list[dict[str, Any]] = []
+        for event in events:
+            if isinstance(event, ReplyText):
+                content.append(event.text)
+            elif isinstance(event, CallStarted):
+                call_id = self.ids[(index, event.index)] = new_call_id()
+                entries.append({"index": event.index, "id": call_id, "type": "function",
+                                "function": {"name": event.name, "arguments": ""}})
+            elif isinstance(event, CallArguments):
+                if entries and entries[-1]["index"] == event.index:  # one entry per call and chunk
+                    entries[-1]["function"]["arguments"] += event.text
+                else:
+                    entries.append({"index": event.index, "function": {"arguments": event.text}})
+        delta: dict[str, Any] = {}
+        if content:
+            delta["content"] = "".join(content)
+        if entries:
+            delta["tool_calls"] = entries
+        return delta
 
 
 class StopCutter:

@@ -28,10 +28,40 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: str
+    role: str = Field(description="system, user, assistant, tool (or any role the chat template knows)")
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[Any] | None = Field(None, description="an assistant turn's calls: [{id, type: function, function: {name, arguments}}]")
+    tool_call_id: str | None = Field(None, description="a `tool` message: the id of the call it answers")
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of type object (none: no arguments)")
+    strict: StrictBool | None = Field(None, description="accepted; arguments always follow `parameters` (constrained decoding)")
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field("function", description="only `function` tools are supported (others: 422)")
+    function: FunctionDefinition | None = None
+
+
+class FunctionName(BaseModel):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``; ``type`` may be left out (huggingface_hub sends it so)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "function"
+    function: FunctionName | None = None
 
 
 class ChatRequest(JsonNumbers):
@@ -55,9 +85,15 @@ class ChatRequest(JsonNumbers):
     temperature: StrictFloat | None = None
     top_p: StrictFloat | None = None
     response_format: Any = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    tool_prompt: str | None = None
+    tools: list[ToolDefinition] | None = Field(None, description="functions the model may call (docs/api.md, Tools)")
+    tool_choice: Union[str, NamedToolChoice, None] = Field(
+        None, description="`auto` (the default with tools), `none`, `required`, or a named function; a bare string "
+        "naming a function works as in TGI",
+    )
+    tool_prompt: str | None = Field(None, description="TGI's: the text appended to the last message after the tools' JSON")
+    parallel_tool_calls: StrictBool | None = Field(None, description="true: the reply may hold several calls (a JSON array)")
+    functions: list[Any] | None = Field(None, description="OpenAI's deprecated form of `tools`: 422, use `tools`")
+    function_call: Any = Field(None, description="OpenAI's deprecated form of `tool_choice`: 422, use `tool_choice`")
     user: str | None = None
     ignore_eos: StrictBool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
 
@@ -119,9 +155,23 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
-class AssistantMessage(BaseModel):
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(OmitEmpty):
+    omit_if_empty: ClassVar[tuple[str, ...]] = ("tool_calls",)
+
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -141,11 +191,31 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(OmitEmpty):
+    omit_if_empty: ClassVar[tuple[str, ...]] = ("name", "arguments")
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(OmitEmpty):
+    """A streamed call: the first delta of a call has ``id``, ``type`` and ``function.name``
+    (with ``arguments: ""``); the later ones only ``index`` and an ``arguments`` fragment."""
+
+    omit_if_empty: ClassVar[tuple[str, ...]] = ("id", "type")
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(OmitEmpty):
-    omit_if_empty: ClassVar[tuple[str, ...]] = ("role", "content")
+    omit_if_empty: ClassVar[tuple[str, ...]] = ("role", "content", "tool_calls")
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
