@@ -32,6 +32,8 @@ RULES_BEYOND_THE_SCHEMA = (
     "Number of prompts exceeds",  # --max-client-batch-size
     "modality is not supported",
     "not supported",  # best_of / decoder_input_details when streaming; grammar, tools, suffix ... where not built
+    "`tools` holds two functions named", "which is not in `tools`", "`tool_choice` needs `tools`",  # tools
+    "cannot be used together",  # response_format with tools
 )
 
 

@@ -72,7 +72,7 @@ def test_streaming_refuses_best_of_and_prefill_details(server):
 
 def test_openai_routes_refuse_grammar_features(server):
     base = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    for extra in ({"response_format": {"type": "json_object"}}, {"tools": [{"type": "web_search_preview"}]}):
+    for extra in ({"response_format": {"type": "json_object"}},):
         response = post(server, "/v1/chat/completions", {**base, **extra})
         assert response.status_code == 422
         message, kind = error_of(response)

@@ -91,12 +91,9 @@ def test_no_plan_without_tools_or_with_none():
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"tools": [{"type": "web_search"}]}, "`tools[0].type` 'web_search' is not supported"),
-    ({"tools": [{"type": "function"}]}, "`tools[0]` needs `function`"),
     ({"tools": [WEATHER, WEATHER]}, "two functions named 'get_weather'"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "must be a JSON Schema of type `object`"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope', which is not in `tools`"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools"}}, "`tool_choice` of type 'allowed_tools' is not supported"),
     ({"tool_choice": "required"}, "`tool_choice` needs `tools`"),
     ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "cannot be used together"),
     ({"functions": [{"name": "f"}]}, "`functions` and `function_call`"),
@@ -213,3 +210,22 @@ def test_assistant_calls_and_tool_results_reach_the_template():
     dicts = message_dicts(messages)
     assert dicts[1]["content"] == "" and dicts[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert dicts[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+
+
+def test_streamed_tool_chunks_are_the_documented_chunk_json():
+    from lmport.server.routes_openai import StreamedCalls
+    from lmport.server.schemas_openai import ChatCompletionChunk
+    from lmport.server.streaming import ChunkTemplate
+
+    calls = StreamedCalls(plan_tools(request(tools=[WEATHER], tool_choice="required")))
+    template = ChunkTemplate("c", "chat.completion.chunk", 1, "m", "f")
+    deltas = [calls.delta(0, piece, finished=False) for piece in ('{"name":"get_weather",', '"arguments":{"city":', '"Paris"}}')]
+    assert deltas[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert deltas[0]["tool_calls"][0]["id"].startswith("call_") and deltas[0]["tool_calls"][0]["type"] == "function"
+    assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:]) == '{"city":"Paris"}'
+    assert calls.called(0) and calls.delta(0, "", finished=True) == {}
+    for delta in ({"role": "assistant", **deltas[0]}, deltas[1]):
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        model = ChatCompletionChunk(id="c", created=1, model="m", system_fingerprint="f", choices=[choice])
+        event = template.event(choice)
+        assert json.dumps(json.loads(event[len(b"data:"):-2])) == json.dumps(json.loads(model.model_dump_json()))

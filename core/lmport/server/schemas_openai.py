@@ -40,15 +40,18 @@ class FunctionDefinition(BaseModel):
 
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of type object (none: no arguments)")
+    parameters: dict[str, Any] | None = Field(
+        None, description="a JSON Schema of type object (none: no arguments)",
+        json_schema_extra={"properties": {"type": {"const": "object"}}},
+    )
     strict: StrictBool | None = Field(None, description="accepted; arguments always follow `parameters` (constrained decoding)")
 
 
 class ToolDefinition(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    type: str = Field("function", description="only `function` tools are supported (others: 422)")
-    function: FunctionDefinition | None = None
+    type: Literal["function"] = Field("function", description="only `function` tools are supported")
+    function: FunctionDefinition
 
 
 class FunctionName(BaseModel):
@@ -60,8 +63,8 @@ class NamedToolChoice(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    type: str = "function"
-    function: FunctionName | None = None
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class ChatRequest(JsonNumbers):
@@ -166,12 +169,10 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class AssistantMessage(OmitEmpty):
-    omit_if_empty: ClassVar[tuple[str, ...]] = ("tool_calls",)
-
+class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str | None
-    tool_calls: list[ToolCall] | None = None
+    content: str | None = Field(description="the reply's text; null when it is tool calls")
+    tool_calls: list[ToolCall] | None = Field(None, description="the calls the reply made (with `tools`), else null")
 
 
 class ChatChoice(BaseModel):

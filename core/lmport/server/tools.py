@@ -22,6 +22,9 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from lmport.engine.api import Constraint
+from lmport.engine.constraints import check_constraint
+from lmport.engine.errors import RequestValidationError
 from lmport.server.errors import ValidationFailed
 from lmport.server.schemas_openai import ChatRequest, NamedToolChoice, ToolCall, FunctionCall
 from lmport.server.tool_stream import ToolCallText
@@ -204,11 +207,7 @@ def _is_text_format(response_format: Any) -> bool:
 def _functions(body: ChatRequest) -> tuple[Function, ...]:
     out: list[Function] = []
     seen: set[str] = set()
-    for i, tool in enumerate(body.tools or ()):
-        if tool.type != "function":
-            raise ValidationFailed(f"`tools[{i}].type` {tool.type!r} is not supported: only `function` tools are", param=f"tools.{i}.type")
-        if tool.function is None:
-            raise ValidationFailed(f"`tools[{i}]` needs `function`", param=f"tools.{i}.function")
+    for i, tool in enumerate(body.tools or ()):  # the schema holds `type` to "function" and needs `function`
         name = tool.function.name
         if name in seen:
             raise ValidationFailed(f"`tools` holds two functions named {name!r}", param=f"tools.{i}.function.name")
@@ -226,18 +225,8 @@ def _functions(body: ChatRequest) -> tuple[Function, ...]:
 
 
 def _named(choice: str | NamedToolChoice, functions: tuple[Function, ...]) -> Function:
-    if isinstance(choice, str):
-        name = choice  # TGI: a bare string that is no keyword names a function
-    else:
-        if choice.type != "function":
-            raise ValidationFailed(
-                f"`tool_choice` of type {choice.type!r} is not supported: use `auto`, `none`, `required` or "
-                '{"type": "function", "function": {"name": ...}}',
-                param="tool_choice",
-            )
-        if choice.function is None:
-            raise ValidationFailed("`tool_choice.function.name` is missing", param="tool_choice")
-        name = choice.function.name
+    # TGI: a bare string that is no keyword names a function
+    name = choice if isinstance(choice, str) else choice.function.name
     for function in functions:
         if function.name == name:
             return function
@@ -256,13 +245,15 @@ def tool_calls_of(calls: list[ToolCallText]) -> list[ToolCall]:
 
 
 def constrain(state: Any, valid: ValidRequest, plan: ToolPlan) -> ValidRequest:
-    """``valid`` with the plan's constraint on its reply (none with ``--disable-grammar-support``,
-    or while the engine has no constraints: the reply is then read as calls when it is one)."""
-    try:
-        from lmport.engine.api import Constraint  # type: ignore[attr-defined]
-    except ImportError:
-        return valid
+    """``valid`` with the plan's constraint on its reply, compile-checked (422 naming what the
+    grammar backend cannot do). With ``--disable-grammar-support`` the reply is not constrained
+    and is read as calls when it is one."""
     if state.limits.disable_grammar_support:
         return valid
     kind, value = plan.constraint()
-    return replace(valid, params=replace(valid.params, constraint=Constraint(kind=kind, value=value)))
+    constraint = Constraint(kind=kind, value=value)
+    try:
+        check_constraint(constraint, state.tokenizer, eos_token_ids=state.validator.eos_token_ids, host=state.host)
+    except RequestValidationError as exc:
+        raise ValidationFailed(f"the tools' parameters cannot be used: {exc}", param="tools") from exc
+    return replace(valid, params=replace(valid.params, constraint=constraint))

@@ -1,0 +1,226 @@
+"""Tool calling through HTTP with the real clients (the ``openai`` SDK, its stream helper, and
+``huggingface_hub.InferenceClient``) against the tiny llama: calls validate against their
+function's parameters (``jsonschema``), a named function is always the one called, streamed
+deltas assemble to the non-streamed reply's call, ``tool_choice: "none"`` is plain text, and
+unsupported tool features answer 422 naming them.
+
+The tiny model's weights are random: what it calls comes from the constraint, so the
+parameters here bound every value (enums, small integers) and replies stay short.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmport.testing.http_checks import error_of, post
+
+openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
+
+ENGINE_APPLIES_CONSTRAINTS = False  # the engine's processors are being built (grammar helper): until then, skipped
+constrained = pytest.mark.skipif(not ENGINE_APPLIES_CONSTRAINTS, reason="the engine does not apply constraints yet")
+
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False,
+}
+TIME_PARAMETERS = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER_PARAMETERS}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time in a zone", "parameters": TIME_PARAMETERS}},
+]
+PARAMETERS = {"get_weather": WEATHER_PARAMETERS, "get_time": TIME_PARAMETERS}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+MAX_TOKENS = 120
+NAMED = {"type": "function", "function": {"name": "get_time"}}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60)
+
+
+def check_call(name: str, arguments: str, expected_name: str | None = None) -> None:
+    assert name in PARAMETERS and (expected_name is None or name == expected_name)
+    jsonschema.validate(json.loads(arguments), PARAMETERS[name])
+
+
+def assemble(chunks) -> tuple[dict[int, dict], list]:
+    """Plain iteration's way: fold each choice-0 ``delta.tool_calls`` entry into its call by index."""
+    calls: dict[int, dict] = {}
+    finish = []
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        for entry in choice.delta.tool_calls or []:
+            call = calls.setdefault(entry.index, {"id": None, "name": None, "arguments": "", "names": 0})
+            if entry.id:
+                assert call["id"] is None, "the id comes once"
+                call["id"] = entry.id
+            if entry.function.name:
+                call["names"] += 1
+                call["name"] = entry.function.name
+            call["arguments"] += entry.function.arguments or ""
+        if choice.finish_reason:
+            finish.append(choice.finish_reason)
+    return calls, finish
+
+
+@constrained
+def test_named_function_streamed_equals_non_streamed(client):
+    reply = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=NAMED, temperature=0, max_tokens=MAX_TOKENS)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    check_call(call.function.name, call.function.arguments, "get_time")
+
+    stream = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=NAMED, temperature=0, max_tokens=MAX_TOKENS, stream=True)
+    calls, finish = assemble(stream)
+    assert list(calls) == [0] and finish == ["tool_calls"]
+    streamed = calls[0]
+    assert streamed["names"] == 1 and streamed["id"].startswith("call_")
+    assert (streamed["name"], streamed["arguments"]) == (call.function.name, call.function.arguments)
+
+
+@constrained
+def test_the_sdk_stream_helper_parses_strict_tools(client):
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        city: Literal["Paris", "Oslo"]
+        days: int = Field(ge=1, le=3)
+
+    helpers = [client.chat.completions.stream]
+    beta = getattr(getattr(getattr(client, "beta", None), "chat", None), "completions", None)
+    if beta is not None and hasattr(beta, "stream"):
+        helpers.append(beta.stream)
+    for helper in helpers:
+        with helper(model="tiny", messages=MESSAGES, tools=[openai.pydantic_function_tool(Weather)],
+                    tool_choice={"type": "function", "function": {"name": "Weather"}}, temperature=0, max_tokens=MAX_TOKENS) as stream:
+            kinds = [event.type for event in stream]
+            final = stream.get_final_completion()
+        assert "tool_calls.function.arguments.delta" in kinds and "tool_calls.function.arguments.done" in kinds
+        (call,) = final.choices[0].message.tool_calls
+        assert call.function.name == "Weather" and isinstance(call.function.parsed_arguments, Weather)
+        assert final.choices[0].finish_reason == "tool_calls"
+
+
+@constrained
+def test_required_calls_one_of_the_tools_with_n_and_a_seed(client):
+    reply = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required", temperature=1.0, seed=5, n=2, max_tokens=MAX_TOKENS)
+    assert sorted(c.index for c in reply.choices) == [0, 1]
+    for choice in reply.choices:
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls
+        check_call(call.function.name, call.function.arguments)
+    again = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required", temperature=1.0, seed=5, n=2, max_tokens=MAX_TOKENS)
+    assert [c.message.tool_calls[0].function.arguments for c in reply.choices] == [
+        c.message.tool_calls[0].function.arguments for c in again.choices]
+
+
+@constrained
+def test_parallel_tool_calls_are_indexed(client):
+    kwargs = dict(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required", parallel_tool_calls=True,
+                  temperature=0, max_tokens=MAX_TOKENS)
+    reply = client.chat.completions.create(**kwargs)
+    if reply.choices[0].finish_reason == "length":
+        pytest.skip("the random model kept adding calls up to max_tokens")
+    calls = reply.choices[0].message.tool_calls
+    assert calls and len({c.id for c in calls}) == len(calls)
+    for call in calls:
+        check_call(call.function.name, call.function.arguments)
+    streamed, _ = assemble(client.chat.completions.create(**kwargs, stream=True))
+    assert [(streamed[i]["name"], streamed[i]["arguments"]) for i in sorted(streamed)] == [
+        (c.function.name, c.function.arguments) for c in calls]
+
+
+@constrained
+def test_auto_answers_text_or_a_valid_call(client):
+    for temperature, seed in ((0, None), (1.0, 1), (1.0, 2)):
+        reply = client.chat.completions.create(
+            model="tiny", messages=MESSAGES, tools=TOOLS, temperature=temperature, seed=seed, max_tokens=24)
+        choice = reply.choices[0]
+        if choice.message.tool_calls:
+            assert choice.message.content is None
+            if choice.finish_reason == "tool_calls":
+                check_call(choice.message.tool_calls[0].function.name, choice.message.tool_calls[0].function.arguments)
+        else:
+            assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
+            assert not choice.message.content.lstrip().startswith(("{", "["))
+
+
+def test_tool_choice_none_is_plain_content(client):
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=12)
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=12)
+    assert reply.choices[0].message.tool_calls is None
+    assert reply.choices[0].message.content == plain.choices[0].message.content
+    assert reply.choices[0].finish_reason == plain.choices[0].finish_reason
+
+
+@constrained
+def test_inference_client_assembles_the_same_call(server):
+    from huggingface_hub import InferenceClient
+
+    hub = InferenceClient(base_url=server.url, timeout=60)
+    reply = hub.chat_completion(messages=MESSAGES, tools=TOOLS, tool_choice={"function": {"name": "get_weather"}},
+                                temperature=0, max_tokens=MAX_TOKENS)
+    (call,) = reply.choices[0].message.tool_calls
+    check_call(call.function.name, call.function.arguments, "get_weather")
+    assert reply.choices[0].finish_reason == "tool_calls"
+    chunks = hub.chat_completion(messages=MESSAGES, tools=TOOLS, tool_choice={"function": {"name": "get_weather"}},
+                                 temperature=0, max_tokens=MAX_TOKENS, stream=True)
+    calls, finish = assemble(chunks)
+    assert (calls[0]["name"], calls[0]["arguments"]) == (call.function.name, call.function.arguments)
+    assert finish == ["tool_calls"]
+
+
+def test_a_conversation_with_calls_and_results(client):
+    messages = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    reply = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=4)
+    assert isinstance(reply.choices[0].message.content, str)
+
+
+@pytest.mark.parametrize("fields,param,message", [
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type", "Input should be 'function'"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools.0.function.parameters", "must be a JSON Schema of type `object`"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "which is not in `tools`"),
+    ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, "tool_choice", "tool_choice"),
+    ({"tools": [TOOLS[0], TOOLS[0]]}, "tools.1.function.name", "two functions named 'get_weather'"),
+    ({"functions": [{"name": "f"}], "function_call": "auto"}, "functions", "not supported: use `tools`"),
+])
+def test_unsupported_tool_features_are_422_naming_them(server, fields, param, message):
+    response = post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, **fields})
+    assert response.status_code == 422
+    text, kind = error_of(response)
+    assert kind == "validation" and message in text
+    assert response.json()["error"]["param"].startswith(param.split(".")[0])
+
+
+def test_the_openapi_document_lists_the_tool_fields(server):
+    import httpx
+
+    spec = httpx.get(f"{server.url}/api-doc/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    request = schemas["ChatRequest"]["properties"]
+    assert {"tools", "tool_choice", "tool_prompt", "parallel_tool_calls"} <= set(request)
+    assert schemas["ToolDefinition"]["properties"]["type"]["const"] == "function"
+    assert "tool_calls" in schemas["AssistantMessage"]["properties"]
+    responses = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "422" in responses
