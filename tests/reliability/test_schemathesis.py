@@ -34,6 +34,7 @@ RULES_BEYOND_THE_SCHEMA = (
     "not supported",  # best_of / decoder_input_details when streaming; grammar, tools, suffix ... where not built
     "`tools` holds two functions named", "which is not in `tools`", "`tool_choice` needs `tools`",  # tools
     "cannot be used together",  # response_format with tools
+    "the tools' parameters cannot be used",  # a parameters schema the grammar backend cannot compile
 )
 
 
