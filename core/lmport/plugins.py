@@ -472,6 +472,8 @@ def _describe(spec: Any) -> str:
         parts.append(f"kind={spec.kind}")
     if getattr(spec, "position_bias_len", None):
         parts.append("position_bias")
+    if getattr(spec, "key_ranges", False):
+        parts.append("key_ranges")
     return ", ".join(parts)
 
 
@@ -480,7 +482,11 @@ def _supports(impl: Any, spec: Any) -> bool:
     supports = getattr(impl, "supports", None)
     if supports is not None:
         return bool(supports(spec))
-    return getattr(spec, "kind", "self") == "self" and getattr(spec, "position_bias_len", None) is None
+    return (
+        getattr(spec, "kind", "self") == "self"
+        and getattr(spec, "position_bias_len", None) is None
+        and not getattr(spec, "key_ranges", False)
+    )
 
 
 def _version(dist: str) -> str | None:

@@ -177,22 +177,23 @@ def test_gguf_checkpoint_loads_through_gguf_file(tiny_gguf, cpu_host):
 
 
 def _image_text_config(kind: str):
-    from transformers import IdeficsConfig
+    from transformers import Idefics2Config
 
-    assert kind == "idefics"
-    config = IdeficsConfig(
-        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        vision_config=dict(embed_dim=32, image_size=32, patch_size=8, num_hidden_layers=1, num_attention_heads=2,
+    assert kind == "idefics2"
+    config = Idefics2Config(
+        text_config=dict(model_type="mistral", vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2),
+        vision_config=dict(hidden_size=32, image_size=32, patch_size=8, num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=64),
     )
-    config.architectures = ["IdeficsForVisionText2Text"]
+    config.architectures = ["Idefics2ForConditionalGeneration"]
     return config
 
 
-@pytest.mark.parametrize("kind", ["idefics"])
+@pytest.mark.parametrize("kind", ["idefics2"])
 def test_image_text_checkpoints_are_refused_at_startup_naming_the_architecture(kind, tmp_path, cpu_host):
-    """docs/models.md: Idefics (no native module yet) is refused rather than served without its images;
-    Llava-next is native (tests/vision)."""
+    """docs/models.md: Idefics 2 (no native module) is refused rather than served without its images;
+    Llava-next and Idefics (v1) are native (tests/vision)."""
     from lmport.config import LaunchConfig
     from lmport.engine.factory import build_llm_engine
     from lmport.testing.tiny_tokenizer import train_tiny_tokenizer

@@ -135,11 +135,12 @@ def load_tokenizer(config: LaunchConfig, path: Path) -> Any:
 
 
 def model_vocab_size(hf_config: Any, tokenizer: Any) -> int | None:
-    """How many token ids the model embeds (its text config's ``vocab_size``), else the tokenizer's size."""
+    """How many token ids the model embeds (its text config's ``vocab_size``, plus Idefics'
+    ``additional_vocab_size``), else the tokenizer's size."""
     text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     size = getattr(text_config, "vocab_size", None)
     if isinstance(size, int) and size > 0:
-        return size
+        return size + int(getattr(text_config, "additional_vocab_size", 0) or 0)
     return len(tokenizer) if hasattr(tokenizer, "__len__") else None
 
 

@@ -55,6 +55,8 @@ class StaticDecodeMetadata:
         # per group: seq_lens and block tables (block 0 always exists; rows never real read it)
         self.seq_lens = [torch.ones(max_batch, dtype=torch.int32, device=device) for _ in range(num_groups)]
         self.block_tables = [torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device) for _ in range(num_groups)]
+        # cross groups: each row's key range (specs with ``key_ranges``); padding rows attend nothing
+        self.key_ranges = [torch.zeros(max_batch, 2, dtype=torch.int32, device=device) for _ in range(num_groups)]
         self.backends: dict[tuple[int, object], object] = {}
         for group, backend in backends:
             key = backend.metadata_key
@@ -78,6 +80,7 @@ class StaticDecodeMetadata:
             max_query_len=1,
             max_seq_len=self.max_seq_len,
             block_size=self.block_size,
+            key_ranges=self.key_ranges[group][:batch] if group else None,
         )
 
     def view(self, batch: int) -> AttentionMetadata:
@@ -109,6 +112,9 @@ class StaticDecodeMetadata:
             self.seq_lens[g][:n].copy_(source.seq_lens, non_blocking=True)
             # columns past `width` keep stale ids: a row reads only the blocks its seq_len covers
             self.block_tables[g][:n, :width].copy_(source.block_tables[:, :width], non_blocking=True)
+            if source.key_ranges is not None:
+                self.key_ranges[g][:n].copy_(source.key_ranges, non_blocking=True)
+                self.key_ranges[g][n:batch].zero_()
             if batch > n:
                 # padding: one key; its block-table row holds block 0 or a block a real row used
                 # before (still a valid block)

@@ -59,7 +59,10 @@ class PagedModelRunner(ModelExecutor):
         self.sampler = Sampler()
         self.kv_caches: list[KVCache] = []
         self.graph_runner = None
-        self.accepts_images = isinstance(model, ImageTextLM)
+        # Llava-next writes image features over token embeddings (ImageTextLM); a cross-attention
+        # model (Idefics) reads its images in the encoder step and says so with ``accepts_images``
+        self._embeds_images = isinstance(model, ImageTextLM)
+        self.accepts_images = self._embeds_images or bool(getattr(model, "accepts_images", False))
         # per sequence: its images' features, encoded at its first prefill chunk that needs them
         # and kept until its last image token is in the cache (a preempted one encodes again)
         self._image_features: dict[int, torch.Tensor] = {}
@@ -174,7 +177,7 @@ class PagedModelRunner(ModelExecutor):
                 target = meta.group(group)
                 if backend.metadata_key not in target.prepared:
                     target.prepared[backend.metadata_key] = backend.prepare_metadata(target)
-        inputs_embeds = self._image_embeds(step, batch) if self.accepts_images else None
+        inputs_embeds = self._image_embeds(step, batch) if self._embeds_images else None
         hidden = self._forward(batch, inputs_embeds, encoder)
         sampled_pos = [i for i, r in enumerate(batch.sample_rows) if r is not None]
         prompt_pos = [i for i, r in enumerate(batch.prompt_rows) if len(r)]
@@ -260,10 +263,14 @@ class PagedModelRunner(ModelExecutor):
         enc_starts = [0]
         for i in new:
             seq = seqs[i]
-            enc_ids.extend(seq.encoder_input)
+            if isinstance(seq.encoder_input, list):  # token ids (T5); other inputs go as they are
+                enc_ids.extend(seq.encoder_input)
             table = seq.cross_block_table
             enc_slots.extend(table[p // bs] * bs + p % bs for p in range(seq.cross_kv_len))
-            enc_starts.append(len(enc_ids))
+            enc_starts.append(len(enc_slots))
+        key_ranges = None
+        if any(seq.cross_key_ranges is not None for seq in seqs):
+            key_ranges = _key_ranges(step.entries)
         lens_t, tables_t = _send([lens, [b for row in tables for b in row]], torch.int32, self.device)
         cross = AttentionMetadata(
             query_start_loc=meta.query_start_loc,
@@ -276,12 +283,16 @@ class PagedModelRunner(ModelExecutor):
             max_seq_len=max(lens, default=0),
             block_size=bs,
         )
+        if key_ranges is not None:
+            (ranges_t,) = _send([key_ranges], torch.int32, self.device)
+            cross.key_ranges = ranges_t.view(-1, 2)
         meta.groups = [cross if g.kind == CROSS else meta for g in self.kv_groups]
         if not new:
             return None
         self._encoded.update(seqs[i].seq_id for i in new)
         ids_t, slots_t = _send([enc_ids, enc_slots], torch.int64, self.device)
-        return EncoderBatch(input_ids=ids_t, slot_mapping=slots_t, query_start_loc_host=enc_starts)
+        inputs = [seqs[i].encoder_input for i in new]
+        return EncoderBatch(input_ids=ids_t, slot_mapping=slots_t, query_start_loc_host=enc_starts, inputs=inputs)
 
     def _sampling_row(self, seq) -> SamplingRow:
         if seq.generator is None and seq.seed is not None and seq.params.do_sample:
@@ -312,6 +323,22 @@ class PagedModelRunner(ModelExecutor):
                 prompt[i] = PromptLogprobs(positions, logprobs[k : k + len(rows)], tops)
                 k += len(rows)
         return ExecutorOutput(sampled=sampled, prompt_logprobs=prompt)
+
+
+def _key_ranges(entries) -> list[int]:
+    """Every token's cross key range of this step, flat ``[start0, end0, start1, ...]``: a
+    position past its sequence's ``cross_key_ranges`` (the generated tokens) takes the last one."""
+    flat: list[int] = []
+    for entry in entries:
+        seq = entry.seq
+        table = seq.cross_key_ranges
+        if table is None:
+            flat.extend((0, seq.cross_kv_len) * entry.num_new_tokens)
+            continue
+        last = len(table) - 1
+        for p in range(entry.start, entry.start + entry.num_new_tokens):
+            flat.extend(table[min(p, last)])
+    return flat
 
 
 def _map_groups(physical: list[KVCache], groups) -> list[KVCache]:

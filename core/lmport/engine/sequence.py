@@ -57,6 +57,9 @@ class Sequence:
     encoder_input: Any = None
     cross_kv_len: int = 0
     cross_block_table: list[int] = field(default_factory=list)
+    # per prompt position, the ``(start, end)`` cross positions its queries attend (a later position
+    # takes the last entry's); None: all ``cross_kv_len`` (Idefics: the image before each token)
+    cross_key_ranges: list[tuple[int, int]] | None = None
     hash_seed: bytes | None = None  # chained into the first block hash: K/V depend on more than the tokens
     num_preemptions: int = 0
     wants_prompt_logprobs: bool = False  # cleared once the prompt's logprobs were computed

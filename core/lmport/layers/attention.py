@@ -51,6 +51,10 @@ class AttentionSpec:
     # a learned additive bias per (head, distance): ``position_bias[h, min(q_pos - k_pos, n - 1)]``
     # with n this length, passed to ``forward`` (T5's relative position buckets, precomputed)
     position_bias_len: int | None = None
+    # cross specs only: query token ``t`` attends only its sequence's cross positions
+    # ``metadata.key_ranges[t, 0] <= k < metadata.key_ranges[t, 1]``; a token with an empty range
+    # attends nothing and its output is zero (Idefics: each text token sees the image before it)
+    key_ranges: bool = False
 
 
 FULL, SLIDING, CROSS = "full", "sliding", "cross"  # KV group kinds
@@ -134,6 +138,9 @@ class AttentionMetadata:
     groups: list["AttentionMetadata"] = field(default_factory=list)
     # per-step state of attention backends, by their ``metadata_key`` (prepare_metadata's results)
     prepared: dict[Hashable, Any] = field(default_factory=dict)
+    # a cross group's per-query-token key ranges, int32 [num_tokens, 2] (``[start, end)`` within
+    # the token's sequence's cross positions), for specs with ``key_ranges``; None: all of them
+    key_ranges: torch.Tensor | None = None
 
     def group(self, index: int) -> "AttentionMetadata":
         return self.groups[index] if index else self
@@ -160,7 +167,9 @@ class AttentionBackend(ABC):
     ``[num_tokens, num_heads, head_dim]``. For a ``cross`` spec ``key``/``value`` are None and
     nothing is written: ``metadata`` is the cross group's, and the queries attend every one of
     their sequence's ``seq_lens[i]`` cached positions, which :meth:`write_kv` wrote at the
-    request's encoder step.
+    request's encoder step; with ``spec.key_ranges``, query token ``t`` attends only positions
+    ``metadata.key_ranges[t, 0] .. metadata.key_ranges[t, 1] - 1`` of them, and a token whose
+    range is empty gets zeros.
 
     Per-step state (``prepare_metadata``): backends with the same ``metadata_key`` share one
     result per step, which ``forward`` reads from ``metadata.prepared[self.metadata_key]``.
@@ -180,7 +189,7 @@ class AttentionBackend(ABC):
 
     @classmethod
     def supports(cls, spec: AttentionSpec) -> bool:
-        return spec.kind == "self" and spec.position_bias_len is None
+        return spec.kind == "self" and spec.position_bias_len is None and not spec.key_ranges
 
     @abstractmethod
     def forward(

@@ -8,7 +8,8 @@ Sequences with several new tokens (prompts, prompt chunks) are attended one by o
 one-token rows of a causal self-attention step (decodes) all at once, over their block tables
 gathered into one padded ``[rows, blocks * block_size, kv_heads, head_dim]`` view with the
 lengths and the window as a mask: a loop of ~10 small ops per sequence and layer costs more
-than the math on a CPU once 16 sequences decode together.
+than the math on a CPU once 16 sequences decode together. Per-token key ranges of a cross spec
+(``spec.key_ranges``) are a mask built on the device from ``metadata.key_ranges``, no host read.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ class ReferenceAttention(AttentionBackend):
             allowed = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
             if spec.sliding_window:
                 allowed = allowed & (distance < spec.sliding_window)
+            if spec.key_ranges and metadata.key_ranges is not None:  # per query token: its own key range
+                ranges = metadata.key_ranges[q_start:q_end].to(query.device)
+                allowed = allowed & (k_pos >= ranges[:, :1]) & (k_pos < ranges[:, 1:])
             if spec.alibi_slopes:
                 scores = scores - self._alibi_slopes(query.device)[:, None, None] * distance.float()
             if position_bias is not None:
@@ -105,6 +109,8 @@ class ReferenceAttention(AttentionBackend):
                 scores = scores + position_bias.float()[:, index]
             scores = scores.masked_fill(~allowed, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
+            if spec.key_ranges:  # a query that attends nothing (an empty range) gets zeros, not NaN
+                probs = probs.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
             out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)
         return out
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -110,14 +110,16 @@ class ImageTextLM(CausalLM):
 class EncoderBatch:
     """The encoder's share of a step: the inputs of the sequences encoded this step, packed flat.
 
-    Sequence ``i`` of it owns ``input_ids[query_start_loc_host[i]:query_start_loc_host[i+1]]``;
-    ``slot_mapping`` gives, per encoder position, the slot of its cross-attention K/V in the
-    cross group's cache.
+    Sequence ``i`` of it owns cross positions ``query_start_loc_host[i]:query_start_loc_host[i+1]``
+    (T5: ``input_ids`` of that range, its encoder's tokens); ``slot_mapping`` gives, per cross
+    position, the slot of its K/V in the cross group's cache. ``inputs`` are those sequences'
+    ``encoder_input`` as they are (T5: token lists; Idefics: their ``ImageInputs``).
     """
 
-    input_ids: torch.Tensor  # int64 [num_encoder_tokens]
-    slot_mapping: torch.Tensor  # int64 [num_encoder_tokens]
+    input_ids: torch.Tensor  # int64 [num_encoder_tokens]; empty where the inputs are not tokens
+    slot_mapping: torch.Tensor  # int64 [num_cross_positions]
     query_start_loc_host: list[int]
+    inputs: list[Any] = field(default_factory=list)
 
 
 class EncoderDecoderLM(CausalLM):
@@ -129,7 +131,14 @@ class EncoderDecoderLM(CausalLM):
     group of the encoder's length per request. ``forward`` takes an ``encoder`` batch on steps
     where sequences start: it encodes them and writes every decoder layer's cross K/V once;
     decode steps have none (and can be replayed from a graph).
+
+    The same contract serves a decoder whose cross-attention reads images (Idefics): its
+    ``prepare_sequence`` leaves the prompt in place, makes the request's images the encoder's
+    input (``accepts_images = True``) and sets ``seq.cross_key_ranges``, the cross positions
+    each prompt token attends (its cross specs have ``key_ranges``).
     """
+
+    accepts_images: bool = False  # the encoder's input is the request's images (Idefics)
 
     @abstractmethod
     def kv_cache_specs(self) -> list[Any]: ...

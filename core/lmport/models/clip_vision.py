@@ -1,4 +1,5 @@
-"""CLIP's vision transformer, the image encoder of Llava-next (``clip_vision_model``).
+"""CLIP's vision transformer, the image encoder of Llava-next (``clip_vision_model``) and of
+Idefics (``idefics_vision``, transformers' copy of CLIP's).
 
 Patch embedding (a stride-``patch`` convolution) + a class token + learned positions, a
 pre-norm, then pre-norm encoder layers (LayerNorm -> bidirectional attention -> LayerNorm ->
@@ -103,7 +104,7 @@ class CLIPVisionTower(nn.Module):
 
     def __init__(self, config: Any, feature_layers: list[int]):
         super().__init__()
-        if getattr(config, "model_type", "clip_vision_model") != "clip_vision_model":
+        if getattr(config, "model_type", "clip_vision_model") not in ("clip_vision_model", "idefics_vision"):
             raise NotImplementedError(
                 f"vision tower {config.model_type!r}: lmport's native Llava-next has a CLIP vision tower only"
             )

@@ -10,6 +10,7 @@ engine-process pipe as data; the model encodes them inside the engine step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,10 @@ from lmport.engine.api import ImageInputs
 log = logging.getLogger(__name__)
 
 # architecture -> the processor outputs its model reads (the rest, e.g. attention_mask, are dropped)
-IMAGE_ARRAYS = {"LlavaNextForConditionalGeneration": ("pixel_values", "image_sizes")}
+IMAGE_ARRAYS = {
+    "LlavaNextForConditionalGeneration": ("pixel_values", "image_sizes"),
+    "IdeficsForVisionText2Text": ("pixel_values", "image_index"),
+}
 
 
 class ImagePromptError(ValueError):
@@ -41,7 +45,8 @@ class ImagePrompts:
     def __init__(self, processor: Any, image_token_id: int, arrays: Sequence[str]):
         self.processor = processor
         self.image_token_id = image_token_id
-        self.placeholder: str = processor.image_token  # what the text carries where an image goes
+        # what the text carries where an image goes
+        self.placeholder: str = getattr(processor, "image_token", None) or processor.tokenizer.convert_ids_to_tokens(image_token_id)
         self.arrays = tuple(arrays)
 
     @classmethod
@@ -54,9 +59,12 @@ class ImagePrompts:
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         token_id = getattr(hf_config, "image_token_id", None)
         if token_id is None:
-            token_id = getattr(hf_config, "image_token_index")
+            token_id = getattr(hf_config, "image_token_index", None)
+        if token_id is None:  # Idefics: the tokenizer's <image>
+            token_id = processor.image_token_id
         log.info("image inputs through %s (%s)", type(processor).__name__, type(processor.image_processor).__name__)
-        return cls(processor, int(token_id), arrays)
+        builder = IdeficsImagePrompts if architecture == "IdeficsForVisionText2Text" else cls
+        return builder(processor, int(token_id), arrays)
 
     def build(self, text: str, images: Sequence[PromptImage], add_special_tokens: bool = True) -> tuple[list[int], ImageInputs | None]:
         """``text`` holds one :attr:`placeholder` per image, in order."""
@@ -76,6 +84,11 @@ class ImagePrompts:
         spans = self._spans(ids, [i.image.size for i in images])
         arrays = {name: out[name] for name in self.arrays}
         return ids, ImageInputs(arrays=arrays, spans=tuple(spans), hashes=tuple(i.digest for i in images))
+
+    def cut_front(self, images: ImageInputs, cut: int) -> ImageInputs:
+        """``images`` of a prompt whose first ``cut`` tokens were dropped (``truncate``; none of them an image's)."""
+        spans = tuple((start - cut, end - cut) for start, end in images.spans)
+        return dataclasses.replace(images, spans=spans)
 
     def _spans(self, ids: list[int], sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Each image's run of image tokens; adjacent images split by the processor's own counts."""
@@ -107,3 +120,55 @@ class ImagePrompts:
         if counts is None and isinstance(data, dict):
             counts = data.get("num_image_tokens")
         return [int(c) for c in counts] if counts is not None else [None] * len(sizes)
+
+
+class IdeficsImagePrompts(ImagePrompts):
+    """Idefics v1 (``IdeficsProcessor``): the prompt goes to the processor as its list of text
+    parts and images, which it joins as ``<s>text<fake_token_around_image><image><fake_token_around_image>...``
+    (one ``<image>`` token per image: the images reach the model through cross-attention, not as
+    embeddings). ``image_index`` keeps, per prompt position, the image its cross-attention reads
+    (the processor's ``image_attention_mask``: the last image at or before it, -1 for none).
+
+    The processor starts every prompt with the BOS token itself (a leading one in the text is
+    dropped), strips spaces around each text part as it does, and would fetch any text part that
+    looks like a URL: such a part is refused (422) so that no prompt text makes the server connect.
+    """
+
+    def build(self, text: str, images: Sequence[PromptImage], add_special_tokens: bool = True) -> tuple[list[int], ImageInputs | None]:
+        import numpy as np
+        from transformers.models.idefics.processing_idefics import is_url
+
+        found = text.count(self.placeholder)
+        if found != len(images) or not images:
+            return super().build(text, images, add_special_tokens)
+        bos = self.processor.tokenizer.bos_token
+        if bos and text.startswith(bos):
+            text = text[len(bos):]
+        items: list[Any] = []
+        for i, part in enumerate(text.split(self.placeholder)):
+            if part.strip(" "):
+                if is_url(part.strip(" ")):
+                    raise ImagePromptError(
+                        f"the text part {part.strip(' ')[:64]!r} is a bare URL, which the Idefics processor reads as an image "
+                        "to fetch; pass images as markdown images or image_url parts"
+                    )
+                items.append(part)
+            if i < len(images):
+                items.append(images[i].image)
+        try:
+            out = self.processor(text=[items], return_tensors="pt")
+        except Exception as exc:  # an image the processor cannot take (size, mode ...)
+            raise ImagePromptError(f"image processor error: {exc}") from exc
+        ids = [int(i) for i in out["input_ids"][0]]
+        mask = out["image_attention_mask"][0].numpy().astype(bool)  # [positions, images]: one-hot or none
+        image_index = np.where(mask.any(axis=-1), mask.argmax(axis=-1), -1).astype(np.int32)
+        positions = [p for p, token in enumerate(ids) if token == self.image_token_id]
+        if len(positions) != len(images):
+            raise ImagePromptError("the processor's image tokens do not match its images")
+        arrays = {"pixel_values": out["pixel_values"][0].numpy(), "image_index": image_index}
+        spans = tuple((p, p + 1) for p in positions)
+        return ids, ImageInputs(arrays=arrays, spans=spans, hashes=tuple(i.digest for i in images))
+
+    def cut_front(self, images: ImageInputs, cut: int) -> ImageInputs:
+        images = super().cut_front(images, cut)
+        return dataclasses.replace(images, arrays={**images.arrays, "image_index": images.arrays["image_index"][cut:]})

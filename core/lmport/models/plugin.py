@@ -7,7 +7,7 @@ import importlib
 from lmport.hookspecs import hookimpl
 
 # One module per family; each has ``register_models(register)``.
-FAMILIES: tuple[str, ...] = ("opt", "llama", "mistral", "bloom", "mixtral", "gpt2", "gpt_bigcode", "mpt", "falcon", "gpt_neox", "phi", "llava_next", "t5",
+FAMILIES: tuple[str, ...] = ("opt", "llama", "mistral", "bloom", "mixtral", "gpt2", "gpt_bigcode", "mpt", "falcon", "gpt_neox", "phi", "llava_next", "t5", "idefics",
                             "gemma", "qwen", "phi3", "granite")
 
 

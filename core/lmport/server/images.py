@@ -180,6 +180,5 @@ async def validate_with_images(state: Any, params: Any, *, inputs: str, add_spec
     if cut:
         if image_inputs.spans[0][0] < cut:
             raise ValidationFailed("`truncate` would cut into the prompt's images; raise it or drop the truncation")
-        spans = tuple((start - cut, end - cut) for start, end in image_inputs.spans)
-        image_inputs = dataclasses.replace(image_inputs, spans=spans)
+        image_inputs = prompts.cut_front(image_inputs, cut)
     return dataclasses.replace(valid, images=image_inputs)

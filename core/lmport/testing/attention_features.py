@@ -1,7 +1,8 @@
 """Checks of the attention contract's encoder-decoder features against dense torch math.
 
 ``check_cross_attention``: K/V written once through ``write_kv`` into scattered blocks, then
-decoder queries (one or several per sequence) attend all of their sequence's cross positions.
+decoder queries (one or several per sequence) attend all of their sequence's cross positions,
+or, for a spec with ``key_ranges``, each its own range of them (some empty: zeros).
 ``check_position_bias``: causal self-attention over the paged cache with a per-(head, distance)
 bias table, prompts and decode steps mixed. Both compare with attention computed here from the
 dense tensors (not with the core's reference), so they test the reference too. Used by the
@@ -63,6 +64,9 @@ def check_cross_attention(backend: AttentionBackend, cache_factory, *, encoder_l
     meta.max_query_len = max(decoder_lens)
     meta.slot_mapping = meta.slot_mapping[:0]
     q = torch.randn(starts[-1], heads, d, generator=gen).to(device=device, dtype=dtype)
+    ranges = _key_ranges(encoder_lens, decoder_lens, gen) if spec.key_ranges else None
+    if ranges is not None:
+        meta.key_ranges = torch.tensor(ranges, dtype=torch.int32, device=device)
     got = backend.forward(q, None, None, kv_cache, meta)
     enc_starts = enc_meta.query_start_loc_host
     atol, rtol = TOLERANCES[str(dtype).removeprefix("torch.")]
@@ -70,8 +74,25 @@ def check_cross_attention(backend: AttentionBackend, cache_factory, *, encoder_l
         qi = q[starts[i] : starts[i + 1]] * spec.scale
         ki, vi = k[enc_starts[i] : enc_starts[i + 1]], v[enc_starts[i] : enc_starts[i + 1]]
         mask = torch.ones(qi.shape[0], ki.shape[0], dtype=torch.bool, device=device)
+        if ranges is not None:
+            k_pos = torch.arange(ki.shape[0], device=device)[None, :]
+            lo, hi = (torch.tensor([r[j] for r in ranges[starts[i] : starts[i + 1]]], device=device)[:, None] for j in (0, 1))
+            mask = (k_pos >= lo) & (k_pos < hi)
         want = _dense(qi, ki, vi, mask)
+        if ranges is not None:  # a query that attends nothing gets zeros
+            want = torch.where(mask.any(-1)[:, None, None], want, torch.zeros_like(want))
         torch.testing.assert_close(got[starts[i] : starts[i + 1]].float(), want, atol=atol, rtol=rtol)
+
+
+def _key_ranges(encoder_lens, decoder_lens, gen: torch.Generator) -> list[tuple[int, int]]:
+    """Per decoder query, a random ``[lo, hi)`` of its sequence's cross positions; every third one empty."""
+    ranges = []
+    for m, n in zip(encoder_lens, decoder_lens):
+        for t in range(n):
+            lo = int(torch.randint(0, m, (1,), generator=gen))
+            hi = int(torch.randint(lo + 1, m + 1, (1,), generator=gen))
+            ranges.append((lo, lo) if t % 3 == 2 else (lo, hi))
+    return ranges
 
 
 def check_position_bias(backend: AttentionBackend, cache_factory, *, cached, new, block_size, device,

@@ -235,13 +235,12 @@ class BackendConformance:
     def test_cross_attention(self, host, capabilities, device, attention_dtype) -> None:
         """Encoder-decoder cross-attention (K/V written once, then attended, not causal) through
         the host's answer for a ``kind="cross"`` spec (the reference where the backend has none)."""
-        head_dim = (capabilities.attention_head_sizes or DEFAULT_HEAD_SIZES)[0]
-        spec = AttentionSpec(2, 2, head_dim, scale=head_dim**-0.5, dtype=str(attention_dtype).removeprefix("torch."),
-                             causal=False, kind="cross")  # fmt: skip
-        block_size = capabilities.default_block_size
-        caches = lambda n: host.allocate_kv_cache(KVCacheSpec(1, 2, head_dim, block_size, attention_dtype), n, device)[0]  # noqa: E731
-        check_cross_attention(host.attention_backend(spec), caches, encoder_lens=[5, 1, 2 * block_size + 3],
-                              decoder_lens=[1, 4, 1], block_size=block_size, device=device, dtype=attention_dtype)  # fmt: skip
+        _check_cross(host, capabilities, device, attention_dtype, key_ranges=False, decoder_lens=[1, 4, 1])
+
+    def test_cross_attention_key_ranges(self, host, capabilities, device, attention_dtype) -> None:
+        """Cross-attention where each query token attends its own range of the cross positions
+        (Idefics: the image before it), an empty range giving zeros."""
+        _check_cross(host, capabilities, device, attention_dtype, key_ranges=True, decoder_lens=[1, 4, 7])
 
     def test_attention_position_bias(self, host, capabilities, device, attention_dtype) -> None:
         """A per-(head, distance) score bias (T5's relative positions) over the paged cache."""
@@ -258,6 +257,16 @@ class BackendConformance:
         if capabilities.attention_head_sizes and head_dim not in capabilities.attention_head_sizes:
             pytest.skip(f"head size {head_dim} is not among the flagged {capabilities.attention_head_sizes}")
         check_attention(host, ATTENTION_CASES["mixed"], head_dim, capabilities, device, attention_dtype)
+
+
+def _check_cross(host, capabilities, device, dtype, *, key_ranges: bool, decoder_lens: list[int]) -> None:
+    head_dim = (capabilities.attention_head_sizes or DEFAULT_HEAD_SIZES)[0]
+    spec = AttentionSpec(2, 2, head_dim, scale=head_dim**-0.5, dtype=str(dtype).removeprefix("torch."),
+                         causal=False, kind="cross", key_ranges=key_ranges)  # fmt: skip
+    block_size = capabilities.default_block_size
+    caches = lambda n: host.allocate_kv_cache(KVCacheSpec(1, 2, head_dim, block_size, dtype), n, device)[0]  # noqa: E731
+    check_cross_attention(host.attention_backend(spec), caches, encoder_lens=[5, 2, 2 * block_size + 3],
+                          decoder_lens=decoder_lens, block_size=block_size, device=device, dtype=dtype)  # fmt: skip
 
 
 def check_attention(

@@ -26,8 +26,9 @@ FLASH_ATTN_PAGE_MULTIPLE = 256  # flash-attn's block_table path needs pages of a
 class TritonPagedAttention(AttentionBackend):
     """KV write kernel + one unified paged attention kernel for prefill, chunks and decode.
 
-    Also cross-attention (the same kernel, not causal, over the cross group's tables) and a
-    position bias table (T5). It prepares nothing per step: the kernel reads the core's metadata.
+    Also cross-attention (the same kernel, not causal, over the cross group's tables), with
+    per-token key ranges (Idefics), and a position bias table (T5). It prepares nothing per
+    step: the kernel reads the core's metadata.
     """
 
     name = "triton-paged"
@@ -76,6 +77,7 @@ class TritonPagedAttention(AttentionBackend):
             alibi_slopes=self.alibi_slopes(query.device),
             soft_cap=spec.logits_soft_cap,
             position_bias=position_bias,
+            key_ranges=metadata.key_ranges if spec.key_ranges else None,
         )
 
     def alibi_slopes(self, device: torch.device) -> torch.Tensor | None:

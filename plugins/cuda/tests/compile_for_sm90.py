@@ -32,7 +32,7 @@ from lmport_cuda.kernels.unified_attention import merge_splits_kernel, unified_a
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory per block on sm_90
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-INDEX_POINTERS = {"block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "slot_mapping_ptr"}
+INDEX_POINTERS = {"block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "slot_mapping_ptr", "key_ranges_ptr"}
 FLOAT_POINTERS = {"alibi_slopes_ptr", "partial_acc_ptr", "partial_max_ptr", "partial_sum_ptr"}
 FLOAT_SCALARS = {"scale", "soft_cap"}
 
@@ -48,6 +48,7 @@ MODELS = [
     ("phi-80", 32, 32, 80, torch.float16, {}),
     ("gpt-j-96", 16, 16, 96, torch.float32, {}),
     ("fp32-256", 8, 8, 256, torch.float32, {}),
+    ("idefics-9b-cross-ranges", 32, 32, 128, torch.bfloat16, {"key_ranges": True}),
 ]
 # (phase, num_seqs, max_query_len); a prefill plans two launches (its short sequences apart)
 PHASES = [("decode-batch-1", 1, 1), ("decode-batch-256", 256, 1), ("mixed-512", 4, 512)]
@@ -108,6 +109,7 @@ def variants():
                     num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=16, config=config,
                     splits=config.num_splits, on_gpu=True, dtype=dtype, sliding_window=features.get("sliding_window"),
                     alibi=features.get("alibi", False), soft_cap=features.get("soft_cap", False),
+                    key_ranges=features.get("key_ranges", False), causal=not features.get("key_ranges", False),
                     short_limit=launch.short_limit, short_pass=launch.short_pass,
                 )  # fmt: skip
                 part = f"/{'short' if launch.short_pass else 'long'}" if launch.short_limit else ""

@@ -297,16 +297,18 @@ def _nan_cache(device, dtype, block_size=16, heads=2, head_dim=32):
     )
 
 
+@pytest.mark.parametrize("key_ranges", [False, True], ids=["whole", "key-ranges"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cross_attention_kernel_matches_dense_math(dtype, device: torch.device) -> None:
+def test_cross_attention_kernel_matches_dense_math(dtype, key_ranges, device: torch.device) -> None:
     """T5's cross-attention: K/V written once (the write kernel), the unified kernel not causal
-    over the cross group's tables; decoder queries may outnumber the encoder's keys."""
+    over the cross group's tables; decoder queries may outnumber the encoder's keys. With
+    per-token key ranges (Idefics' image before each token; some empty: zeros)."""
     from lmport_cuda.attention import TritonPagedAttention
     from lmport.testing.attention_features import check_cross_attention
 
     if dtype == torch.bfloat16 and device.type == "cpu":
         pytest.skip("bf16 kernels run on a GPU only (the interpreter computes in float32)")
-    spec = AttentionSpec(2, 2, 32, scale=1.0, dtype=DTYPE_NAMES[dtype], causal=False, kind="cross")
+    spec = AttentionSpec(2, 2, 32, scale=1.0, dtype=DTYPE_NAMES[dtype], causal=False, kind="cross", key_ranges=key_ranges)
     backend = TritonPagedAttention(spec)
     assert TritonPagedAttention.supports(spec)
     check_cross_attention(backend, _nan_cache(device, dtype), encoder_lens=[5, 17, 1], decoder_lens=[1, 3, 20],

@@ -110,6 +110,7 @@ def kernel_constexprs(
     alibi: bool = False,
     soft_cap: bool = False,
     pos_bias_len: int = 0,
+    key_ranges: bool = False,
     short_limit: int = 0,
     short_pass: bool = False,
 ) -> dict[str, Any]:
@@ -131,6 +132,7 @@ def kernel_constexprs(
         USE_ALIBI=alibi,
         USE_SOFT_CAP=soft_cap,
         POS_BIAS_LEN=pos_bias_len,
+        KEY_RANGES=key_ranges,
         NUM_SPLITS=splits,
         SHORT_LIMIT=short_limit,
         SHORT_PASS=short_pass,
@@ -162,6 +164,7 @@ def unified_attention(
     soft_cap: float | None = None,
     position_bias: torch.Tensor | None = None,  # float32 [num_heads, n]: bias[h, min(q_pos - k_pos, n - 1)]
     num_splits: int | None = None,  # None: chosen from shapes
+    key_ranges: torch.Tensor | None = None,  # int32 [num_tokens, 2]: each query's [lo, hi) of its keys
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -177,12 +180,12 @@ def unified_attention(
     for launch in launches:
         _launch(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, launch, scale=scale,
                 causal=causal, sliding_window=sliding_window, alibi_slopes=alibi_slopes, soft_cap=soft_cap,
-                position_bias=position_bias)  # fmt: skip
+                position_bias=position_bias, key_ranges=key_ranges)  # fmt: skip
     return out
 
 
 def _launch(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, launch: Launch, *,
-            scale, causal, sliding_window, alibi_slopes, soft_cap, position_bias=None) -> None:  # fmt: skip
+            scale, causal, sliding_window, alibi_slopes, soft_cap, position_bias=None, key_ranges=None) -> None:  # fmt: skip
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -194,7 +197,7 @@ def _launch(out, query, key_cache, value_cache, block_tables, seq_lens, query_st
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
         config=config, splits=splits, on_gpu=query.device.type == "cuda", dtype=query.dtype, causal=causal,
         sliding_window=sliding_window, alibi=alibi_slopes is not None, soft_cap=bool(soft_cap),
-        pos_bias_len=position_bias.shape[1] if position_bias is not None else 0,
+        pos_bias_len=position_bias.shape[1] if position_bias is not None else 0, key_ranges=key_ranges is not None,
         short_limit=launch.short_limit, short_pass=launch.short_pass,
     )  # fmt: skip
     if splits > 1:
@@ -214,6 +217,7 @@ def _launch(out, query, key_cache, value_cache, block_tables, seq_lens, query_st
         query_start_loc,
         alibi_slopes if alibi_slopes is not None else query,
         position_bias if position_bias is not None else query,
+        key_ranges if key_ranges is not None else seq_lens,
         partial_acc,
         partial_max,
         partial_sum,

@@ -19,7 +19,10 @@ small tiles for the sequences of at most ``SHORT_LIMIT`` new tokens, large tiles
 
 A position bias table (T5's relative position buckets, ``[num_heads, POS_BIAS_LEN]`` float32)
 adds ``bias[head, min(q_pos - k_pos, POS_BIAS_LEN - 1)]`` to each score. Cross-attention is
-the same kernel, not causal, over the cross group's block tables and lengths.
+the same kernel, not causal, over the cross group's block tables and lengths; with
+``KEY_RANGES`` each query token attends only its own ``[lo, hi)`` of them (``key_ranges [tokens,
+2]``, Idefics' image before each token), and a token with an empty range writes zeros (no key
+adds to its sum, which stays 0).
 
 Split-KV (flash-decoding): with ``NUM_SPLITS > 1`` the key range of every tile is cut into
 that many parts, run by separate programs that write unnormalised partial results; a small
@@ -65,6 +68,7 @@ def unified_attention_kernel(
     query_start_loc_ptr,
     alibi_slopes_ptr,
     pos_bias_ptr,
+    key_ranges_ptr,
     partial_acc_ptr,
     partial_max_ptr,
     partial_sum_ptr,
@@ -95,6 +99,7 @@ def unified_attention_kernel(
     USE_ALIBI: tl.constexpr,
     USE_SOFT_CAP: tl.constexpr,
     POS_BIAS_LEN: tl.constexpr,
+    KEY_RANGES: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SHORT_LIMIT: tl.constexpr,
     SHORT_PASS: tl.constexpr,
@@ -156,6 +161,9 @@ def unified_attention_kernel(
 
     if USE_ALIBI:
         slope = tl.load(alibi_slopes_ptr + head, mask=row_mask, other=0.0)
+    if KEY_RANGES:  # each query token's own [lo, hi) of its sequence's keys (padding rows: empty)
+        range_lo = tl.load(key_ranges_ptr + token * 2, mask=row_mask, other=0)
+        range_hi = tl.load(key_ranges_ptr + token * 2 + 1, mask=row_mask, other=0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -187,6 +195,8 @@ def unified_attention_kernel(
             allowed = allowed & (distance >= 0)
         if SLIDING_WINDOW > 0:
             allowed = allowed & (distance < SLIDING_WINDOW)
+        if KEY_RANGES:
+            allowed = allowed & (k_pos[None, :] >= range_lo[:, None]) & (k_pos[None, :] < range_hi[:, None])
         if USE_ALIBI:
             s = s - slope[:, None] * distance.to(tl.float32)
         if POS_BIAS_LEN > 0:  # a learned bias per (head, distance), the last entry for all farther keys
