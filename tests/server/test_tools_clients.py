@@ -11,10 +11,12 @@ parameters here bound every value (enums, small integers) and replies stay short
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
-from lmport.testing.http_checks import error_of, post
+from lmport.testing.http_checks import error_of, post, start_server_thread
+from lmport.testing.tiny_tokenizer import CHATML_TEMPLATE
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -38,9 +40,32 @@ MAX_TOKENS = 120
 NAMED = {"type": "function", "function": {"name": "get_time"}}
 
 
+# A ChatML template that reads `tools` (and shows only their names: the tiny model has 512
+# positions), so the prompt gets TGI's tool_prompt without the tools' JSON.
+TOOLS_TEMPLATE = CHATML_TEMPLATE.replace(
+    "{{ bos_token }}", "{{ bos_token }}{% if tools %}Tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}{% endif %}")
+
+
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60)
+def tools_server(tiny_llama, tmp_path_factory):
+    """The tiny llama with :data:`TOOLS_TEMPLATE`."""
+    path, _, tokenizer = tiny_llama
+    folder = tmp_path_factory.mktemp("tiny-llama-tools")
+    shutil.copytree(path, folder, dirs_exist_ok=True)
+    original = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = TOOLS_TEMPLATE
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.chat_template = original
+    thread = start_server_thread(folder, "tiny-tools", max_batch_total_tokens=16384, max_total_tokens=512)
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def client(tools_server):
+    return openai.OpenAI(base_url=f"{tools_server.url}/v1", api_key="unused", timeout=60)
 
 
 def check_call(name: str, arguments: str, expected_name: str | None = None) -> None:
@@ -169,10 +194,10 @@ def test_tool_choice_none_is_plain_content(client):
 
 
 @constrained
-def test_inference_client_assembles_the_same_call(server):
+def test_inference_client_assembles_the_same_call(tools_server):
     from huggingface_hub import InferenceClient
 
-    hub = InferenceClient(base_url=server.url, timeout=60)
+    hub = InferenceClient(base_url=tools_server.url, timeout=60)
     reply = hub.chat_completion(messages=MESSAGES, tools=TOOLS, tool_choice={"function": {"name": "get_weather"}},
                                 temperature=0, max_tokens=MAX_TOKENS)
     (call,) = reply.choices[0].message.tool_calls
@@ -224,3 +249,18 @@ def test_the_openapi_document_lists_the_tool_fields(server):
     assert "tool_calls" in schemas["AssistantMessage"]["properties"]
     responses = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert "422" in responses
+
+
+def test_chat_tokenize_renders_the_tools_as_a_chat_completion_does(server):
+    tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
+    body = {"messages": MESSAGES, "tools": tools, "tool_prompt": "Reply with JSON."}  # short: the tiny tokenizer's tokens are short
+    templated = post(server, "/chat_tokenize", body).json()["templated_text"]
+    assert f"What is the weather in Paris?\n---\n{json.dumps(tools, ensure_ascii=False)}\nReply with JSON." in templated
+    plain = post(server, "/chat_tokenize", {**body, "tool_choice": "none"}).json()["templated_text"]
+    assert '"now"' not in plain and "Reply with JSON." not in plain
+
+
+def test_a_template_that_reads_tools_receives_them(tools_server):
+    templated = post(tools_server, "/chat_tokenize", {"messages": MESSAGES, "tools": TOOLS}).json()["templated_text"]
+    assert templated.startswith("<s>Tools: get_weather get_time<|im_start|>user")
+    assert "What is the weather in Paris?\n---\n" in templated and '"parameters"' not in templated  # the tool_prompt only

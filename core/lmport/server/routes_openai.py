@@ -311,10 +311,10 @@ class StopCutter:
 
 @router.post("/chat_tokenize", response_model=ChatTokenizeResponse, responses=ERRORS, tags=["Text Generation Inference"], dependencies=[Depends(require_api_key)])
 async def chat_tokenize(body: ChatTokenizeRequest, request: Request) -> ChatTokenizeResponse:
-    """The chat request's templated prompt and its tokens."""
+    """The chat request's templated prompt (with its tools, as a chat completion renders it) and its tokens."""
     state = state_of(request)
     state.metrics.request()
-    prompt = await state.off_loop(render_chat, state.tokenizer, body.messages, state.model.chat_template)
+    prompt = await state.off_loop(render_chat, state.tokenizer, body.messages, state.model.chat_template, tools=plan_tools(body))
     tokens = await state.off_loop(simple_tokens, state.tokenizer, prompt, False, state.limits.max_input_tokens)
     return ChatTokenizeResponse(tokenize_response=tokens, templated_text=prompt)
 

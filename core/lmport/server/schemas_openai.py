@@ -67,7 +67,21 @@ class NamedToolChoice(BaseModel):
     function: FunctionName
 
 
-class ChatRequest(JsonNumbers):
+class ToolFields(JsonNumbers):
+    """Function calling's request fields (docs/api.md, Tools), on chat requests and ``/chat_tokenize``."""
+
+    tools: list[ToolDefinition] | None = Field(None, description="functions the model may call (docs/api.md, Tools)")
+    tool_choice: Union[str, NamedToolChoice, None] = Field(
+        None, description="`auto` (the default with tools), `none`, `required`, or a named function; a bare string "
+        "naming a function works as in TGI",
+    )
+    tool_prompt: str | None = Field(None, description="TGI's: the text appended to the last message after the tools' JSON")
+    parallel_tool_calls: StrictBool | None = Field(None, description="true: the reply may hold several calls (a JSON array)")
+    functions: list[Any] | None = Field(None, description="OpenAI's deprecated form of `tools`: 422, use `tools`")
+    function_call: Any = Field(None, description="OpenAI's deprecated form of `tool_choice`: 422, use `tool_choice`")
+
+
+class ChatRequest(ToolFields):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="Ignored: the server serves one model")
@@ -88,22 +102,13 @@ class ChatRequest(JsonNumbers):
     temperature: StrictFloat | None = None
     top_p: StrictFloat | None = None
     response_format: Any = None
-    tools: list[ToolDefinition] | None = Field(None, description="functions the model may call (docs/api.md, Tools)")
-    tool_choice: Union[str, NamedToolChoice, None] = Field(
-        None, description="`auto` (the default with tools), `none`, `required`, or a named function; a bare string "
-        "naming a function works as in TGI",
-    )
-    tool_prompt: str | None = Field(None, description="TGI's: the text appended to the last message after the tools' JSON")
-    parallel_tool_calls: StrictBool | None = Field(None, description="true: the reply may hold several calls (a JSON array)")
-    functions: list[Any] | None = Field(None, description="OpenAI's deprecated form of `tools`: 422, use `tools`")
-    function_call: Any = Field(None, description="OpenAI's deprecated form of `tool_choice`: 422, use `tool_choice`")
     user: str | None = None
     ignore_eos: StrictBool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
 
 
-class ChatTokenizeRequest(BaseModel):
-    """``/chat_tokenize``'s body: a chat request, of which only ``messages`` count (the other
-    fields are accepted and ignored, so a chat completion's body works here too)."""
+class ChatTokenizeRequest(ToolFields):
+    """``/chat_tokenize``'s body: a chat request, of which only ``messages`` and the tool fields
+    count (the other fields are accepted and ignored, so a chat completion's body works here too)."""
 
     model_config = ConfigDict(extra="ignore")
 

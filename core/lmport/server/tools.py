@@ -26,7 +26,7 @@ from lmport.engine.api import Constraint
 from lmport.engine.constraints import check_constraint
 from lmport.engine.errors import RequestValidationError
 from lmport.server.errors import ValidationFailed
-from lmport.server.schemas_openai import ChatRequest, NamedToolChoice, ToolCall, FunctionCall
+from lmport.server.schemas_openai import FunctionCall, NamedToolChoice, ToolCall, ToolFields
 from lmport.server.tool_stream import ToolCallText
 from lmport.server.validation import ValidRequest
 
@@ -166,7 +166,7 @@ def _rewrite_refs(schema: Any, prefix: str) -> Any:
 # ---------------------------------------------------------------------------- the request
 
 
-def plan_tools(body: ChatRequest) -> ToolPlan | None:
+def plan_tools(body: ToolFields) -> ToolPlan | None:
     """The request's tool plan, or None for a plain-text reply; 422 for what is not supported."""
     if body.functions is not None or body.function_call is not None:
         raise ValidationFailed(
@@ -188,7 +188,8 @@ def plan_tools(body: ChatRequest) -> ToolPlan | None:
         kind, callable_ = "required", functions
     else:
         kind, callable_ = "named", (_named(choice, functions),)
-    if body.response_format is not None and not _is_text_format(body.response_format):
+    response_format = getattr(body, "response_format", None)  # a chat request's (not /chat_tokenize's)
+    if response_format is not None and not _is_text_format(response_format):
         raise ValidationFailed("`response_format` and `tools` cannot be used together", param="response_format")
     return ToolPlan(
         functions=callable_ if kind == "named" else functions,  # TGI shows only the named function
@@ -204,7 +205,7 @@ def _is_text_format(response_format: Any) -> bool:
     return kind == "text"
 
 
-def _functions(body: ChatRequest) -> tuple[Function, ...]:
+def _functions(body: ToolFields) -> tuple[Function, ...]:
     out: list[Function] = []
     seen: set[str] = set()
     for i, tool in enumerate(body.tools or ()):  # the schema holds `type` to "function" and needs `function`
