@@ -213,11 +213,11 @@ def test_assistant_calls_and_tool_results_reach_the_template():
 
 
 def test_streamed_tool_chunks_are_the_documented_chunk_json():
-    from lmport.server.routes_openai import StreamedCalls
+    from lmport.server.tool_stream import StreamedCalls
     from lmport.server.schemas_openai import ChatCompletionChunk
     from lmport.server.streaming import ChunkTemplate
 
-    calls = StreamedCalls(plan_tools(request(tools=[WEATHER], tool_choice="required")))
+    calls = StreamedCalls(plan_tools(request(tools=[WEATHER], tool_choice="required")).text_allowed)
     template = ChunkTemplate("c", "chat.completion.chunk", 1, "m", "f")
     deltas = [calls.delta(0, piece, finished=False) for piece in ('{"name":"get_weather",', '"arguments":{"city":', '"Paris"}}')]
     assert deltas[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}

@@ -13,7 +13,7 @@ import asyncio
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Sequence
+from typing import AsyncIterator, Sequence
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -47,8 +47,8 @@ from lmport.server.schemas_tgi import ChatTokenizeResponse, GenerateParameters
 from lmport.server.strict_json import StrictJsonRoute
 from lmport.server.state import ServerState
 from lmport.server.streaming import ChunkTemplate, EventStreamResponse, finite_or_none, sse_data, token_texts
-from lmport.server.tool_stream import CallArguments, CallStarted, Event, ReplyText, ToolCallScanner, read_tool_calls
-from lmport.server.tools import ToolPlan, constrain, new_call_id, plan_tools, tool_calls_of
+from lmport.server.tool_stream import StreamedCalls, read_tool_calls
+from lmport.server.tools import ToolPlan, constrain, plan_tools, tool_calls_of
 from lmport.server.validation import ValidRequest
 
 router = APIRouter(tags=["OpenAI compatible"], route_class=StrictJsonRoute)
@@ -191,7 +191,7 @@ async def chat_events(
     started: set[int] = set()
     generated = 0
     stop_cutter = StopCutter(valid.params.stop)
-    calls = StreamedCalls(tools) if tools is not None else None
+    calls = StreamedCalls(tools.text_allowed) if tools is not None else None
     timings = scope.timings(stream)
     try:
         async for output in stream_outputs(stream, timings, valid.params.n):
@@ -234,49 +234,6 @@ async def chat_events(
         yield sse_data(exc.openai_body())
     finally:
         scope.close()
-
-
-class StreamedCalls:
-    """The ``delta`` of each sequence's next text under a tool plan: plain ``content``, or
-    ``tool_calls`` entries (the first of a call with its id, type and name, then argument
-    fragments), read by a :class:`ToolCallScanner` per sequence."""
-
-    def __init__(self, tools: ToolPlan):
-        self.tools = tools
-        self.scanners: dict[int, ToolCallScanner] = {}
-        self.ids: dict[tuple[int, int], str] = {}
-
-    def called(self, index: int) -> bool:
-        scanner = self.scanners.get(index)
-        return scanner is not None and scanner.is_tool_reply
-
-    def delta(self, index: int, text: str, finished: bool) -> dict[str, Any]:
-        scanner = self.scanners.get(index)
-        if scanner is None:
-            scanner = self.scanners[index] = ToolCallScanner(self.tools.text_allowed)
-        events: list[Event] = scanner.feed(text)
-        if finished:
-            events += scanner.finish()
-        content: list[str] = []
-        entries: list[dict[str, Any]] = []
-        for event in events:
-            if isinstance(event, ReplyText):
-                content.append(event.text)
-            elif isinstance(event, CallStarted):
-                call_id = self.ids[(index, event.index)] = new_call_id()
-                entries.append({"index": event.index, "id": call_id, "type": "function",
-                                "function": {"name": event.name, "arguments": ""}})
-            elif isinstance(event, CallArguments):
-                if entries and entries[-1]["index"] == event.index:  # one entry per call and chunk
-                    entries[-1]["function"]["arguments"] += event.text
-                else:
-                    entries.append({"index": event.index, "function": {"arguments": event.text}})
-        delta: dict[str, Any] = {}
-        if content:
-            delta["content"] = "".join(content)
-        if entries:
-            delta["tool_calls"] = entries
-        return delta
 
 
 class StopCutter:

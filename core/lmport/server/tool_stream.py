@@ -13,13 +13,16 @@ one character at a time, and reports:
   not ``{`` or ``[`` (with ``tool_choice: "auto"``), or it ends without naming any call.
 
 The non-streamed reply runs the same scanner over the whole text (:func:`read_tool_calls`), so
-a streamed reply assembles to exactly the calls the non-streamed one answers.
+a streamed reply assembles to exactly the calls the non-streamed one answers;
+:class:`StreamedCalls` turns the events into OpenAI's chunk deltas.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 ARGUMENT_KEYS = ("arguments", "parameters")
 WHITESPACE = " \t\n\r"
@@ -277,3 +280,50 @@ def read_tool_calls(text: str, text_allowed: bool = True) -> tuple[list[ToolCall
     if calls:
         return calls, None
     return [], "".join(content)
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class StreamedCalls:
+    """The chat chunk ``delta`` of each sequence's next text under a tool plan: plain ``content``, or
+    ``tool_calls`` entries (the first of a call with its id, type and name, then argument
+    fragments), read by a :class:`ToolCallScanner` per sequence."""
+
+    def __init__(self, text_allowed: bool):
+        self.text_allowed = text_allowed
+        self.scanners: dict[int, ToolCallScanner] = {}
+        self.ids: dict[tuple[int, int], str] = {}
+
+    def called(self, index: int) -> bool:
+        scanner = self.scanners.get(index)
+        return scanner is not None and scanner.is_tool_reply
+
+    def delta(self, index: int, text: str, finished: bool) -> dict[str, Any]:
+        scanner = self.scanners.get(index)
+        if scanner is None:
+            scanner = self.scanners[index] = ToolCallScanner(self.text_allowed)
+        events: list[Event] = scanner.feed(text)
+        if finished:
+            events += scanner.finish()
+        content: list[str] = []
+        entries: list[dict[str, Any]] = []
+        for event in events:
+            if isinstance(event, ReplyText):
+                content.append(event.text)
+            elif isinstance(event, CallStarted):
+                call_id = self.ids[(index, event.index)] = new_call_id()
+                entries.append({"index": event.index, "id": call_id, "type": "function",
+                                "function": {"name": event.name, "arguments": ""}})
+            elif isinstance(event, CallArguments):
+                if entries and entries[-1]["index"] == event.index:  # one entry per call and chunk
+                    entries[-1]["function"]["arguments"] += event.text
+                else:
+                    entries.append({"index": event.index, "function": {"arguments": event.text}})
+        delta: dict[str, Any] = {}
+        if content:
+            delta["content"] = "".join(content)
+        if entries:
+            delta["tool_calls"] = entries
+        return delta

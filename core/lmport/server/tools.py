@@ -18,7 +18,6 @@ turned into a prompt, a constraint on the reply, and the reply read back as ``to
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -27,7 +26,7 @@ from lmport.engine.constraints import check_constraint
 from lmport.engine.errors import RequestValidationError
 from lmport.server.errors import ValidationFailed
 from lmport.server.schemas_openai import FunctionCall, NamedToolChoice, ToolCall, ToolFields
-from lmport.server.tool_stream import ToolCallText
+from lmport.server.tool_stream import ToolCallText, new_call_id
 from lmport.server.validation import ValidRequest
 
 # The instruction appended after the tools' JSON (TGI's ``tool_prompt``), in the reply format
@@ -235,10 +234,6 @@ def _named(choice: str | NamedToolChoice, functions: tuple[Function, ...]) -> Fu
 
 
 # ---------------------------------------------------------------------------- the reply
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def tool_calls_of(calls: list[ToolCallText]) -> list[ToolCall]:
