@@ -73,3 +73,23 @@ def test_async_scheduling_and_n_sequences(t5_checkpoint):
     for out in outputs["n"]:
         by_index.setdefault(out.index, []).extend(t.token_id for t in out.tokens)
     assert sorted(by_index) == [0, 1] and all(len(t) == MAX_NEW for t in by_index.values())
+
+
+def test_encoder_tokens_count_in_the_prefill_budget(t5_checkpoint):
+    """An encoder input runs whole in the step that admits it, so it counts in that step's prefill
+    budget: with 20 tokens, a 14-token input (+ the decoder's start token) leaves no room for an
+    18-token one, which comes in the next step; tokens stay transformers'."""
+    path, oracle = t5_checkpoint("t5")
+    engine, _ = engine_for(path, max_batch_prefill_tokens=20, max_input_tokens=19, max_total_tokens=40)
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    for i in (0, 3):
+        engine.add_request(GenerationRequest(f"r{i}", tuple(PROMPTS[i]), params))
+    tokens: dict[str, list[int]] = {"r0": [], "r3": []}
+    admitted = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id].extend(t.token_id for t in out.tokens)
+        admitted.append(sorted(s.request_id for s in engine.scheduler.running))
+    assert admitted[:2] == [["r0"], ["r0", "r3"]]
+    for i in (0, 3):
+        assert tokens[f"r{i}"] == hf_greedy_generate(oracle, PROMPTS[i], MAX_NEW)[0]

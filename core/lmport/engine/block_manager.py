@@ -49,10 +49,19 @@ class BlockManager:
     are not cached. ``rows`` mirrors each
     sequence's table in its row ``seq.block_row`` (held while the sequence is allocated), for
     the batch builder.
+
+    ``sliding_window``: set when every token group of the model is windowed (Mistral, the 4k
+    Phi-3s): a sequence's leading blocks that no later query can see (their last position is a
+    window or more before its next token) are given back as it goes on (once offered to the
+    prefix cache, when there is one). Their ids stay in the table, never read again (the
+    attention masks or skips them), so positions still index the table directly;
+    ``seq.num_dropped_blocks`` counts them. A model with any full-attention layer keeps them all.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:  # fmt: skip
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks)
         self.prefix_cache = PrefixCache() if enable_prefix_caching else None
         self.rows = BlockTableRows()
@@ -103,6 +112,8 @@ class BlockManager:
         its tokens count as computed. All or nothing: False (and no change) if the pool is
         short of blocks.
         """
+        if self.sliding_window and seq.block_table:
+            self._drop_out_of_window(seq)
         if not prefix and seq.block_row is not None:
             # the usual decode step: the last block still has room, nothing to take or count
             if self.blocks_for(seq.num_computed_tokens + num_new_tokens) <= len(seq.block_table):
@@ -171,8 +182,9 @@ class BlockManager:
 
         Blocks are released last-first, so that a prefix's tail is evicted before its head.
         """
-        for block in reversed(seq.block_table):
+        for block in reversed(seq.block_table[seq.num_dropped_blocks :]):
             self._release(block)
+        seq.num_dropped_blocks = 0
         for block in seq.cross_block_table:  # never in the prefix cache: straight back to the pool
             self._release(block)
         seq.cross_block_table = []
@@ -184,6 +196,16 @@ class BlockManager:
             seq.block_row = None
 
     # ------------------------------------------------------------------ internals
+
+    def _drop_out_of_window(self, seq: Sequence) -> None:
+        """Release the leading blocks no query from ``num_computed_tokens`` on sees: block ``i``
+        ends before ``num_computed_tokens - window + 1``, the first key the next query reads."""
+        gone = max(0, seq.num_computed_tokens - self.sliding_window + 1) // self.block_size
+        if self.prefix_cache is not None:
+            gone = min(gone, seq.num_committed_blocks)  # offered to the cache first, so that it can be found again
+        for i in range(seq.num_dropped_blocks, gone):
+            self._release(seq.block_table[i])
+        seq.num_dropped_blocks = max(seq.num_dropped_blocks, gone)
 
     def _hash_full_blocks(self, seq: Sequence) -> None:
         bs = self.block_size

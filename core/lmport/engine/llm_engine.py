@@ -63,7 +63,8 @@ class LLMEngine:
         self.vocab_size = vocab_size
         self.clock = clock
         executor.initialize_cache(limits.num_blocks)
-        self.block_manager = BlockManager(limits.num_blocks, limits.block_size, limits.enable_prefix_caching)
+        self.block_manager = BlockManager(limits.num_blocks, limits.block_size, limits.enable_prefix_caching,
+                                          sliding_window=getattr(executor, "kv_window", None))  # fmt: skip
         self.scheduler = Scheduler(limits, self.block_manager)
         self.outputs = OutputProcessor(tokenizer, set(eos_token_ids))
         self._requests: dict[str, list[Sequence]] = {}

@@ -70,6 +70,11 @@ class PagedModelRunner(ModelExecutor):
         self.kv_groups = tuple(groups)
         self._cross_groups = [i for i, g in enumerate(groups) if g.kind == CROSS]
         self._encoded: set[int] = set()  # sequences whose cross-attention K/V are written
+        # every self-attention layer windowed (and no cross group): the block manager may give back
+        # blocks that left the widest window; None keeps every block
+        windows = [m.spec.sliding_window for m in model.modules() if isinstance(m, Attention) and m.spec.kind == "self"]
+        all_windowed = bool(windows) and all(windows) and not self._cross_groups
+        self.kv_window: int | None = max(windows) if all_windowed else None
         # attention backends with per-step state, one per (KV group, metadata key)
         keyed: dict = {}
         for m in model.modules():

@@ -4,7 +4,9 @@ Every step the scheduler first serves the running sequences (one decode token ea
 next chunk of a prompt that did not fit the prefill budget), then admits waiting ones:
 
 * ``max_batch_prefill_tokens`` bounds the prompt tokens fed per step; a longer prompt is
-  prefilled in chunks over several steps (chunked prefill).
+  prefilled in chunks over several steps (chunked prefill). An encoder-decoder sequence's
+  encoder input (T5) runs whole in the step that admits it and counts in that step's budget:
+  one that does not fit what is left waits for the next step, where it comes first.
 * ``max_batch_total_tokens`` is the KV cache itself: admission needs free blocks.
 * ``waiting_served_ratio``: while sequences are running, waiting ones are admitted only if at
   least ``floor(running * ratio)`` of them fit, unless they have waited
@@ -144,16 +146,19 @@ class Scheduler:
             seq = self.waiting[0]
             if self._sibling_prefilling(seq, entries):
                 break  # next step its prompt blocks are cached, and this sequence shares them
+            encoder = seq.num_encoder_tokens  # encoded whole at admission (never chunked)
+            if encoder and encoder + 1 > budget and budget < self.limits.max_batch_prefill_tokens:
+                break  # next step, with the whole budget (a longer input still runs alone)
             prefix = [] if seq.wants_prompt_logprobs else bm.peek_prefix(seq)
             cached = len(prefix) * bm.block_size
-            n = min(seq.num_tokens - cached, budget)
+            n = min(seq.num_tokens - cached, max(budget - encoder, 1))
             if not bm.allocate(seq, n, prefix):
                 break  # no skipping ahead: the head of the queue would starve
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             entries.append(self._entry(seq, n))
-            budget -= n
+            budget -= n + encoder
             admitted += 1
         return admitted
 
@@ -187,12 +192,12 @@ class Scheduler:
         for seq in self.waiting:
             if seats <= 0 or budget <= tokens:
                 break
-            n = min(seq.num_tokens, budget - tokens)
+            n = min(seq.num_tokens, max(budget - tokens - seq.num_encoder_tokens, 1))
             need = bm.blocks_for(n)
             if need > blocks:
                 break
             blocks -= need
-            tokens += n
+            tokens += n + seq.num_encoder_tokens
             seats -= 1
             count += 1
         return count, tokens

@@ -51,6 +51,7 @@ class Sequence:
     block_row: int | None = None  # its row in the block manager's BlockTableRows, while it holds blocks
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of token_ids
     num_committed_blocks: int = 0  # leading blocks of block_table that are in the prefix cache
+    num_dropped_blocks: int = 0  # leading blocks given back once out of every layer's window (BlockManager)
     # encoder-decoder and cross-attention models: what the executor encodes once per request
     # (T5: the request's token ids, while ``prompt_token_ids`` is the decoder's start), the
     # positions its cross-attention KV group holds, and their blocks (a table of its own)
@@ -92,6 +93,12 @@ class Sequence:
     def num_input_tokens(self) -> int:
         """The request's input tokens: the encoder's for an encoder-decoder model, else the prompt's."""
         return len(self.encoder_input) if isinstance(self.encoder_input, list) else len(self.prompt_token_ids)
+
+    @property
+    def num_encoder_tokens(self) -> int:
+        """Tokens its encoder runs over when it is admitted (T5's input; 0 for images or none):
+        the scheduler counts them in that step's prefill budget."""
+        return len(self.encoder_input) if isinstance(self.encoder_input, list) else 0
 
     @property
     def num_tokens(self) -> int:

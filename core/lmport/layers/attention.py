@@ -66,8 +66,9 @@ class KVCacheGroupSpec:
     """One group of attention layers that share a block table per sequence.
 
     ``layers`` index the model's flat ``kv_caches`` list. ``full`` and ``sliding`` groups hold
-    the sequence's own tokens (they all use the sequence's block table; a sliding group's
-    blocks are not yet dropped once they leave its window); a ``cross`` group holds
+    the sequence's own tokens (they all use the sequence's block table, so blocks that left a
+    window are given back only when every self-attention layer is windowed: the block
+    manager's ``sliding_window``); a ``cross`` group holds
     ``Sequence.cross_kv_len`` positions per request, written once.
     """
 
