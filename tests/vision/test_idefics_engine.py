@@ -104,3 +104,22 @@ def test_without_the_perceiver_resampler(tmp_path, hf_idefics_greedy):
         inputs = prompts.processor(text=[items], return_tensors="pt")
         out = hf_model.generate(**inputs, do_sample=False, max_new_tokens=5, pad_token_id=0)
     assert got["r"] == out[0, len(ids):].tolist()
+
+
+def test_prefix_cache_keys_on_image_content(idefics, idefics_request, hf_idefics_greedy):
+    """Same text, different image: only the blocks before the image's token are shared; same
+    image: every full block, and the image's latents are still written for the tokens left."""
+    engine = make_engine(idefics[0])
+    stats = engine.block_manager.prefix_cache
+    wide, tall = (["Some shared words before the picture", image, "then after it"] for image in (WIDE, TALL))
+    first = tokens_of(engine.generate([idefics_request("a", wide)]))["a"]
+    hits_before = stats.hit_tokens
+    second = tokens_of(engine.generate([idefics_request("b", tall)]))["b"]
+    request = idefics_request("c", tall)
+    image_start = request.images.spans[0][0]
+    assert stats.hit_tokens - hits_before == image_start // 4 * 4  # blocks wholly before the image
+    assert first == hf_idefics_greedy(wide, 6)[0]
+    assert second == hf_idefics_greedy(tall, 6)[0]
+    hits_before = stats.hit_tokens
+    assert tokens_of(engine.generate([request]))["c"] == second
+    assert stats.hit_tokens - hits_before == (len(request.prompt_token_ids) - 1) // 4 * 4

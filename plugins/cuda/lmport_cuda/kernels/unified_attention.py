@@ -21,8 +21,9 @@ A position bias table (T5's relative position buckets, ``[num_heads, POS_BIAS_LE
 adds ``bias[head, min(q_pos - k_pos, POS_BIAS_LEN - 1)]`` to each score. Cross-attention is
 the same kernel, not causal, over the cross group's block tables and lengths; with
 ``KEY_RANGES`` each query token attends only its own ``[lo, hi)`` of them (``key_ranges [tokens,
-2]``, Idefics' image before each token), and a token with an empty range writes zeros (no key
-adds to its sum, which stays 0).
+2]``, Idefics' image before each token; a tile walks only from its rows' lowest start to their
+highest end), and a token with an empty range writes zeros (no key adds to its sum, which
+stays 0).
 
 Split-KV (flash-decoding): with ``NUM_SPLITS > 1`` the key range of every tile is cut into
 that many parts, run by separate programs that write unnormalised partial results; a small
@@ -153,6 +154,12 @@ def unified_attention_kernel(
     if SLIDING_WINDOW > 0:
         first_q_pos = context_len + local_tile * BLOCK_Q
         tile_lo = tl.maximum(first_q_pos - SLIDING_WINDOW + 1, 0) // TILE_N
+    if KEY_RANGES:  # each query token's own [lo, hi) of its sequence's keys (padding rows: empty)
+        range_lo = tl.load(key_ranges_ptr + token * 2, mask=row_mask, other=0)
+        range_hi = tl.load(key_ranges_ptr + token * 2 + 1, mask=row_mask, other=0)
+        # the tile walks only the keys some row's range covers
+        kv_end = tl.minimum(kv_end, tl.max(range_hi, axis=0))
+        tile_lo = tl.maximum(tile_lo, tl.min(tl.where(row_mask, range_lo, kv_end), axis=0) // TILE_N)
     tile_hi = tl.cdiv(kv_end, TILE_N)
     if NUM_SPLITS > 1:
         per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
@@ -161,9 +168,6 @@ def unified_attention_kernel(
 
     if USE_ALIBI:
         slope = tl.load(alibi_slopes_ptr + head, mask=row_mask, other=0.0)
-    if KEY_RANGES:  # each query token's own [lo, hi) of its sequence's keys (padding rows: empty)
-        range_lo = tl.load(key_ranges_ptr + token * 2, mask=row_mask, other=0)
-        range_hi = tl.load(key_ranges_ptr + token * 2 + 1, mask=row_mask, other=0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
