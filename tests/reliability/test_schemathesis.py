@@ -35,6 +35,8 @@ RULES_BEYOND_THE_SCHEMA = (
     "`tools` holds two functions named", "which is not in `tools`", "`tool_choice` needs `tools`",  # tools
     "cannot be used together",  # response_format with tools
     "the tools' parameters cannot be used",  # a parameters schema the grammar backend cannot compile
+    "cannot be used for constrained decoding",  # a grammar or JSON schema that does not compile (docs/api.md)
+    "must be a JSON schema", "is not valid JSON",  # a schema given as JSON text
 )
 
 

@@ -38,7 +38,8 @@ VALIDATION_CASES = [
     (with_params(best_of=2, do_sample=True, seed=1), "`seed` must not be set when `best_of` > 1"),
     (with_params(max_new_tokens=600), "`inputs` tokens + `max_new_tokens` must be <= 512. Given: "),
     ({"inputs": "", "parameters": {"max_new_tokens": 4}}, "`inputs` cannot be empty"),
-    (with_params(grammar={"type": "regex", "value": "[a-z]+"}), "grammar is not supported"),
+    (with_params(grammar={"type": "regex", "value": "[a-z"}), "the regex cannot be used for constrained decoding"),
+    (with_params(grammar={"type": "json", "value": {"not": {}}}), "the JSON schema cannot be used for constrained decoding"),
 ]
 
 
@@ -72,7 +73,7 @@ def test_streaming_refuses_best_of_and_prefill_details(server):
 
 def test_openai_routes_refuse_grammar_features(server):
     base = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    for extra in ({"response_format": {"type": "json_object"}},):
+    for extra in ({"tools": [{"type": "web_search"}]},):
         response = post(server, "/v1/chat/completions", {**base, **extra})
         assert response.status_code == 422
         message, kind = error_of(response)

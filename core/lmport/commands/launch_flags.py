@@ -134,7 +134,7 @@ FLAGS: tuple[Flag, ...] = (
          "origins allowed to call the API from a browser, comma-separated (default: none, CORS off)"),
     Flag(("--json-output",), ("JSON_OUTPUT",), "json_output", parse_bool, False, "log JSON lines", switch=True),
     Flag(("--disable-grammar-support",), ("DISABLE_GRAMMAR_SUPPORT",), "disable_grammar_support", parse_bool, False,
-         "refuse `grammar` parameters (lmport has no constrained decoding yet, so they are refused anyway)", switch=True),
+         "refuse constrained decoding: TGI's `grammar`, OpenAI's `response_format` (and tools) answer 422", switch=True),
     Flag(("--allow-remote-images",), ("LMPORT_ALLOW_REMOTE_IMAGES",), "allow_remote_images", parse_bool, False,
          "fetch http(s) image URLs in prompts (else images come only as data URIs); lets clients make the server "
          "open connections", switch=True),

@@ -22,6 +22,7 @@ from lmport.engine.kv_cache_sizing import size_kv_cache
 from lmport.engine.limits import check_positions, model_max_positions, resolve_limits
 from lmport.engine.llm_engine import LLMEngine
 from lmport.engine.model_runner import PagedModelRunner
+from lmport.engine.constraints import ProcessorContext, processor_resolver
 from lmport.engine.stopping import eos_token_ids
 from lmport.layers.attention import KVCacheSpec
 from lmport.models.base import ModelInfo
@@ -104,10 +105,13 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
         num_blocks, spec.block_size, limits.max_batch_total_tokens, num_blocks * spec.bytes_per_block() / 2**20,
         limits.max_input_tokens, limits.max_total_tokens, limits.max_batch_prefill_tokens,
     )
+    eos_ids = eos_token_ids(info.path, tokenizer, info.hf_config)
+    vocab_size = model_vocab_size(info.hf_config, tokenizer)
     engine = LLMEngine(
-        executor, tokenizer, limits, eos_token_ids=eos_token_ids(info.path, tokenizer, info.hf_config),
-        vocab_size=model_vocab_size(info.hf_config, tokenizer),
+        executor, tokenizer, limits, eos_token_ids=eos_ids,
+        vocab_size=vocab_size,
         async_scheduling=wants_async_scheduling(config, device),
+        processors=processor_resolver(ProcessorContext(tokenizer, vocab_size, tuple(sorted(set(eos_ids)))), host),
     )
     if device.type != "cpu":  # compile-on-first-use kernels: compile them now, not in the first burst
         from lmport.engine.warmup import warm_up_engine

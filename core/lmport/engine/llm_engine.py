@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 from lmport.engine.api import EngineStats, GenerationRequest, RequestOutput
 from lmport.engine.batch import ExecutorOutput
 from lmport.engine.block_manager import BlockManager
+from lmport.engine.constraints import ProcessorContext, ProcessorResolver, processor_resolver
 from lmport.engine.errors import RequestValidationError
 from lmport.engine.executor import ModelExecutor
 from lmport.engine.limits import EngineLimits
@@ -52,6 +53,7 @@ class LLMEngine:
         vocab_size: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         async_scheduling: bool = False,
+        processors: ProcessorResolver | None = None,
     ) -> None:
         self.executor = executor
         self.tokenizer = tokenizer
@@ -67,6 +69,11 @@ class LLMEngine:
                                           sliding_window=getattr(executor, "kv_window", None))  # fmt: skip
         self.scheduler = Scheduler(limits, self.block_manager)
         self.outputs = OutputProcessor(tokenizer, set(eos_token_ids))
+        # constraint -> a new per-sequence logits processor (the lmport_logits_processors hook
+        # through the factory's host; by default the core's llguidance backend)
+        self._processors = processors or processor_resolver(
+            ProcessorContext(tokenizer, vocab_size, tuple(sorted(set(eos_token_ids))))
+        )
         self._requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self._last_batch_size = 0
@@ -95,6 +102,8 @@ class LLMEngine:
             raise RequestValidationError(f"request id {request.request_id!r} is already in flight")
         arrival = request.arrival_time if request.arrival_time is not None else self.clock()
         params = request.params
+        # one processor per sequence, all built before any is queued (a constraint that does not compile is refused whole)
+        processors = [(self._processors(params.constraint),) if params.constraint is not None else () for _ in range(params.n)]
         seqs = []
         for index in range(params.n):
             seq = Sequence(
@@ -106,6 +115,7 @@ class LLMEngine:
                 arrival_time=arrival,
                 seed=None if params.seed is None else params.seed + index,
                 images=request.images,
+                processors=processors[index],
             )
             if self._prepare_sequence is not None:
                 self._prepare_sequence(seq)

@@ -183,15 +183,16 @@ class PagedModelRunner(ModelExecutor):
                 if backend.metadata_key not in target.prepared:
                     target.prepared[backend.metadata_key] = backend.prepare_metadata(target)
         inputs_embeds = self._image_embeds(step, batch) if self._embeds_images else None
-        hidden = self._forward(batch, inputs_embeds, encoder)
         sampled_pos = [i for i, r in enumerate(batch.sample_rows) if r is not None]
+        rows = [self._sampling_row(step.entries[i].seq) for i in sampled_pos]
+        self.sampler.begin(rows)  # grammar masks: computed on the host while the forward runs
+        hidden = self._forward(batch, inputs_embeds, encoder)
         prompt_pos = [i for i, r in enumerate(batch.prompt_rows) if len(r)]
         if not sampled_pos and not prompt_pos:
             return sampled_pos, prompt_pos, 0, None
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         results: list[torch.Tensor | None] = []
         if sampled_pos:
-            rows = [self._sampling_row(step.entries[i].seq) for i in sampled_pos]
             sample_logits = logits if not prompt_pos else logits[batch.sample_index]  # no prompt rows: all rows sample
             out = self.sampler.sample(sample_logits, rows)
             results += [out.token_ids, out.logprobs, out.top_ids, out.top_logprobs]
@@ -302,7 +303,7 @@ class PagedModelRunner(ModelExecutor):
     def _sampling_row(self, seq) -> SamplingRow:
         if seq.generator is None and seq.seed is not None and seq.params.do_sample:
             seq.generator = make_generator(seq.seed, self.device)
-        return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator)
+        return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator, seq.processors)
 
     def _unpack(self, step, batch, sampled_pos, prompt_pos, prompt_top_n, host) -> ExecutorOutput:
         sampled: list[SampledToken | None] = [None] * len(step.entries)

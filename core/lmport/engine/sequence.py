@@ -43,6 +43,9 @@ class Sequence:
     seed: int | None = None
     images: ImageInputs | None = None  # the prompt's images (their spans lie in the prompt)
     generator: Any = None  # torch.Generator for sampling, made by the runner's device
+    # its stateful logits processors (a grammar's matcher: lmport.engine.constraints), advanced
+    # with each generated token as soon as the host knows it
+    processors: tuple = ()
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -83,6 +86,7 @@ class Sequence:
             or bool(params.frequency_penalty)
             or bool(params.presence_penalty)
             or bool(params.watermark)
+            or any(p.needs_host_tokens for p in self.processors)
         )
 
     @property
@@ -133,6 +137,12 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
+        if token_id != PLACEHOLDER:
+            self._advance(token_id)
+
+    def _advance(self, token_id: int) -> None:
+        for processor in self.processors:
+            processor.advance(token_id)
 
     def append_placeholder(self) -> int:
         """Append a token the device sampled but the host does not know yet; returns its position."""
@@ -147,6 +157,7 @@ class Sequence:
         self.token_ids[position] = token_id
         self.output_token_ids[position - self.num_prompt_tokens] = token_id
         self.num_placeholders -= 1
+        self._advance(token_id)
 
 
 PLACEHOLDER = -1  # an out-of-vocabulary id: fed to a model by mistake, it fails loudly

@@ -119,7 +119,7 @@ class HFSeq2SeqExecutor(ModelExecutor):
         if seq.generator is None and seq.seed is not None and seq.params.do_sample:
             seq.generator = make_generator(seq.seed, self.device)
         # as in transformers' generate, penalties see the decoder's tokens, not the encoder's input
-        return SamplingRow(seq.params, [self.decoder_start_token_id], seq.output_token_ids, seq.generator)
+        return SamplingRow(seq.params, [self.decoder_start_token_id], seq.output_token_ids, seq.generator, seq.processors)
 
 
 def load_seq2seq(info: Any, host: Any, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> HFSeq2SeqExecutor:

@@ -27,7 +27,7 @@ DESCRIPTIONS = {
     400: "Request body is not JSON",
     401: "Missing or wrong API key (Authorization: Bearer <key>)",
     413: "Request body larger than --payload-limit",
-    422: "Input validation error",
+    422: "Input validation error (also: a `grammar` or `response_format` that cannot be compiled, naming the unsupported feature)",
     424: "Generation error",
     429: "Model is overloaded: the queue is full or the request waited past --max-queue-time (with Retry-After)",
     500: "Incomplete generation",

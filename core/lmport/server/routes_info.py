@@ -47,7 +47,7 @@ def info_payload(state: ServerState) -> dict[str, Any]:
         "version": __version__,
         "sha": None,
         "docker_label": None,
-        "grammar_support": False,
+        "grammar_support": not limits.disable_grammar_support,
         "chat_template": bool(getattr(state.tokenizer, "chat_template", None) or model.chat_template),
         "modality": model.modality,  # "text", or "image-text": prompts may carry images (docs/api.md, "Images")
     }

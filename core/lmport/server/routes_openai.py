@@ -3,8 +3,8 @@
 Parameters map onto TGI's (and so go through TGI's validation and error JSON): temperature 0
 means greedy, no temperature means sampling at 1.0 (OpenAI's default), ``top_p`` 1.0 means
 off, ``top_logprobs`` is ``top_n_tokens``. Stop sequences are cut from the returned text.
-``tools`` are read and answered by :mod:`lmport.server.tools`; ``response_format`` needs
-constrained decoding, which lmport lacks: 422.
+``tools`` are read and answered by :mod:`lmport.server.tools`; ``response_format``
+(``json_object``, ``json_schema``) becomes the engine's constraint (:mod:`lmport.server.structured`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from lmport.server.schemas_openai import (
 from lmport.server.schemas_tgi import ChatTokenizeResponse, GenerateParameters
 from lmport.server.strict_json import StrictJsonRoute
 from lmport.server.state import ServerState
+from lmport.server.structured import response_format_constraint
 from lmport.server.streaming import ChunkTemplate, EventStreamResponse, finite_or_none, sse_data, token_texts
 from lmport.server.tool_stream import StreamedCalls, read_tool_calls
 from lmport.server.tools import ToolPlan, constrain, plan_tools, tool_calls_of
@@ -84,8 +85,6 @@ def now() -> int:
 
 async def chat_request_to_valid(state: ServerState, body: ChatRequest) -> tuple[ValidRequest, ToolPlan | None]:
     tools = plan_tools(body)
-    if body.response_format is not None and (getattr(body.response_format, "get", None) is None or body.response_format.get("type") != "text"):
-        raise ValidationFailed("`response_format` is not supported: constrained decoding (grammars) is not implemented in lmport yet")
     if body.top_logprobs and not body.logprobs:
         raise ValidationFailed("`top_logprobs` needs `logprobs` set to true")
     prompt = await state.off_loop(
@@ -99,6 +98,7 @@ async def chat_request_to_valid(state: ServerState, body: ChatRequest) -> tuple[
     valid = await validate_with_images(
         state, params, inputs=prompt, add_special_tokens=False, n=body.n or 1, presence_penalty=body.presence_penalty or None,
         extra_stop_token_ids=() if body.ignore_eos else state.model.chat_stop_token_ids, ignore_eos=body.ignore_eos,
+        constraint=response_format_constraint(body.response_format),
     )
     if tools is not None:
         valid = await state.off_loop(constrain, state, valid, tools)
@@ -317,7 +317,7 @@ async def completion_requests(state: ServerState, body: CompletionRequest) -> li
     out = []
     options = dict(
         n=body.n or 1, presence_penalty=body.presence_penalty or None, prompt_logprobs=want_prompt_logprobs,
-        ignore_eos=body.ignore_eos,
+        ignore_eos=body.ignore_eos, constraint=response_format_constraint(body.response_format),
     )
     for text, ids in prompts:
         if ids is None:  # a text prompt may hold markdown images, as /generate's

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat
 
-from lmport.server.schemas_tgi import JsonNumbers, OmitEmpty
+from lmport.server.schemas_tgi import JsonNumbers, OmitEmpty, RegexGrammar
 
 
 class StreamOptions(BaseModel):
@@ -23,6 +23,39 @@ class ContentPart(BaseModel):
     type: str
     text: str | None = None
     image_url: Any = None  # {"url": "data:image/png;base64,..." or "https://..."} for models that take images
+
+
+class ResponseFormatText(BaseModel):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(BaseModel):
+    type: Literal["json_object"]
+    value: Union[dict[str, Any], str, None] = Field(None, description="TGI's form (what huggingface_hub sends): a JSON schema the object follows")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = Field(None, description="The format's name (not used for decoding)")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON schema every reply follows")
+    strict: StrictBool | None = Field(None, description="Accepted; replies always follow the schema")
+
+
+class ResponseFormatJsonSchema(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+class ResponseFormatJson(BaseModel):
+    """TGI's chat form: ``{"type": "json", "value": <JSON schema>}``."""
+
+    type: Literal["json"]
+    value: Union[dict[str, Any], str] = Field(description="the JSON schema the reply follows")
+
+
+ResponseFormat = Union[ResponseFormatText, ResponseFormatJsonObject, ResponseFormatJsonSchema, ResponseFormatJson, RegexGrammar]
 
 
 class ChatMessage(BaseModel):
@@ -101,7 +134,7 @@ class ChatRequest(ToolFields):
     stop: Union[str, list[str], None] = None
     temperature: StrictFloat | None = None
     top_p: StrictFloat | None = None
-    response_format: Any = None
+    response_format: ResponseFormat | None = Field(None, description="Constrained output: JSON object or JSON schema (docs/api.md)")
     user: str | None = None
     ignore_eos: StrictBool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
 
@@ -136,6 +169,7 @@ class CompletionRequest(JsonNumbers):
     seed: int | None = Field(None, ge=0, lt=2**64)
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = Field(None, description="Constrained output: JSON object or JSON schema (docs/api.md)")
     user: str | None = None
     ignore_eos: StrictBool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
 

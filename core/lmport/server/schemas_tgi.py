@@ -9,7 +9,7 @@ as TGI's serde is: ``"details": 0`` or ``"stream": "yes"`` is a 422, not a guess
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, ValidationInfo, field_validator, model_serializer
 
@@ -48,9 +48,36 @@ class OmitEmpty(BaseModel):
 # ---------------------------------------------------------------------------- requests
 
 
-class Grammar(BaseModel):
-    type: Literal["json", "regex", "json_schema"]
-    value: Any
+class JsonGrammar(BaseModel):
+    """TGI's ``{"type": "json", "value": <JSON schema>}`` (``json_object`` is its alias); the
+    schema as an object or as its JSON text."""
+
+    type: Literal["json", "json_object"]
+    value: Union[dict[str, Any], str] = Field(description="the JSON schema the output follows")
+
+
+class NamedJsonSchema(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema the output follows")
+
+
+class JsonSchemaGrammar(BaseModel):
+    """TGI 3's ``{"type": "json_schema", "value": {"name": ..., "schema": <JSON schema>}}``."""
+
+    type: Literal["json_schema"]
+    value: NamedJsonSchema
+
+
+class RegexGrammar(BaseModel):
+    """``{"type": "regex", "value": "<regex the whole output matches>"}``."""
+
+    type: Literal["regex"]
+    value: str
+
+
+Grammar = Union[JsonGrammar, JsonSchemaGrammar, RegexGrammar]  # anyOf (a oneOf with a discriminator trips OpenAPI tools)
 
 
 class GenerateParameters(JsonNumbers):

@@ -53,7 +53,9 @@ class ServerState:
     started_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
-        self.validator = Validator(self.limits, self.tokenizer, self.model.eos_token_ids, vocab_size=self.engine.vocab_size)
+        self.validator = Validator(
+            self.limits, self.tokenizer, self.model.eos_token_ids, vocab_size=self.engine.vocab_size, host=self.host
+        )
         self.tokenize_pool = TokenizePool(self.config.validation_workers)
         self.metrics = ServerMetrics(
             max_input_tokens=self.limits.max_input_tokens,

@@ -1,7 +1,8 @@
 """The HTTP side of request validation: TGI's wire format turned into the engine's request.
 
 Checks here are the ones about the wire format only (``best_of`` and what streaming refuses,
-``truncate``, an empty ``inputs``, the tokenizer failing); TGI's ranges and limits
+``truncate``, an empty ``inputs``, the tokenizer failing, a grammar or response format that does
+not compile); TGI's ranges and limits
 (temperature, top-p, stop sequences, lengths, ``n`` ...) are the engine's rules
 (:mod:`lmport.engine.rules`), applied once when the request is submitted
 (:meth:`EngineClient.submit <lmport.engine.api.EngineClient.submit>`). Every refusal answers
@@ -15,11 +16,13 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from lmport.engine.api import ImageInputs, SamplingParams
+from lmport.engine.api import Constraint, ImageInputs, SamplingParams
+from lmport.engine.constraints import check_constraint
 from lmport.engine.errors import RequestValidationError, check_token_ids
 from lmport.engine.limits import EngineLimits
 from lmport.server.errors import ValidationFailed
 from lmport.server.schemas_tgi import GenerateParameters
+from lmport.server.structured import grammar_constraint
 
 DEFAULT_GENERATION_LENGTH = 1024  # TGI: max_new_tokens when the client sets none
 
@@ -41,8 +44,12 @@ class ValidRequest:
 class Validator:
     """Builds :class:`ValidRequest` s from TGI's parameters under the engine's ``limits``."""
 
-    def __init__(self, limits: EngineLimits, tokenizer: Any, eos_token_ids: Sequence[int] = (), vocab_size: int | None = None):
+    def __init__(
+        self, limits: EngineLimits, tokenizer: Any, eos_token_ids: Sequence[int] = (), vocab_size: int | None = None,
+        host: Any = None,
+    ):
         self.limits = limits
+        self.host = host  # the PluginHost whose lmport_logits_processors compile-checks constraints
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         if vocab_size is None and hasattr(tokenizer, "__len__"):
@@ -84,12 +91,20 @@ class Validator:
                 f"`truncate` must be strictly positive and less than {self.limits.max_input_tokens}. Given: {p.truncate}"
             )
 
-    def check_grammar(self, p: GenerateParameters) -> None:
-        if p.grammar is None:
-            return
+    def check_constraint(self, p: GenerateParameters, constraint: Constraint | None) -> Constraint | None:
+        """The request's constraint (``constraint``, else TGI's ``grammar``), compile-checked
+        here so a schema the backend cannot serve answers 422 and never reaches the engine."""
+        if constraint is None and p.grammar is not None:
+            constraint = grammar_constraint(p.grammar)
+        if constraint is None:
+            return None
         if self.limits.disable_grammar_support:
             raise ValidationFailed("grammar is not supported")
-        raise ValidationFailed("grammar is not supported: constrained decoding is not implemented in lmport yet")
+        try:
+            check_constraint(constraint, self.tokenizer, host=self.host)
+        except RequestValidationError as exc:
+            raise ValidationFailed(str(exc)) from exc
+        return constraint
 
     # ------------------------------------------------------------------ tokens
 
@@ -118,6 +133,7 @@ class Validator:
         prompt_logprobs: bool | None = None,
         extra_stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
+        constraint: Constraint | None = None,
     ) -> ValidRequest:
         """Check ``p``'s wire format and the prompt (text or ids) and build the engine request
         (the engine's rules check it when it is submitted)."""
@@ -139,7 +155,7 @@ class Validator:
         max_new_tokens = p.max_new_tokens
         if max_new_tokens is None:  # up to the budget (0 when the prompt fills it: the engine refuses that)
             max_new_tokens = min(max(self.limits.max_total_tokens - input_length, 0), DEFAULT_GENERATION_LENGTH)
-        self.check_grammar(p)
+        constraint = self.check_constraint(p, constraint)
 
         best_of = p.best_of if p.best_of is not None else 1
         sampling = self.wants_sampling(p)
@@ -165,6 +181,7 @@ class Validator:
             top_n_tokens=p.top_n_tokens or 0,
             prompt_logprobs=p.decoder_input_details if prompt_logprobs is None else prompt_logprobs,
             n=max(best_of, n),
+            constraint=constraint,
         )
         return ValidRequest(
             prompt_ids=tuple(ids),

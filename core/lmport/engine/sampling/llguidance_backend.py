@@ -101,8 +101,11 @@ def compile_template(constraint: Constraint, context: ProcessorContext) -> Any:
             _grammars.move_to_end(key)
             return template
     llg = _llguidance()
-    grammar = grammar_text(constraint)
-    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+    try:
+        grammar = grammar_text(constraint)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+    except (ValueError, TypeError, RuntimeError) as exc:  # what llguidance raises for input it cannot take
+        raise RequestValidationError(f"the {_what(constraint)} cannot be used for constrained decoding: {exc}") from exc
     if is_error:
         raise RequestValidationError(f"the {_what(constraint)} cannot be used for constrained decoding: {_first_line(messages)}")
     template = llg.LLMatcher(tokenizer, grammar, log_level=0)

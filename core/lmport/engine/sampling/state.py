@@ -17,13 +17,15 @@ class SamplingRow:
     repetition penalty reads both, frequency/presence penalties only the output, the watermark
     the last token). ``generator`` is the row's own RNG when the request carries a seed; it
     lives as long as the sequence, so a seeded request draws the same tokens whatever else is
-    in the batch.
+    in the batch. ``processors`` are the sequence's own stateful logits processors (a grammar's
+    matcher, :mod:`lmport.engine.constraints`), advanced by the engine as its tokens arrive.
     """
 
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None = None
+    processors: tuple = ()
 
     @property
     def last_token_id(self) -> int | None:
