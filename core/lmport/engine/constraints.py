@@ -97,6 +97,14 @@ def check_constraint(
     resolve_processor(constraint, ProcessorContext(tokenizer, None, tuple(eos_token_ids)), host)
 
 
+def prepare(context: ProcessorContext) -> None:
+    """Start building the core backend's vocabulary for ``context`` in the background (its
+    first constrained request then finds it built)."""
+    from lmport.engine.sampling.llguidance_backend import prepare_vocabulary
+
+    prepare_vocabulary(context)
+
+
 def processor_resolver(context: ProcessorContext, host: Any = None) -> ProcessorResolver:
     """``constraint -> processor`` for the engine: :func:`resolve_processor` bound to a model."""
     return lambda constraint: resolve_processor(constraint, context, host)

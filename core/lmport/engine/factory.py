@@ -22,7 +22,7 @@ from lmport.engine.kv_cache_sizing import size_kv_cache
 from lmport.engine.limits import check_positions, model_max_positions, resolve_limits
 from lmport.engine.llm_engine import LLMEngine
 from lmport.engine.model_runner import PagedModelRunner
-from lmport.engine.constraints import ProcessorContext, processor_resolver
+from lmport.engine.constraints import ProcessorContext, prepare as prepare_constraints, processor_resolver
 from lmport.engine.stopping import eos_token_ids
 from lmport.layers.attention import KVCacheSpec
 from lmport.models.base import ModelInfo
@@ -111,8 +111,10 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
         executor, tokenizer, limits, eos_token_ids=eos_ids,
         vocab_size=vocab_size,
         async_scheduling=wants_async_scheduling(config, device),
-        processors=processor_resolver(ProcessorContext(tokenizer, vocab_size, tuple(sorted(set(eos_ids)))), host),
+        processors=processor_resolver(context := ProcessorContext(tokenizer, vocab_size, tuple(sorted(set(eos_ids)))), host),
     )
+    if not config.disable_grammar_support:
+        prepare_constraints(context)  # the grammar backend's vocabulary, built in the background
     if device.type != "cpu":  # compile-on-first-use kernels: compile them now, not in the first burst
         from lmport.engine.warmup import warm_up_engine
 

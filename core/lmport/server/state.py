@@ -15,6 +15,7 @@ from typing import Any, Callable, TypeVar
 from lmport import __version__
 from lmport.config import LaunchConfig
 from lmport.engine.api import EngineClient, EngineStats
+from lmport.engine.constraints import ProcessorContext, prepare as prepare_constraints
 from lmport.engine.limits import EngineLimits
 from lmport.server.images import ImagePolicy
 from lmport.server.metrics import ServerMetrics
@@ -57,6 +58,8 @@ class ServerState:
             self.limits, self.tokenizer, self.model.eos_token_ids, vocab_size=self.engine.vocab_size, host=self.host
         )
         self.tokenize_pool = TokenizePool(self.config.validation_workers)
+        if not self.limits.disable_grammar_support:  # the grammar checks' vocabulary, built in the background
+            prepare_constraints(ProcessorContext(self.tokenizer))
         self.metrics = ServerMetrics(
             max_input_tokens=self.limits.max_input_tokens,
             max_total_tokens=self.limits.max_total_tokens,

@@ -1,7 +1,8 @@
 """The core's constrained-decoding backend: llguidance (Microsoft's Rust grammar engine).
 
 - The tokenizer's vocabulary (llguidance's ``LLTokenizer``, a token trie) is built once per
-  (tokenizer, logits width, EOS ids) and cached for the life of the process.
+  (tokenizer, logits width, EOS ids) and cached for the life of the process; the engine and the
+  server start building it on a background thread when they start (:func:`prepare_vocabulary`).
 - A constraint is compiled once (an ``LLMatcher`` in its start state, cached, least recently
   used out past :data:`MAX_CACHED_GRAMMARS`); each sequence gets a cheap copy of it.
 - JSON schemas are compiled with compact separators (``whitespace_flexible: false``), so a
@@ -33,6 +34,7 @@ JSON_DEFAULTS = {"whitespace_flexible": False}
 ANY_JSON_OBJECT = '{"type": "object"}'
 
 _lock = threading.Lock()
+_build_lock = threading.Lock()
 _tokenizers: dict[tuple, tuple[Any, Any]] = {}  # key -> (the transformers tokenizer, kept alive; LLTokenizer)
 _grammars: "OrderedDict[tuple, Any]" = OrderedDict()  # (tokenizer key, kind, value) -> LLMatcher template
 _executor: Any = None
@@ -55,18 +57,38 @@ def ll_tokenizer(context: ProcessorContext) -> tuple[tuple, Any]:
     n_vocab = max(context.vocab_size or 0, size or 0) or None
     eos = tuple(context.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     key = (id(tokenizer), n_vocab, eos)
-    with _lock:
-        found = _tokenizers.get(key)
-        if found is not None and found[0] is tokenizer:
-            return key, found[1]
-    llg = _llguidance()
-    try:
-        built = llg.hf.from_tokenizer(tokenizer, n_vocab=n_vocab, eos_token=list(eos) or None)
-    except ValueError as exc:  # a slow (Python) tokenizer
-        raise RequestValidationError(f"constrained decoding is not supported for this model's tokenizer: {exc}") from exc
-    with _lock:
-        _tokenizers[key] = (tokenizer, built)
+    any_variant = context.vocab_size is None and not context.eos_token_ids  # a compile check: any build of it will do
+    with _build_lock:  # one build per vocabulary, however many requests wait for it
+        with _lock:
+            found = _tokenizers.get(key)
+            if found is not None and found[0] is tokenizer:
+                return key, found[1]
+            for other, (owner, built) in _tokenizers.items():
+                if any_variant and owner is tokenizer:
+                    return other, built
+        llg = _llguidance()
+        try:
+            built = llg.hf.from_tokenizer(tokenizer, n_vocab=n_vocab, eos_token=list(eos) or None)
+        except ValueError as exc:  # a slow (Python) tokenizer
+            raise RequestValidationError(f"constrained decoding is not supported for this model's tokenizer: {exc}") from exc
+        with _lock:
+            _tokenizers[key] = (tokenizer, built)
     return key, built
+
+
+def prepare_vocabulary(context: ProcessorContext) -> threading.Thread:
+    """Build ``context``'s vocabulary on a daemon thread now (a 262k-token vocabulary takes
+    seconds), so the first constrained request does not wait for it."""
+
+    def build() -> None:
+        try:
+            ll_tokenizer(context)
+        except Exception:  # a tokenizer llguidance cannot take: the first constrained request says so
+            pass
+
+    thread = threading.Thread(target=build, name="lmport-grammar-vocabulary", daemon=True)
+    thread.start()
+    return thread
 
 
 def grammar_text(constraint: Constraint) -> str:
