@@ -68,7 +68,7 @@ def test_concurrent_generate_calls_from_one_event_loop(async_engine, random_prom
         assert outs[-1].finished and sum(o.finished for o in outs) == 1
     assert engine_threads and loop_thread not in engine_threads  # steps never ran on the event loop
     assert engine.is_healthy
-    assert engine.stats().kv_blocks_used == 0
+    asyncio.run(wait_until(lambda: engine.stats().kv_blocks_used == 0))  # freed by the engine thread, maybe just after
 
 
 def test_leaving_the_stream_aborts_the_request_and_frees_its_blocks(async_engine):
@@ -172,7 +172,8 @@ def test_an_error_outside_the_model_fails_every_request_and_serving_goes_on(asyn
     failed, good = asyncio.run(main())
     assert len(failed) == 1 and "bookkeeping bug" in failed[0].error and failed[0].finished
     assert tokens_of(good) == hf_greedy(hf_model, [4, 5, 6], 8)[0]
-    assert engine.is_healthy and engine.stats().kv_blocks_used == 0
+    assert engine.is_healthy
+    asyncio.run(wait_until(lambda: engine.stats().kv_blocks_used == 0))
 
 
 def test_an_error_while_aborting_fails_the_requests_instead_of_killing_the_loop(async_engine, hf_greedy):
@@ -203,7 +204,8 @@ def test_an_error_while_aborting_fails_the_requests_instead_of_killing_the_loop(
     assert other[-1].finished
     assert other[-1].error is None or "abort bookkeeping bug" in other[-1].error
     assert tokens_of(good) == hf_greedy(hf_model, [4, 5, 6], 8)[0]
-    assert engine.is_healthy and engine.stats().kv_blocks_used == 0
+    assert engine.is_healthy
+    asyncio.run(wait_until(lambda: engine.stats().kv_blocks_used == 0))
 
 
 def test_a_request_opened_while_the_loop_dies_fails_instead_of_waiting_forever(async_engine, monkeypatch):
