@@ -123,3 +123,25 @@ def test_prefix_cache_keys_on_image_content(idefics, idefics_request, hf_idefics
     hits_before = stats.hit_tokens
     assert tokens_of(engine.generate([request]))["c"] == second
     assert stats.hit_tokens - hits_before == (len(request.prompt_token_ids) - 1) // 4 * 4
+
+
+def test_a_prompt_cut_at_its_front_keeps_each_tokens_image(engine, idefics_request, idefics_prompts, idefics):
+    """``truncate`` drops the prompt's first tokens (none of them an image's): ``cut_front`` cuts the
+    per-position image index with them, so each token still attends its own image, as transformers
+    does on the cut ids with the cut ``image_attention_mask``."""
+    items = ["Some words to cut away first", WIDE, "and", TALL, "after"]
+    full = idefics_request("full", items)
+    cut = full.images.spans[0][0] - 2
+    images = idefics_prompts.cut_front(full.images, cut)
+    assert images.spans[0][0] == 2 and len(images.arrays["image_index"]) == len(full.prompt_token_ids) - cut
+    request = GenerationRequest("cut", full.prompt_token_ids[cut:], full.params, images=images)
+    got = tokens_of(engine.generate([request]))["cut"]
+    inputs = idefics_prompts.processor(text=[items], return_tensors="pt")
+    hf_model = idefics[1]
+    hf_model.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        ids = inputs["input_ids"][:, cut:]
+        out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                                image_attention_mask=inputs["image_attention_mask"][:, cut:], do_sample=False,
+                                max_new_tokens=6, pad_token_id=0)  # fmt: skip
+    assert got == out[0, ids.shape[1]:].tolist()

@@ -314,7 +314,7 @@ class IdeficsForVisionText2Text(EncoderDecoderLM):
                 if mapped[name] is not None:
                     yield name, tensor
 
-        load_checkpoint(self, used(weights), lambda name: mapped[name], ignore=[r"rotary_emb\.inv_freq$"])
+        load_checkpoint(self, used(weights), lambda name: mapped[name], ignore=[r"rotary_emb\.inv_freq$", r"embeddings\.position_ids$"])
 
 
 def image_ranges(image_index: Any, image_seq_len: int) -> list[tuple[int, int]]:
