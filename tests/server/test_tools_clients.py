@@ -264,3 +264,12 @@ def test_a_template_that_reads_tools_receives_them(tools_server):
     templated = post(tools_server, "/chat_tokenize", {"messages": MESSAGES, "tools": TOOLS}).json()["templated_text"]
     assert templated.startswith("<s>Tools: get_weather get_time<|im_start|>user")
     assert "What is the weather in Paris?\n---\n" in templated and '"parameters"' not in templated  # the tool_prompt only
+
+
+def test_without_grammar_support_replies_are_read_not_constrained(start_server):
+    unconstrained = start_server(disable_grammar_support=True)
+    body = {"messages": MESSAGES, "tools": TOOLS[1:], "tool_choice": NAMED, "temperature": 0, "max_tokens": 8}
+    response = post(unconstrained, "/v1/chat/completions", body)
+    assert response.status_code == 200  # no "grammar is not supported": the tools' constraint is left out
+    message = response.json()["choices"][0]["message"]
+    assert message["tool_calls"] is None and isinstance(message["content"], str)  # the random model wrote no call
