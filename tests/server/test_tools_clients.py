@@ -222,11 +222,12 @@ def test_a_conversation_with_calls_and_results(client):
 
 
 @pytest.mark.parametrize("fields,param,message", [
-    ({"tools": [{"type": "web_search"}]}, "tools.0.type", "Input should be 'function'"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type", "tools of type 'web_search' are not supported"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
      "tools.0.function.parameters", "must be a JSON Schema of type `object`"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "which is not in `tools`"),
-    ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, "tool_choice", "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, "tool_choice",
+     "tool_choice of type 'allowed_tools' are not supported"),
     ({"tools": [TOOLS[0], TOOLS[0]]}, "tools.1.function.name", "two functions named 'get_weather'"),
     ({"functions": [{"name": "f"}], "function_call": "auto"}, "functions", "not supported: use `tools`"),
 ])

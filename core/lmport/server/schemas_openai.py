@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, field_validator
 
 from lmport.server.schemas_tgi import JsonNumbers, OmitEmpty, RegexGrammar
 
@@ -80,11 +80,23 @@ class FunctionDefinition(BaseModel):
     strict: StrictBool | None = Field(None, description="accepted; arguments always follow `parameters` (constrained decoding)")
 
 
+def _only_function_type(value: Any, what: str) -> Any:
+    """A 422 that names an unsupported tool type (web_search, custom, allowed_tools ...)."""
+    if isinstance(value, str) and value != "function":
+        raise ValueError(f"{what} of type {value!r} are not supported: only `function`")
+    return value
+
+
 class ToolDefinition(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: Literal["function"] = Field("function", description="only `function` tools are supported")
     function: FunctionDefinition
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _only_functions(cls, value: Any) -> Any:
+        return _only_function_type(value, "tools")
 
 
 class FunctionName(BaseModel):
@@ -98,6 +110,11 @@ class NamedToolChoice(BaseModel):
 
     type: Literal["function"] = "function"
     function: FunctionName
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _only_functions(cls, value: Any) -> Any:
+        return _only_function_type(value, "tool_choice")
 
 
 class ToolFields(JsonNumbers):
