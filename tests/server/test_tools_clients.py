@@ -21,8 +21,6 @@ from lmport.testing.tiny_tokenizer import CHATML_TEMPLATE
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 
-ENGINE_APPLIES_CONSTRAINTS = False  # the engine's processors are being built (grammar helper): until then, skipped
-constrained = pytest.mark.skipif(not ENGINE_APPLIES_CONSTRAINTS, reason="the engine does not apply constraints yet")
 
 WEATHER_PARAMETERS = {
     "type": "object",
@@ -95,7 +93,6 @@ def assemble(chunks) -> tuple[dict[int, dict], list]:
     return calls, finish
 
 
-@constrained
 def test_named_function_streamed_equals_non_streamed(client):
     reply = client.chat.completions.create(
         model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=NAMED, temperature=0, max_tokens=MAX_TOKENS)
@@ -114,7 +111,6 @@ def test_named_function_streamed_equals_non_streamed(client):
     assert (streamed["name"], streamed["arguments"]) == (call.function.name, call.function.arguments)
 
 
-@constrained
 def test_the_sdk_stream_helper_parses_strict_tools(client):
     from typing import Literal
 
@@ -139,7 +135,6 @@ def test_the_sdk_stream_helper_parses_strict_tools(client):
         assert final.choices[0].finish_reason == "tool_calls"
 
 
-@constrained
 def test_required_calls_one_of_the_tools_with_n_and_a_seed(client):
     reply = client.chat.completions.create(
         model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required", temperature=1.0, seed=5, n=2, max_tokens=MAX_TOKENS)
@@ -154,7 +149,6 @@ def test_required_calls_one_of_the_tools_with_n_and_a_seed(client):
         c.message.tool_calls[0].function.arguments for c in again.choices]
 
 
-@constrained
 def test_parallel_tool_calls_are_indexed(client):
     kwargs = dict(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required", parallel_tool_calls=True,
                   temperature=0, max_tokens=MAX_TOKENS)
@@ -170,7 +164,6 @@ def test_parallel_tool_calls_are_indexed(client):
         (c.function.name, c.function.arguments) for c in calls]
 
 
-@constrained
 def test_auto_answers_text_or_a_valid_call(client):
     for temperature, seed in ((0, None), (1.0, 1), (1.0, 2)):
         reply = client.chat.completions.create(
@@ -193,7 +186,6 @@ def test_tool_choice_none_is_plain_content(client):
     assert reply.choices[0].finish_reason == plain.choices[0].finish_reason
 
 
-@constrained
 def test_inference_client_assembles_the_same_call(tools_server):
     from huggingface_hub import InferenceClient
 
