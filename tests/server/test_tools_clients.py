@@ -111,7 +111,7 @@ def test_named_function_streamed_equals_non_streamed(client):
     assert (streamed["name"], streamed["arguments"]) == (call.function.name, call.function.arguments)
 
 
-def test_the_sdk_stream_helper_parses_strict_tools(client):
+def test_the_sdk_helpers_parse_strict_tools(client):
     from typing import Literal
 
     from pydantic import BaseModel, Field
@@ -133,6 +133,10 @@ def test_the_sdk_stream_helper_parses_strict_tools(client):
         (call,) = final.choices[0].message.tool_calls
         assert call.function.name == "Weather" and isinstance(call.function.parsed_arguments, Weather)
         assert final.choices[0].finish_reason == "tool_calls"
+    parsed = client.chat.completions.parse(  # the non-streamed helper reads the same call
+        model="tiny", messages=MESSAGES, tools=[openai.pydantic_function_tool(Weather)],
+        tool_choice={"type": "function", "function": {"name": "Weather"}}, temperature=0, max_tokens=MAX_TOKENS)
+    assert parsed.choices[0].message.tool_calls[0].function.parsed_arguments == call.function.parsed_arguments
 
 
 def test_required_calls_one_of_the_tools_with_n_and_a_seed(client):
