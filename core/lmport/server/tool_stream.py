@@ -93,7 +93,7 @@ class ToolCallScanner:
         if self.mode == "text":
             return [ReplyText(text)]
         self.raw.append(text)
-        for i, ch in enumerate(text):
+        for ch in text:
             if self.mode is None:
                 if ch in WHITESPACE:
                     continue
