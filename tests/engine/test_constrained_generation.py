@@ -183,7 +183,15 @@ def test_async_scheduling_gives_the_synchronous_outputs(make_engine, random_prom
     sync = run(make_engine("llama")[0], requests())
     engine = make_engine("llama", async_scheduling=True)[0]
     assert engine.async_scheduling
+    launch, late = engine.executor.launch, []
+
+    def spy(step, feed=(), previous=None, **kw):  # the grammar's tokens are read inside the next launch
+        late.append("before_sample" in kw)
+        return launch(step, feed, previous, **kw)
+
+    engine.executor.launch = spy
     got = run(engine, requests())
+    assert sum(late) > 5  # steps were launched ahead of the constrained rows' tokens (async kept running)
     for rid in ("c", "f", "r"):
         assert tokens(got[rid]) == tokens(sync[rid]), rid
     assert_valid_json(*texts(got["c"])[0], PERSON)

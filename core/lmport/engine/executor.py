@@ -18,6 +18,9 @@ class ModelExecutor(ABC):
     # True: also has ``launch(step, feed, previous) -> PendingStep`` (see the paged runner), so
     # the engine can schedule step N+1 while step N runs (async scheduling)
     supports_async_scheduling: bool = False
+    # True: ``launch`` also takes ``before_sample`` (a callable it runs after queueing the
+    # forward pass, before sampling); the engine then reads a grammar's previous tokens there
+    supports_late_tokens: bool = False
     # True: reads ``seq.images`` (ImageInputs) of the sequences it runs; the engine refuses
     # requests with images otherwise (``EngineLimits.accepts_images``)
     accepts_images: bool = False

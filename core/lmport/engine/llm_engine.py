@@ -8,6 +8,10 @@ step N's outputs are processed. Scheduling is deterministic given one more token
 sequence, so it runs ahead unchanged; a sequence that turns out to end at step N (EOS, a stop
 string) had one more token computed in step N+1, which is discarded. Requests whose sampling
 reads their own past tokens (penalties, watermark) make the engine wait for step N first.
+A grammar's sequences need step N's tokens only to sample step N+1: with an executor that
+``supports_late_tokens``, step N+1 is launched first and step N's outputs are processed inside
+the launch (``before_sample``), after its forward pass is queued, so the device runs the
+forward while the host reads the tokens and computes the masks.
 
 It owns the scheduler, the block manager and the output processor, and drives one
 :class:`~lmport.engine.executor.ModelExecutor`. Nothing here is thread-safe: the
@@ -82,6 +86,9 @@ class LLMEngine:
         if async_scheduling and not self.async_scheduling:
             log.info("async scheduling off: executor %s has no launch()", type(executor).__name__)
         self._in_flight: _InFlight | None = None
+        # the executor's launch takes ``before_sample``: a grammar's sequences need the previous
+        # step's tokens only to sample, so they are read while the next forward runs
+        self._late_tokens = bool(getattr(executor, "supports_late_tokens", False))
         # an encoder-decoder executor turns a prompt into the encoder's input and a decoder start
         self._prepare_sequence = getattr(executor, "prepare_sequence", None)
 
@@ -262,16 +269,29 @@ class LLMEngine:
     def _step_async(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         previous = self._in_flight
+        late = False  # the previous step's tokens are read inside the launch, once the forward is queued
         if previous is not None and previous.needs_tokens():
-            self._in_flight = None  # a sampler reads the sequences' own tokens: they must be known first
-            outputs += self._finish_step(previous)
-            previous = None
+            if self._late_tokens and not previous.needs_tokens(before_forward=True):
+                late = True  # only request processors (grammars) need them, and only to sample
+            else:
+                self._in_flight = None  # a sampler reads the sequences' own tokens: they must be known first
+                outputs += self._finish_step(previous)
+                previous = None
         step = self._schedule()
         launched, failed = None, False
+        finished_previous = False
+
+        def finish_previous() -> None:
+            nonlocal finished_previous
+            if not finished_previous:
+                finished_previous = True
+                outputs.extend(self._finish_step(previous))
+
         if not step.is_empty:
             try:
                 feed = self._feed(step, previous)
-                pending = self.executor.launch(step, feed, previous.pending if previous else None)
+                extra = {"before_sample": finish_previous} if late else {}
+                pending = self.executor.launch(step, feed, previous.pending if previous else None, **extra)
             except Exception as exc:  # run it again synchronously, once the previous step's tokens are known
                 log.warning("launching a step of %d sequences failed (%s: %s); executing it synchronously",
                             len(step.entries), type(exc).__name__, exc)
@@ -280,7 +300,7 @@ class LLMEngine:
                 launched = _InFlight(step, pending, self._advance(step))
         self._in_flight = launched
         if previous is not None:
-            outputs += self._finish_step(previous)
+            finish_previous()
         if failed:  # the sequences that ended in the previous step drop out; only culprits fail
             live = [e for e in step.entries if not e.seq.is_finished]
             if live:
@@ -310,6 +330,9 @@ class LLMEngine:
         positions: list[int | None] = []
         for entry in step.entries:
             seq = entry.seq
+            if seq.is_finished:  # ended while the step was launched (its previous token was read late)
+                positions.append(None)
+                continue
             seq.num_computed_tokens = entry.start + entry.num_new_tokens
             if seq.num_computed_tokens >= seq.num_prompt_tokens - 1:
                 seq.wants_prompt_logprobs = False
@@ -438,9 +461,12 @@ class _InFlight:
         """The row of the token this step samples for ``seq`` at ``position``, if it does."""
         return self._rows.get((seq.seq_id, position))
 
-    def needs_tokens(self) -> bool:
-        """Whether a live sequence of this step samples from its own past tokens next."""
+    def needs_tokens(self, before_forward: bool = False) -> bool:
+        """Whether a live sequence of this step samples from its own past tokens next
+        (``before_forward``: needs them before the next step's forward is launched, as the
+        penalties do; a grammar needs them only to sample)."""
         return any(
-            position is not None and entry.seq.reads_own_tokens and not entry.seq.is_finished
+            position is not None and not entry.seq.is_finished
+            and (entry.seq.penalties_read_tokens if before_forward else entry.seq.reads_own_tokens)
             for entry, position in zip(self.step.entries, self.positions)
         )

@@ -10,7 +10,7 @@ sampled tokens the next step can read on the device before the host has seen the
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -143,21 +143,27 @@ class PagedModelRunner(ModelExecutor):
         return self._unpack(step, batch, sampled_pos, prompt_pos, prompt_top_n, host)
 
     supports_async_scheduling = True
+    supports_late_tokens = True  # launch(..., before_sample=fn): fn runs after the forward is queued, before sampling
 
     @torch.inference_mode()
-    def launch(self, step: ScheduledStep, feed: list[tuple[int, int]] = (), previous: "PendingStep | None" = None) -> "PendingStep":
+    def launch(
+        self, step: ScheduledStep, feed: list[tuple[int, int]] = (), previous: "PendingStep | None" = None,
+        before_sample: Callable[[], None] | None = None,
+    ) -> "PendingStep":
         """Start ``step`` without waiting for it (async scheduling); ``result()`` waits.
 
         ``feed`` pairs (entry index, row of ``previous.token_ids``): that entry is one decode
         token the host does not know yet, taken on the device from the previous step's samples.
         The results come back through one non-blocking copy into pinned host memory.
+        ``before_sample`` (the engine's: read the previous step's tokens, which advances the
+        grammars) runs once the forward pass is queued, before the step samples.
         """
         batch = self._flat_batch(step)
         if feed:
             starts = batch.metadata.query_start_loc_host
             dst, src = _send([[starts[i] for i, _ in feed], [row for _, row in feed]], torch.int64, self.device)
             batch.input_ids[dst] = previous.token_ids[src]
-        sampled_pos, prompt_pos, prompt_top_n, results = self._run(step, batch)
+        sampled_pos, prompt_pos, prompt_top_n, results = self._run(step, batch, before_sample)
         pending = PendingStep(self, step, batch, sampled_pos, prompt_pos, prompt_top_n, results)
         return pending
 
@@ -169,7 +175,7 @@ class PagedModelRunner(ModelExecutor):
             batch = pad_flat_batch(batch, self.shape_buckets)
         return batch
 
-    def _run(self, step: ScheduledStep, batch: FlatBatch):
+    def _run(self, step: ScheduledStep, batch: FlatBatch, before_sample: Callable[[], None] | None = None):
         """Forward, logits and sampling, all left on the device."""
         for seq_id in step.released_seq_ids:
             self._image_features.pop(seq_id, None)
@@ -185,13 +191,16 @@ class PagedModelRunner(ModelExecutor):
         inputs_embeds = self._image_embeds(step, batch) if self._embeds_images else None
         sampled_pos = [i for i, r in enumerate(batch.sample_rows) if r is not None]
         rows = [self._sampling_row(step.entries[i].seq) for i in sampled_pos]
-        self.sampler.begin(rows)  # grammar masks: computed on the host while the forward runs
+        if before_sample is None:
+            self.sampler.begin(rows)  # grammar masks: computed on the host while the forward runs
         hidden = self._forward(batch, inputs_embeds, encoder)
         prompt_pos = [i for i, r in enumerate(batch.prompt_rows) if len(r)]
         if not sampled_pos and not prompt_pos:
             return sampled_pos, prompt_pos, 0, None
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         results: list[torch.Tensor | None] = []
+        if before_sample is not None:
+            before_sample()  # the previous step's tokens (the device runs this forward meanwhile)
         if sampled_pos:
             sample_logits = logits if not prompt_pos else logits[batch.sample_index]  # no prompt rows: all rows sample
             out = self.sampler.sample(sample_logits, rows)

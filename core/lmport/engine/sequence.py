@@ -81,13 +81,14 @@ class Sequence:
         # whether sampling reads this sequence's own past tokens on the host (penalties, the
         # watermark): async scheduling must know them before the next step; asked every step
         params = self.params
-        self.reads_own_tokens = (
+        self.penalties_read_tokens = (
             (params.repetition_penalty is not None and params.repetition_penalty != 1.0)
             or bool(params.frequency_penalty)
             or bool(params.presence_penalty)
             or bool(params.watermark)
-            or any(p.needs_host_tokens for p in self.processors)
         )
+        # a grammar's processor reads them too, but only to sample (after the forward pass)
+        self.reads_own_tokens = self.penalties_read_tokens or any(p.needs_host_tokens for p in self.processors)
 
     @property
     def num_prompt_tokens(self) -> int:
