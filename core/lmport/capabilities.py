@@ -64,6 +64,9 @@ class Capabilities:
     whole_model_executor: bool = False
     max_batch_size: int | None = None
     kv_block_sizes: tuple[int, ...] = (16,)
+    # torch intra-op threads the engine steps with (the core calls torch.set_num_threads with it
+    # when it builds the engine); None: torch's default (OMP_NUM_THREADS, else every core)
+    host_threads: int | None = None
     notes: tuple[str, ...] = field(default=())
 
     @property

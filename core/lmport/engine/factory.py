@@ -74,6 +74,9 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
     config, _ = host.adjust_config(config)
     caps = host.capabilities()
     device = torch.device(caps.device_type)
+    if caps.host_threads and caps.host_threads != torch.get_num_threads():
+        log.info("torch intra-op threads: %d (backend '%s')", caps.host_threads, caps.backend)
+        torch.set_num_threads(caps.host_threads)
 
     source = source or resolve_model_source(config.model_id, config.revision)
     info = model_info_for(source, config.trust_remote_code)

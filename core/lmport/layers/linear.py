@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lmport.layers.ops import UsesLayerOps
+from lmport.layers.prepacked_linear import forget_packed
 
 if TYPE_CHECKING:
     from lmport.layers.quantization.config import QuantizationConfig
@@ -228,6 +229,8 @@ class Linear(UsesLayerOps, nn.Module):
 
     def begin_loading(self) -> None:
         """Before a (re)load: back to the checkpoint's layout if a previous load repacked it."""
+        for name in self.weight_specs:  # a kernel's reordered copy of the old data (prepacked_linear)
+            forget_packed(getattr(self, name, None))
         if self._finished:
             self._finished = False
             if self.method.repacks:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lmport.layers import prepacked_linear
 from lmport.layers.quant_ops import LinearFp8Op, LinearWqOp, reference_linear_fp8, reference_linear_wq
 from lmport.layers.rotary import apply_rotary
 
@@ -65,8 +66,9 @@ class LayerOps:
     - ``silu_and_mul(gate_up)``: ``[tokens, 2 * inter]`` -> ``silu(gate) * up``, ``[tokens, inter]``.
     - ``linear(x, weight, bias)``: ``F.linear`` (``weight [out, in]``, ``bias`` may be ``None``); the
       unquantized projections and heads of every family run through it (:class:`~lmport.layers.linear.Linear`),
-      so a backend can swap in a skinny GEMM for decode's few rows. The reference *is*
-      ``F.linear``: tokens stay bit-identical.
+      so a backend can swap in a skinny GEMM for decode's few rows. The reference is
+      ``F.linear``, run on a CPU in bfloat16 with the weight reordered once for oneDNN
+      (:mod:`lmport.layers.prepacked_linear`): bit-identical results, tokens do not change.
     - ``linear_wq(x, qweight, scales, zeros, bits, group_size, bias)``: weight-only int4/int8
       (GPTQ, AWQ, compressed-tensors W4A16/W8A16, EETQ, bitsandbytes int8 are all repacked to
       its layout at load); ``linear_fp8(x, weight, weight_scale, bias)``: float8 e4m3 weights
@@ -77,7 +79,7 @@ class LayerOps:
     fused_add_rms_norm: FusedAddRmsNormOp = reference_fused_add_rms_norm
     rotary: RotaryOp = apply_rotary
     silu_and_mul: SiluAndMulOp = reference_silu_and_mul
-    linear: LinearOp = F.linear
+    linear: LinearOp = prepacked_linear.linear
     linear_wq: LinearWqOp = reference_linear_wq
     linear_fp8: LinearFp8Op = reference_linear_fp8
 

@@ -4,8 +4,9 @@ It is what the CPU backend runs, what ``--disable-custom-kernels`` runs everywhe
 a backend without a kernel for some spec (a sliding window on ROCm) falls back to. Other
 backends' kernels are tested against it. Scores are computed in float32.
 
-Sequences with several new tokens (prompts, prompt chunks) are attended one by one; the
-one-token rows of a causal self-attention step (decodes) all at once, over their block tables
+Sequences with several new tokens (prompts, prompt chunks) are attended one by one, each KV
+head against its group of query heads (K/V are not repeated per query head); the one-token
+rows of a causal self-attention step (decodes, one or many) all at once, over their block tables
 gathered into one padded ``[rows, blocks * block_size, kv_heads, head_dim]`` view with the
 lengths and the window as a mask: a loop of ~10 small ops per sequence and layer costs more
 than the math on a CPU once 16 sequences decode together. Per-token key ranges of a cross spec
@@ -78,7 +79,7 @@ class ReferenceAttention(AttentionBackend):
         batched: set[int] = set()
         if causal and not spec.alibi_slopes and position_bias is None:
             decodes = [i for i in range(metadata.num_seqs) if starts[i + 1] - starts[i] == 1]
-            if len(decodes) > 1:
+            if decodes:
                 self._decode_rows(query, kv_cache, metadata, decodes, out)
                 batched = set(decodes)
         for i, seq_len in enumerate(metadata.seq_lens_host):
@@ -87,10 +88,13 @@ class ReferenceAttention(AttentionBackend):
             if q_len == 0 or i in batched:
                 continue
             k, v = gather_sequence_kv(kv_cache, metadata.block_tables[i], seq_len)
-            q = query[q_start:q_end].float().transpose(0, 1)  # [heads, q_len, d]
-            k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, seq_len, d]
-            v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-            scores = torch.matmul(q, k.transpose(1, 2)) * spec.scale
+            # grouped: the ``group`` query heads of each KV head as one [group * q_len, d] matrix
+            # (head h reads KV head h // group), so K/V are never repeated per query head
+            q = query[q_start:q_end].float().reshape(q_len, spec.num_kv_heads, group, spec.head_dim)
+            q = q.permute(1, 2, 0, 3).reshape(spec.num_kv_heads, group * q_len, spec.head_dim)
+            k = k.float().transpose(0, 1)  # [kv_heads, seq_len, d]
+            v = v.float().transpose(0, 1)
+            scores = torch.matmul(q, k.transpose(1, 2)).view(spec.num_heads, q_len, seq_len) * spec.scale
             if spec.logits_soft_cap:
                 scores = spec.logits_soft_cap * torch.tanh(scores / spec.logits_soft_cap)
             q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
@@ -111,7 +115,9 @@ class ReferenceAttention(AttentionBackend):
             probs = torch.softmax(scores, dim=-1)
             if spec.key_ranges:  # a query that attends nothing (an empty range) gets zeros, not NaN
                 probs = probs.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
-            out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)
+            probs = probs.view(spec.num_kv_heads, group * q_len, seq_len)
+            attended = torch.matmul(probs, v).view(spec.num_heads, q_len, spec.head_dim)
+            out[q_start:q_end] = attended.transpose(0, 1).to(out.dtype)
         return out
 
     def _decode_rows(self, query, kv_cache: KVCache, metadata: AttentionMetadata, seqs: list[int], out) -> None:

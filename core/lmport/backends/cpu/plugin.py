@@ -47,6 +47,28 @@ def has_bf16_dot_products(cpuinfo: str | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def engine_threads(environ: dict[str, str] | None = None, cpus: int | None = None) -> int | None:
+    """How many torch threads the CPU engine steps with: every usable core but one, which the
+    HTTP server's event loop, tokenizer and detokenizer keep (at least one thread).
+
+    On this 2-core class of machine that is one thread. An op split over two threads waits at its
+    end for the slower one, and any other runnable process (the server's own threads, a test
+    run beside it) deschedules one of them: measured on the 2-core dev box under load, a
+    640x4096 projection took 48 ms with 2 threads and 0.4 ms with 1, and the engine ran 4-7x
+    faster (benchmarks/cpu_serving.py, docs/benchmarks.md). ``OMP_NUM_THREADS`` set: None
+    (torch already follows it).
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+    return max(1, cpus - 1)
+
+
 @hookimpl(trylast=True)
 def lmport_capabilities(backend):
     if backend.name != NAME:
@@ -60,6 +82,7 @@ def lmport_capabilities(backend):
         sliding_window_attention=True,
         alibi_attention=True,
         kv_block_sizes=(16, 32, 64, 128, 256, 8, 4, 2, 1),
+        host_threads=engine_threads(),
         # the torch reference kernels of lmport.layers.quant_ops run every format the core reads
         quantization=CPU_QUANTIZATION,
         notes=("reference kernels in plain torch; the baseline every other backend is tested against",),
