@@ -145,3 +145,14 @@ def test_leaving_a_constrained_stream_frees_everything(server):
                 if line.startswith("data:"):
                     break  # leave after the first token
     wait_until_idle(server)
+
+
+def test_the_openapi_document_lists_grammar_and_response_format(server):
+    doc = httpx.get(f"{server.url}/api-doc/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert "grammar" in schemas["GenerateParameters"]["properties"]
+    assert {"JsonGrammar", "JsonSchemaGrammar", "RegexGrammar", "ResponseFormatJsonSchema", "ResponseFormatJsonObject"} <= set(schemas)
+    for request in ("ChatRequest", "CompletionRequest"):
+        assert "response_format" in schemas[request]["properties"]
+    answer = doc["paths"]["/generate"]["post"]["responses"]["422"]
+    assert "grammar" in answer["description"] and "response_format" in answer["description"]
