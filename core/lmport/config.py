@@ -55,6 +55,10 @@ class LaunchConfig:
     # and its blocks freed; one still waiting to be scheduled after max_queue_time is refused
     request_timeout: float | None = None
     max_queue_time: float | None = None
+    # speculative decoding: draft tokens verified per step (TGI's --speculate; 0: off), proposed by
+    # n-gram prompt lookup, or by speculative_model (a small checkpoint with the same tokenizer)
+    speculate: int = 0
+    speculative_model: str | None = None
     # how many times in a row a dead engine process is restarted (0: never; it then stays down)
     engine_restarts: int = 5
     # server

@@ -120,6 +120,12 @@ FLAGS: tuple[Flag, ...] = (
          help="seconds a request may wait to be scheduled; past it, it is refused (429 with Retry-After)"),
     Flag(("--engine-restarts",), ("LMPORT_ENGINE_RESTARTS",), "engine_restarts", int, 5,
          "times in a row a dead engine process is restarted, with a doubling back-off from 1 s (0: never)"),
+    Flag(("--speculate",), ("SPECULATE",), "speculate", int, 0,
+         "speculative decoding: draft tokens verified per step (0: off); proposed by n-gram prompt lookup, "
+         "or by --speculative-model"),
+    Flag(("--speculative-model",), ("LMPORT_SPECULATIVE_MODEL",), "speculative_model",
+         help="a small draft model (a checkpoint folder with the target's tokenizer) that proposes the "
+              "--speculate tokens (default 4 when --speculate is not given)"),
     Flag(("--block-size",), ("LMPORT_BLOCK_SIZE",), "block_size", int, help="KV cache block size (default: the attention backend's)"),
     Flag(("--validation-workers",), ("VALIDATION_WORKERS",), "validation_workers", int, 2,
          "threads that tokenize prompts and render chat templates, off the event loop"),

@@ -18,6 +18,9 @@ class ScheduledSequence:
     ``sample`` is set when this chunk reaches the sequence's last known token, so the step
     yields its next token; a prompt chunk that stops short of that samples nothing.
     ``prompt_logprobs`` asks for the logprob of every prompt token this chunk predicts.
+    Speculative decoding: ``num_lookahead`` draft tokens have KV slots reserved after the fed
+    token, and the proposer's ``draft_token_ids`` (at most that many) are fed after it, in the
+    same forward; the step then verifies them (``len(draft_token_ids) + 1`` logits rows).
     Executors read ``seq`` and never change it; the engine updates it after the step.
     """
 
@@ -26,6 +29,8 @@ class ScheduledSequence:
     num_new_tokens: int
     sample: bool
     prompt_logprobs: bool = False
+    num_lookahead: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:
@@ -90,10 +95,15 @@ class PromptLogprobs:
 
 @dataclass
 class ExecutorOutput:
-    """Per scheduled entry, in step order: the sampled token (or None) and prompt logprobs (or None)."""
+    """Per scheduled entry, in step order: the sampled token (or None) and prompt logprobs (or None).
+
+    ``runs`` (speculative decoding; None when no entry verified drafts): per entry, the tokens a
+    verify emitted (the kept drafts and the one after them; ``sampled[i]`` is the first), or None.
+    """
 
     sampled: list[SampledToken | None]
     prompt_logprobs: list[PromptLogprobs | None]
+    runs: list[list[SampledToken] | None] | None = None
 
 
 @dataclass
@@ -101,8 +111,9 @@ class FlatBatch:
     """The tensors the model runs on, and which hidden rows need logits.
 
     ``logits_indices`` lists hidden-state rows to turn into logits: for each entry, its
-    prompt-logprob rows, then its sample row. ``sample_rows[i]``/``prompt_rows[i]`` index
-    into those logits for entry ``i`` (None / empty when it has none).
+    prompt-logprob rows, then its sample row (a speculative entry: its ``k + 1`` verify rows).
+    ``sample_rows[i]``/``prompt_rows[i]`` index into those logits for entry ``i`` (None / empty
+    when it has none; None for a speculative entry, whose rows ``verify_rows[i]`` lists).
     """
 
     input_ids: torch.Tensor
@@ -114,6 +125,9 @@ class FlatBatch:
     sample_index: torch.Tensor  # int64: the logits rows to sample from, in entry order
     prompt_index: torch.Tensor  # int64: the logits rows of prompt logprobs, in entry order
     prompt_targets: torch.Tensor  # int64: the prompt token each of those rows predicts
+    verify_rows: list[range] = field(default_factory=list)  # per entry: its verify logits rows (empty: none)
+    verify_entries: list[int] = field(default_factory=list)  # the entries with drafts, in step order
+    verify_index: torch.Tensor | None = None  # int64: their logits rows, in entry order
 
 
 _ALIGN = 16  # elements: each packed segment starts 64/128-byte aligned, as kernels like it
@@ -178,14 +192,21 @@ def build_flat_batch(step: ScheduledStep, block_size: int, device: torch.device)
     sample_rows: list[int | None] = []
     prompt_rows: list[range] = []
     prompt_targets: list[int] = []
+    verify_rows: list[range] = []
+    verify_entries: list[int] = []
+    verify_index: list[int] = []
     width = 0
     row0 = 0
-    for entry in entries:
+    for index, entry in enumerate(entries):
         seq, start, n = entry.seq, entry.start, entry.num_new_tokens
         if n == 1:
             input_ids.append(seq.token_ids[start])
         else:
             input_ids.extend(seq.token_ids[start : start + n])
+        drafts = entry.draft_token_ids
+        if drafts:
+            input_ids.extend(drafts)
+            n += len(drafts)
         first_positions.append(start)
         counts.append(n)
         table_len = len(seq.block_table)
@@ -198,11 +219,20 @@ def build_flat_batch(step: ScheduledStep, block_size: int, device: torch.device)
             prompt_targets.extend(seq.token_ids[p + 1] for p in rows)
         prompt_rows.append(range(first, len(logits_indices)))
         row0 += n
-        if entry.sample:
+        if drafts:  # a verify: the last known token's row and each draft's
+            first = len(logits_indices)
+            verify_rows.append(range(first, first + len(drafts) + 1))
+            verify_entries.append(index)
+            verify_index.extend(verify_rows[-1])
+            logits_indices.extend(range(row0 - len(drafts) - 1, row0))
+            sample_rows.append(None)
+        elif entry.sample:
+            verify_rows.append(range(0))
             sample_rows.append(len(logits_indices))
             sample_index.append(len(logits_indices))
             logits_indices.append(row0 - 1)
         else:
+            verify_rows.append(range(0))
             sample_rows.append(None)
     num_tokens = row0
     prompt_index = [i for r in prompt_rows for i in r] if prompt_targets else []
@@ -221,8 +251,9 @@ def build_flat_batch(step: ScheduledStep, block_size: int, device: torch.device)
     tables = _gather_block_tables(step, width)
     slots = tables[token_entry, positions // block_size].astype(np.int64) * block_size + positions % block_size
 
-    ids_t, pos_t, slots_t, logits_t, sample_t, prompt_t, targets_t = _send(
-        [input_ids, positions, slots, logits_indices, sample_index, prompt_index, prompt_targets], torch.int64, device
+    ids_t, pos_t, slots_t, logits_t, sample_t, prompt_t, targets_t, verify_t = _send(
+        [input_ids, positions, slots, logits_indices, sample_index, prompt_index, prompt_targets, verify_index],
+        torch.int64, device,
     )
     starts_t, seq_lens_t, tables_t = _send([query_start_loc, seq_lens, tables.reshape(-1)], torch.int32, device)
     seq_lens_host = seq_lens.tolist()
@@ -247,4 +278,7 @@ def build_flat_batch(step: ScheduledStep, block_size: int, device: torch.device)
         sample_index=sample_t,
         prompt_index=prompt_t,
         prompt_targets=targets_t,
+        verify_rows=verify_rows if verify_entries else [],
+        verify_entries=verify_entries,
+        verify_index=verify_t if verify_entries else None,
     )

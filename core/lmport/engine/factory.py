@@ -32,6 +32,7 @@ from lmport.planning import plan_for
 
 log = logging.getLogger(__name__)
 
+DEFAULT_DRAFT_TOKENS = 4  # --speculative-model without --speculate
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _FP8_KV = {"fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
@@ -91,8 +92,10 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
     quant = check_quantization(config, info, host)
     executor = build_executor(config, host, info, dtype, device, quant)
     spec: KVCacheSpec = executor.kv_cache_spec()
+    draft = build_draft_runner(config, host, info, tokenizer, dtype, device, executor)  # before sizing: its weights count
     max_positions = model_max_positions(info.hf_config)
-    num_blocks = size_kv_cache(config, host, spec, device, max_positions)
+    extra = draft.kv_cache_spec().bytes_per_block() if draft is not None else 0
+    num_blocks = size_kv_cache(config, host, spec, device, max_positions, extra_bytes_per_block=extra)
     limits = resolve_limits(
         config,
         max_positions=max_positions,
@@ -115,6 +118,7 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
         vocab_size=vocab_size,
         async_scheduling=wants_async_scheduling(config, device),
         processors=processor_resolver(context := ProcessorContext(tokenizer, vocab_size, tuple(sorted(set(eos_ids)))), host),
+        speculator=build_speculator(config, executor, draft, num_blocks),
     )
     if not config.disable_grammar_support:
         prepare_constraints(context)  # the grammar backend's vocabulary, built in the background
@@ -127,6 +131,62 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
 
 
 # ---------------------------------------------------------------------- steps
+
+
+def speculative_tokens(config: LaunchConfig) -> int:
+    """Draft tokens per step: ``--speculate``, else 4 with a ``--speculative-model``, else 0 (off)."""
+    if config.speculate < 0:
+        raise ValueError(f"--speculate must be at least 0, got {config.speculate}")
+    return config.speculate or (DEFAULT_DRAFT_TOKENS if config.speculative_model else 0)
+
+
+def _check_speculation(config: LaunchConfig, executor: Any) -> None:
+    if not isinstance(executor, PagedModelRunner):
+        raise ValueError(f"speculative decoding (--speculate) runs on the core's paged runner; this model runs on "
+                         f"{type(executor).__name__}")  # fmt: skip
+    if executor._cross_groups:
+        raise ValueError("speculative decoding (--speculate) is for decoder-only models; this one is an encoder-decoder")
+
+
+def build_draft_runner(config: LaunchConfig, host: Any, info: ModelInfo, tokenizer: Any, dtype: torch.dtype,
+                       device: torch.device, executor: Any) -> PagedModelRunner | None:  # fmt: skip
+    """The ``--speculative-model``'s paged runner (native families only; its cache is not allocated yet)."""
+    if not speculative_tokens(config) or not config.speculative_model:
+        return None
+    _check_speculation(config, executor)
+    if executor.accepts_images:
+        raise ValueError("--speculative-model: a draft model for an image-text model is not supported (use n-gram --speculate)")
+    source = resolve_model_source(config.speculative_model, None)
+    draft_info = model_info_for(source, config.trust_remote_code)
+    target_vocab, draft_vocab = model_vocab_size(info.hf_config, tokenizer), model_vocab_size(draft_info.hf_config, tokenizer)
+    if draft_vocab != target_vocab:
+        raise ValueError(f"--speculative-model {config.speculative_model}: its vocabulary ({draft_vocab} tokens) is not "
+                         f"the target's ({target_vocab}); a draft model needs the target's tokenizer")  # fmt: skip
+    model = build_native_model(draft_info, host, dtype=dtype, device=device)
+    if model is None:
+        raise ValueError(f"--speculative-model: {draft_info.architecture} has no native implementation in lmport")
+    log.info("speculative decoding: draft model %s (%s)", draft_info.model_id, draft_info.architecture)
+    return PagedModelRunner(model, block_size=executor.block_size, device=device, kv_cache_dtype=executor.kv_cache_dtype,
+                            host=host, config=config, max_batch_size=executor.max_batch_size)  # fmt: skip
+
+
+def build_speculator(config: LaunchConfig, executor: Any, draft: PagedModelRunner | None, num_blocks: int) -> Any:
+    """The engine's :class:`~lmport.engine.speculative.speculator.Speculator`, or None without ``--speculate``."""
+    from lmport.engine.speculative.ngram import NgramProposer
+    from lmport.engine.speculative.speculator import NgramStepProposer, Speculator
+
+    k = speculative_tokens(config)
+    if not k:
+        return None
+    _check_speculation(config, executor)
+    if draft is not None:
+        from lmport.engine.speculative.draft_model import DraftModelProposer
+
+        draft.initialize_cache(num_blocks)  # the same blocks as the target's, through its block tables
+        log.info("speculative decoding: %d draft tokens per step from the draft model", k)
+        return Speculator(DraftModelProposer(draft), k, "draft")
+    log.info("speculative decoding: %d draft tokens per step by n-gram prompt lookup", k)
+    return Speculator(NgramStepProposer(NgramProposer()), k, "ngram")
 
 
 def wants_async_scheduling(config: LaunchConfig, device: torch.device) -> bool:

@@ -36,8 +36,13 @@ def _blocks(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
-def size_kv_cache(config: LaunchConfig, host: Any, spec: KVCacheSpec, device: torch.device, max_positions: int) -> int:
-    """Blocks for the KV cache: ``max_batch_total_tokens`` if set, else the rule in the module doc."""
+def size_kv_cache(config: LaunchConfig, host: Any, spec: KVCacheSpec, device: torch.device, max_positions: int,
+                  extra_bytes_per_block: int = 0) -> int:  # fmt: skip
+    """Blocks for the KV cache: ``max_batch_total_tokens`` if set, else the rule in the module doc.
+
+    ``extra_bytes_per_block``: memory each block costs besides ``spec``'s (a draft model's own
+    cache of the same blocks, for speculative decoding).
+    """
     block_size = spec.block_size
     if config.max_batch_total_tokens:
         return max(1, _blocks(config.max_batch_total_tokens, block_size))
@@ -52,7 +57,7 @@ def size_kv_cache(config: LaunchConfig, host: Any, spec: KVCacheSpec, device: to
     if info is None:
         log.warning("backend reports no memory info: sizing the KV cache for the largest batch the scheduler can fill")
         return wanted
-    bytes_per_block = spec.bytes_per_block()
+    bytes_per_block = spec.bytes_per_block() + extra_bytes_per_block
     reserved = 0.0 if on_cpu else (1.0 - config.cuda_memory_fraction) * info.total_bytes
     usable_blocks = int(max(0.0, info.free_bytes - reserved) * (1.0 - KV_MEMORY_HEADROOM) // bytes_per_block)
     blocks = min(wanted, usable_blocks)

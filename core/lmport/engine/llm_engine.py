@@ -13,6 +13,11 @@ A grammar's sequences need step N's tokens only to sample step N+1: with an exec
 the launch (``before_sample``), after its forward pass is queued, so the device runs the
 forward while the host reads the tokens and computes the masks.
 
+With a ``speculator`` (speculative decoding) steps run synchronously: how many tokens a verify
+step keeps is known only once it ran, and the next step's positions depend on it. A verify
+emits a run of tokens per speculative sequence; they are processed one by one, so EOS, a stop
+string or ``max_new_tokens`` inside the run ends the sequence there and drops the rest.
+
 It owns the scheduler, the block manager and the output processor, and drives one
 :class:`~lmport.engine.executor.ModelExecutor`. Nothing here is thread-safe: the
 :class:`~lmport.engine.async_engine.AsyncEngine` calls it from its one loop thread.
@@ -58,6 +63,7 @@ class LLMEngine:
         clock: Callable[[], float] = time.monotonic,
         async_scheduling: bool = False,
         processors: ProcessorResolver | None = None,
+        speculator: Any = None,
     ) -> None:
         self.executor = executor
         self.tokenizer = tokenizer
@@ -82,9 +88,15 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._last_batch_size = 0
         self.num_steps = 0
+        self.speculator = speculator
+        if speculator is not None:
+            self.scheduler.lookahead = speculator.lookahead
         self.async_scheduling = bool(async_scheduling and getattr(executor, "supports_async_scheduling", False))
         if async_scheduling and not self.async_scheduling:
             log.info("async scheduling off: executor %s has no launch()", type(executor).__name__)
+        if self.async_scheduling and speculator is not None:
+            self.async_scheduling = False
+            log.info("async scheduling off: speculative decoding plans each step on the tokens the last one kept")
         self._in_flight: _InFlight | None = None
         # the executor's launch takes ``before_sample``: a grammar's sequences need the previous
         # step's tokens only to sample, so they are read while the next forward runs
@@ -174,6 +186,8 @@ class LLMEngine:
         step = self._schedule()
         if step.is_empty:
             return expired
+        if self.speculator is not None:
+            self.speculator.propose(step)
         return expired + self._execute(step)
 
     def _expire(self) -> list[RequestOutput]:
@@ -212,8 +226,12 @@ class LLMEngine:
         entries, result = self._execute_isolating(step, outputs)
         now = self.clock()
         texts = self._detokenize(entries, result.sampled)
-        for entry, sampled, prompt in zip(entries, result.sampled, result.prompt_logprobs):
+        runs = result.runs or [None] * len(entries)
+        for entry, sampled, prompt, run in zip(entries, result.sampled, result.prompt_logprobs, runs):
             seq = entry.seq
+            if run is not None:
+                self._emit_run(entry, run, now, outputs, texts)
+                continue
             seq.num_computed_tokens = entry.start + entry.num_new_tokens
             if seq.num_computed_tokens >= seq.num_prompt_tokens - 1:
                 seq.wants_prompt_logprobs = False
@@ -222,6 +240,20 @@ class LLMEngine:
                 seq.append_token(sampled.token_id)
             self._emit(seq, sampled, prompt, now, outputs, texts)
         return outputs
+
+    def _emit_run(self, entry, run: list, now: float, outputs: list[RequestOutput], texts) -> None:
+        """A verify's tokens: the kept drafts' K/V stay, the rejected ones' blocks go back."""
+        seq = entry.seq
+        seq.num_computed_tokens = entry.start + entry.num_new_tokens + len(run) - 1
+        self.block_manager.commit_computed(seq)
+        self.speculator.record(seq, len(entry.draft_token_ids), len(run) - 1)
+        for j, sampled in enumerate(run):
+            seq.append_token(sampled.token_id)
+            self._emit(seq, sampled, None, now, outputs, texts if j == 0 else None)
+            if seq.is_finished:
+                return  # released: its blocks are free
+        self.block_manager.commit_computed(seq)
+        self.block_manager.rewind(seq)
 
     def _execute_isolating(self, step, failed: list[RequestOutput]) -> tuple[list, ExecutorOutput]:
         """``executor.execute(step)``; when it raises, the halves of the step are executed apart
@@ -244,12 +276,13 @@ class LLMEngine:
                         len(step.entries), type(exc).__name__, exc)
         mid = len(step.entries) // 2
         entries: list = []
-        merged = ExecutorOutput(sampled=[], prompt_logprobs=[])
+        merged = ExecutorOutput(sampled=[], prompt_logprobs=[], runs=[])
         for part in (step.entries[:mid], step.entries[mid:]):
             ran, result = self._execute_isolating(dataclasses.replace(step, entries=part), failed)
             entries += ran
             merged.sampled += result.sampled
             merged.prompt_logprobs += result.prompt_logprobs
+            merged.runs += result.runs or [None] * len(result.sampled)
         return entries, merged
 
     def _schedule(self):
@@ -396,6 +429,8 @@ class LLMEngine:
         """Free a finished sequence's blocks and state; forget its request once all siblings end."""
         self.scheduler.finish(seq)
         self.outputs.drop(seq)
+        if self.speculator is not None:
+            self.speculator.finished(seq)
         siblings = self._requests.get(seq.request_id)
         if siblings is not None and all(s.is_finished for s in siblings):
             del self._requests[seq.request_id]
@@ -419,6 +454,7 @@ class LLMEngine:
                 "steps": self.num_steps,
                 "kv_blocks_cached": len(cache) if cache else 0,
                 "block_size": bm.block_size,
+                **(self.speculator.stats() if self.speculator is not None else {}),
             },
         )
 

@@ -19,6 +19,7 @@ from lmport.engine.executor import ModelExecutor
 from lmport.engine.sampling.prompt_logprobs import compute_prompt_logprobs
 from lmport.engine.sampling.sampler import Sampler
 from lmport.engine.sampling.state import SamplingRow, make_generator
+from lmport.engine.speculative.rejection import verify
 from lmport.layers.attention import CROSS, Attention, AttentionMetadata, KVCache, KVCacheSpec
 from lmport.models.base import CausalLM, EncoderBatch, ImageTextLM
 
@@ -195,14 +196,15 @@ class PagedModelRunner(ModelExecutor):
             self.sampler.begin(rows)  # grammar masks: computed on the host while the forward runs
         hidden = self._forward(batch, inputs_embeds, encoder)
         prompt_pos = [i for i, r in enumerate(batch.prompt_rows) if len(r)]
-        if not sampled_pos and not prompt_pos:
+        if not sampled_pos and not prompt_pos and not batch.verify_entries:
             return sampled_pos, prompt_pos, 0, None
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         results: list[torch.Tensor | None] = []
         if before_sample is not None:
             before_sample()  # the previous step's tokens (the device runs this forward meanwhile)
         if sampled_pos:
-            sample_logits = logits if not prompt_pos else logits[batch.sample_index]  # no prompt rows: all rows sample
+            only = not prompt_pos and not batch.verify_entries
+            sample_logits = logits if only else logits[batch.sample_index]  # else all rows sample
             out = self.sampler.sample(sample_logits, rows)
             results += [out.token_ids, out.logprobs, out.top_ids, out.top_logprobs]
         prompt_top_n = 0
@@ -210,7 +212,35 @@ class PagedModelRunner(ModelExecutor):
             prompt_top_n = max(step.entries[i].seq.params.top_n_tokens for i in prompt_pos)
             prompt_logits = logits[batch.prompt_index]
             results += list(compute_prompt_logprobs(prompt_logits, batch.prompt_targets, prompt_top_n))
+        if batch.verify_entries:
+            results += self._verify(step, batch, logits[batch.verify_index])
         return sampled_pos, prompt_pos, prompt_top_n, results
+
+    def _verify(self, step: ScheduledStep, batch: FlatBatch, logits: torch.Tensor) -> list[torch.Tensor | None]:
+        """The speculative entries' tokens (:func:`~lmport.engine.speculative.rejection.verify`):
+        ``[tokens, num_accepted, logprobs, top ids, top logprobs]``, each ``[rows * (K + 1), ...]``
+        flat but for ``num_accepted``. ``logits`` holds each entry's ``k + 1`` rows, in order."""
+        entries = [step.entries[i] for i in batch.verify_entries]
+        counts = [len(e.draft_token_ids) for e in entries]
+        rows = [self._sampling_row(e.seq) for e in entries]
+        # the plain sampler's processing (temperature, top-k, top-p ...), row by row: every
+        # position of a row is processed as that row's one sampled position would be
+        processed = self.sampler.process(logits, [row for row, k in zip(rows, counts) for _ in range(k + 1)])
+        log_probs = torch.log_softmax(processed, dim=-1)
+        width = max(counts) + 1
+        index, drafts, offset = [], [], 0
+        for entry, k in zip(entries, counts):
+            index.extend(offset + min(j, k) for j in range(width))  # padding repeats the last row
+            drafts.extend(entry.draft_token_ids + [0] * (width - 1 - k))
+            offset += k + 1
+        index_t, drafts_t = _send([index, drafts], torch.int64, self.device)
+        padded = log_probs[index_t].view(len(entries), width, -1)
+        top_n = max(e.seq.params.top_n_tokens for e in entries)
+        out = verify(padded, drafts_t.view(len(entries), width - 1), counts, [r.params.do_sample for r in rows],
+                     [r.generator for r in rows], top_n=top_n)  # fmt: skip
+        top_ids = out.top_ids.reshape(-1, out.top_ids.shape[-1]) if out.top_ids is not None else None
+        top_lps = out.top_logprobs.reshape(-1, out.top_logprobs.shape[-1]) if out.top_logprobs is not None else None
+        return [out.token_ids.reshape(-1), out.num_accepted, out.logprobs.reshape(-1), top_ids, top_lps]
 
     def _forward(self, batch: FlatBatch, inputs_embeds: torch.Tensor | None = None, encoder: EncoderBatch | None = None) -> torch.Tensor:
         meta = batch.metadata
@@ -325,7 +355,7 @@ class PagedModelRunner(ModelExecutor):
                 top = list(zip(map(int, top_ids[j][:n]), top_lps[j][:n])) if n and top_ids is not None else []
                 sampled[i] = SampledToken(int(token_ids[j]), logprobs[j], top)
         if prompt_pos:
-            logprobs, top_ids, top_lps = host
+            logprobs, top_ids, top_lps = host[:3]
             k = 0
             for i in prompt_pos:
                 entry, rows = step.entries[i], batch.prompt_rows[i]
@@ -337,7 +367,23 @@ class PagedModelRunner(ModelExecutor):
                 positions = list(entry.prompt_rows())
                 prompt[i] = PromptLogprobs(positions, logprobs[k : k + len(rows)], tops)
                 k += len(rows)
-        return ExecutorOutput(sampled=sampled, prompt_logprobs=prompt)
+            host = host[3:]
+        runs = self._unpack_verify(step, batch, host, sampled) if batch.verify_entries else None
+        return ExecutorOutput(sampled=sampled, prompt_logprobs=prompt, runs=runs)
+
+    def _unpack_verify(self, step, batch, host, sampled) -> list[list[SampledToken] | None]:
+        token_ids, num_accepted, logprobs, top_ids, top_lps = host
+        runs: list[list[SampledToken] | None] = [None] * len(step.entries)
+        width = len(token_ids) // len(batch.verify_entries)
+        for r, i in enumerate(batch.verify_entries):
+            n = step.entries[i].seq.params.top_n_tokens
+            run = []
+            for j in range(r * width, r * width + int(num_accepted[r]) + 1):
+                top = list(zip(map(int, top_ids[j][:n]), top_lps[j][:n])) if n and top_ids is not None else []
+                run.append(SampledToken(int(token_ids[j]), logprobs[j], top))
+            runs[i] = run
+            sampled[i] = run[0]
+        return runs
 
 
 def _key_ranges(entries) -> list[int]:

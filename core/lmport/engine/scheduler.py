@@ -18,6 +18,8 @@ next chunk of a prompt that did not fit the prefill budget), then admits waiting
   step either prefills, whole, the prompts of sequences admitted into free slots (the running
   ones pause for it, as TGI's Neuron backend does) or decodes every running sequence; never
   both in one step. A sequence keeps its slot until it ends.
+* speculative decoding (``lookahead``): a decoding sequence gets KV slots for its draft tokens
+  too when the blocks are free; otherwise it decodes one token (drafts never preempt anyone).
 
 The ``n`` sequences of one request share their prompt: the first is prefilled alone, the
 others come in a step later and find its full blocks in the prefix cache.
@@ -30,6 +32,7 @@ preempted: its blocks are freed and it goes back to the head of the queue, to be
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from lmport.engine.batch import ScheduledSequence, ScheduledStep
 from lmport.engine.block_manager import BlockManager
@@ -48,6 +51,9 @@ class Scheduler:
         self.steps_since_admission = 0
         self.num_preemptions = 0
         self._released: list[int] = []
+        # speculative decoding: how many draft tokens a decoding sequence may get (their KV slots
+        # are reserved with its token's); None: no speculation
+        self.lookahead: Callable[[Sequence], int] | None = None
 
     # ------------------------------------------------------------------ queue changes
 
@@ -87,6 +93,9 @@ class Scheduler:
                 continue
             n = seq.num_uncomputed_tokens
             decoding = seq.is_decoding
+            lookahead = self.lookahead(seq) if decoding and self.lookahead is not None else 0
+            if lookahead and not self.block_manager.allocate(seq, n + lookahead):
+                lookahead = 0  # no room for drafts: decode plainly (preempting only for that token)
             if not decoding:
                 n = min(n, budget)
                 if n == 0:
@@ -99,7 +108,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                entries.append(self._entry(seq, n))
+                entries.append(self._entry(seq, n, lookahead))
                 if not decoding:
                     budget -= n
                 i += 1
@@ -202,10 +211,10 @@ class Scheduler:
             count += 1
         return count, tokens
 
-    def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
+    def _entry(self, seq: Sequence, n: int, lookahead: int = 0) -> ScheduledSequence:
         start = seq.num_computed_tokens
         sample = start + n == seq.num_tokens
-        return ScheduledSequence(seq, start, n, sample, prompt_logprobs=seq.wants_prompt_logprobs)
+        return ScheduledSequence(seq, start, n, sample, prompt_logprobs=seq.wants_prompt_logprobs, num_lookahead=lookahead)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and queue it first, to be recomputed from its tokens."""

@@ -69,3 +69,5 @@ def _reset_counters(engine: LLMEngine) -> None:
     cache = engine.block_manager.prefix_cache
     if cache is not None:
         cache.queried_tokens = cache.hit_tokens = 0
+    if getattr(engine, "speculator", None) is not None:
+        engine.speculator.reset_counters()

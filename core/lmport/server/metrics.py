@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lmport.engine.api import EngineStats
@@ -96,6 +96,27 @@ class _EngineGauges(Collector):
         yield GaugeMetricFamily("lmport_prefix_cache_hits", "Prefix-cache hits (blocks)", value=stats.prefix_cache_hits)
         rate = stats.prefix_cache_hits / stats.prefix_cache_queries if stats.prefix_cache_queries else 0.0
         yield GaugeMetricFamily("lmport_prefix_cache_hit_rate", "Prefix-cache hits / lookups since start", value=rate)
+        if "spec_draft_tokens" in stats.extra:
+            yield from _speculation_metrics(stats.extra)
+
+
+def _speculation_metrics(extra: dict) -> Iterable[Metric]:
+    """Speculative decoding: TGI's per-request histogram and lmport's counts and acceptance rate."""
+    from lmport.engine.speculative.speculator import SKIPPED_TOKENS_BUCKETS
+
+    drafted, accepted = extra["spec_draft_tokens"], extra["spec_accepted_tokens"]
+    yield CounterMetricFamily("lmport_spec_draft_tokens", "Draft tokens verified (speculative decoding)", value=drafted)
+    yield CounterMetricFamily("lmport_spec_accepted_tokens", "Draft tokens accepted (speculative decoding)", value=accepted)
+    yield CounterMetricFamily("lmport_spec_verify_rows", "Sequence rows that verified drafts", value=extra["spec_verify_rows"])
+    yield GaugeMetricFamily("lmport_spec_acceptance_rate", "Accepted / verified draft tokens since start",
+                            value=accepted / drafted if drafted else 0.0)  # fmt: skip
+    counts = extra["spec_skipped_buckets"]
+    cumulative, buckets = 0, []
+    for le, count in zip([*map(str, SKIPPED_TOKENS_BUCKETS), "+Inf"], counts):
+        cumulative += count
+        buckets.append((le, cumulative))
+    yield HistogramMetricFamily("tgi_request_skipped_tokens", "Speculated tokens per request", buckets=buckets,
+                                sum_value=extra["spec_skipped_sum"])  # fmt: skip
 
 
 class ServerMetrics:

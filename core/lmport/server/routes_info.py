@@ -51,6 +51,19 @@ def info_payload(state: ServerState) -> dict[str, Any]:
         "chat_template": bool(getattr(state.tokenizer, "chat_template", None) or model.chat_template),
         "modality": model.modality,  # "text", or "image-text": prompts may carry images (docs/api.md, "Images")
     }
+    stats = _engine_stats(state)
+    if stats is not None and "spec_num_tokens" in stats.extra:
+        extra = stats.extra
+        drafted = extra["spec_draft_tokens"]
+        info["speculate"] = extra["spec_num_tokens"]  # TGI's launcher argument
+        info["speculation"] = {
+            "method": extra["spec_method"],  # "ngram" (prompt lookup) or "draft" (--speculative-model)
+            "num_tokens": extra["spec_num_tokens"],
+            "draft_model": config.speculative_model,
+            "draft_tokens": drafted,
+            "accepted_tokens": extra["spec_accepted_tokens"],
+            "acceptance_rate": extra["spec_accepted_tokens"] / drafted if drafted else 0.0,
+        }
     if model.modality == "image-text":
         info["max_images_per_request"] = limits.max_images_per_request
         info["allow_remote_images"] = state.image_policy.allow_remote
@@ -69,6 +82,13 @@ def info_payload(state: ServerState) -> dict[str, Any]:
         info["fallbacks"] = list(host.fallbacks)
         info["custom_kernels"] = not config.disable_custom_kernels
     return info
+
+
+def _engine_stats(state: ServerState):
+    try:
+        return state.engine_stats()
+    except Exception:  # a dead engine must not break /info
+        return None
 
 
 @router.get("/info")
