@@ -13,7 +13,9 @@ not trusted: the draft cache of a shared block may never have been written).
 
 Each step runs ``k`` draft forwards: the first feeds everything the draft cache lacks (the
 whole prompt for a new sequence, else one or two tokens), the others one token per sequence,
-so they replay the draft runner's decode graphs where it has them. Proposals are greedy (a
+so they replay the draft runner's decode graphs where it has them. Each round feeds the token
+the round before drew, on the device (the runner's ``launch`` with ``feed``): the host waits
+once per step, after launching every round. Proposals are greedy (a
 deterministic proposal: the verify step's rejection sampler keeps the target distribution
 exactly for sampled requests too).
 """
@@ -36,7 +38,6 @@ class DraftModelProposer:
         self.runner = runner
         # seq_id -> (positions whose draft K/V hold known tokens, the drafts fed after them)
         self._cached: dict[int, tuple[int, list[int]]] = {}
-
         self._released: list[int] = []  # for the draft runner's next step
 
     def release(self, seq_ids: list[int]) -> None:
@@ -48,30 +49,33 @@ class DraftModelProposer:
     def propose(self, step: Any, entries: list[ScheduledSequence]) -> list[list[int]]:
         shadows = [self._shadow(entry.seq) for entry in entries]
         wanted = [entry.num_lookahead for entry in entries]
-        drafts: list[list[int]] = [[] for _ in entries]
         released, self._released = self._released, []
-        for _ in range(max(wanted)):
-            live = [i for i, k in enumerate(wanted) if len(drafts[i]) < k]
-            if not live:
-                break
-            plan = []
-            for i in live:
+        launched = []  # per round: (the rows it ran, its pending step)
+        previous = None
+        for round_ in range(max(wanted)):
+            live = [i for i, k in enumerate(wanted) if k > round_]
+            plan, feed = [], []
+            for j, i in enumerate(live):
                 shadow = shadows[i]
+                if round_:  # the token the last round drew for it, still on the device
+                    shadow.append_placeholder()
+                    feed.append((j, previous[1].sample_row[previous[0].index(i)]))
                 n = shadow.num_tokens - shadow.num_computed_tokens
                 plan.append(ScheduledSequence(shadow, shadow.num_computed_tokens, n, True))
-            result = self.runner.execute(ScheduledStep(entries=plan, released_seq_ids=released))
-            released = []
-            for i, sampled in zip(live, result.sampled):
-                shadow = shadows[i]
                 shadow.num_computed_tokens = shadow.num_tokens
+            work = ScheduledStep(entries=plan, released_seq_ids=released)
+            previous = (live, self.runner.launch(work, feed, previous[1] if previous else None))
+            launched.append(previous)
+            released = []
+        drafts: list[list[int]] = [[] for _ in entries]
+        for live, pending in launched:  # one wait per round, after all of them were launched
+            for i, sampled in zip(live, pending.result().sampled):
                 drafts[i].append(sampled.token_id)
-                if len(drafts[i]) < wanted[i]:
-                    shadow.append_token(sampled.token_id)  # fed next round
         for entry, shadow, own in zip(entries, shadows, drafts):
             seq = entry.seq
             known = seq.num_tokens
-            fed = shadow.token_ids[known : shadow.num_computed_tokens]
-            self._cached[seq.seq_id] = (min(known, shadow.num_computed_tokens), fed)
+            # the drafts fed (all but the last drawn), so the next step knows what the cache holds
+            self._cached[seq.seq_id] = (known, own[: shadow.num_computed_tokens - known])
         return drafts
 
     def _shadow(self, seq: Sequence) -> Sequence:
