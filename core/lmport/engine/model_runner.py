@@ -352,18 +352,14 @@ class PagedModelRunner(ModelExecutor):
             host = host[4:]
             for j, i in enumerate(sampled_pos):
                 n = step.entries[i].seq.params.top_n_tokens
-                top = list(zip(map(int, top_ids[j][:n]), top_lps[j][:n])) if n and top_ids is not None else []
-                sampled[i] = SampledToken(int(token_ids[j]), logprobs[j], top)
+                sampled[i] = SampledToken(int(token_ids[j]), logprobs[j], _top_tokens(top_ids, top_lps, j, n))
         if prompt_pos:
             logprobs, top_ids, top_lps = host[:3]
             k = 0
             for i in prompt_pos:
                 entry, rows = step.entries[i], batch.prompt_rows[i]
                 n = entry.seq.params.top_n_tokens
-                tops = [
-                    list(zip(map(int, top_ids[k + r][:n]), top_lps[k + r][:n])) if n and top_ids is not None else []
-                    for r in range(len(rows))
-                ]
+                tops = [_top_tokens(top_ids, top_lps, k + r, n) for r in range(len(rows))]
                 positions = list(entry.prompt_rows())
                 prompt[i] = PromptLogprobs(positions, logprobs[k : k + len(rows)], tops)
                 k += len(rows)
@@ -379,8 +375,7 @@ class PagedModelRunner(ModelExecutor):
             n = step.entries[i].seq.params.top_n_tokens
             run = []
             for j in range(r * width, r * width + int(num_accepted[r]) + 1):
-                top = list(zip(map(int, top_ids[j][:n]), top_lps[j][:n])) if n and top_ids is not None else []
-                run.append(SampledToken(int(token_ids[j]), logprobs[j], top))
+                run.append(SampledToken(int(token_ids[j]), logprobs[j], _top_tokens(top_ids, top_lps, j, n)))
             runs[i] = run
             sampled[i] = run[0]
         return runs
@@ -400,6 +395,11 @@ def _key_ranges(entries) -> list[int]:
         for p in range(entry.start, entry.start + entry.num_new_tokens):
             flat.extend(table[min(p, last)])
     return flat
+
+
+def _top_tokens(top_ids, top_lps, row: int, n: int) -> list[tuple[int, float]]:
+    """Row ``row``'s best ``n`` (id, logprob) pairs from the host copies ([] when none were asked)."""
+    return list(zip(map(int, top_ids[row][:n]), top_lps[row][:n])) if n and top_ids is not None else []
 
 
 def _map_groups(physical: list[KVCache], groups) -> list[KVCache]:
