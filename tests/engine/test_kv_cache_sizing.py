@@ -124,3 +124,10 @@ def test_launch_help_states_the_cpu_rule():
     assert f"room for {CPU_KV_SEQUENCES} sequences" in flag.help
     assert CPU_KV_MEMORY_SHARE == 0.25 and "a quarter of the free RAM" in flag.help
     assert f"less {KV_MEMORY_HEADROOM:.0%}%" in flag.help  # argparse's escaped percent sign
+
+
+def test_a_draft_models_cache_shares_the_memory():
+    """Speculative decoding: every block also costs the draft model's cache of the same block."""
+    host = host_reporting(free=5 * GiB, total=80 * GiB)
+    blocks = size_kv_cache(LaunchConfig(model_id="m"), host, SPEC, CUDA, max_positions=4096, extra_bytes_per_block=BLOCK // 2)
+    assert blocks == int(5 * GiB * 0.9) // (BLOCK + BLOCK // 2)
