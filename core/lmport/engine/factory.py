@@ -146,6 +146,8 @@ def _check_speculation(config: LaunchConfig, executor: Any) -> None:
                          f"{type(executor).__name__}")  # fmt: skip
     if executor._cross_groups:
         raise ValueError("speculative decoding (--speculate) is for decoder-only models; this one is an encoder-decoder")
+    if getattr(executor, "shape_buckets", None) is not None:
+        raise ValueError("speculative decoding (--speculate) needs dynamic shapes; this backend pads steps to static shapes")
 
 
 def build_draft_runner(config: LaunchConfig, host: Any, info: ModelInfo, tokenizer: Any, dtype: torch.dtype,
@@ -156,6 +158,10 @@ def build_draft_runner(config: LaunchConfig, host: Any, info: ModelInfo, tokeniz
     _check_speculation(config, executor)
     if executor.accepts_images:
         raise ValueError("--speculative-model: a draft model for an image-text model is not supported (use n-gram --speculate)")
+    if getattr(executor, "kv_window", None):
+        # the block manager gives back blocks that left the window; the draft (its own cache on the
+        # same block tables) would still read them
+        raise ValueError("--speculative-model: a target whose every layer is windowed frees old blocks; use n-gram --speculate")
     source = resolve_model_source(config.speculative_model, None)
     draft_info = model_info_for(source, config.trust_remote_code)
     target_vocab, draft_vocab = model_vocab_size(info.hf_config, tokenizer), model_vocab_size(draft_info.hf_config, tokenizer)

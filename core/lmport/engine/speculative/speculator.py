@@ -50,7 +50,12 @@ class NgramStepProposer:
 def can_speculate(seq: Sequence) -> bool:
     """Whether verification keeps ``seq``'s distribution exactly (see the module docstring)."""
     params = seq.params
-    return not seq.reads_own_tokens and getattr(params, "constraint", None) is None and not getattr(params, "logits_processors", None)
+    return (
+        not seq.reads_own_tokens
+        and not getattr(seq, "processors", ())
+        and getattr(params, "constraint", None) is None
+        and not getattr(params, "logits_processors", None)
+    )
 
 
 class Speculator:
