@@ -1,5 +1,5 @@
-"""The CPU backend's speed paths compute what the plain ones did: the prepacked bfloat16 linear
-(bit-identical to ``F.linear``) and the engine's thread count."""
+"""The CPU backend's speed paths compute what the plain ones did: the bfloat16 linear (bit-identical
+to ``F.linear`` up to 32 rows, equal up to the order of the sums beyond) and the engine's thread count."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ needs_onednn = pytest.mark.skipif(not prepacked_linear._AVAILABLE, reason="torch
 
 
 @needs_onednn
-@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize("rows", [1, 5, 32])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_prepacked_bf16_linear_is_bit_identical_to_f_linear(rows, with_bias):
     gen = torch.Generator().manual_seed(rows)
@@ -25,6 +25,20 @@ def test_prepacked_bf16_linear_is_bit_identical_to_f_linear(rows, with_bias):
     with torch.inference_mode():
         assert torch.equal(prepacked_linear.linear(x, weight, bias), F.linear(x, weight, bias))
     assert prepacked_linear.PACKED_ATTR in weight.__dict__
+
+
+@needs_onednn
+def test_more_rows_run_in_float32_and_round_once():
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 64, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(40, generator=gen).to(torch.bfloat16)
+    x = torch.randn(33, 64, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = prepacked_linear.linear(x, weight, bias)
+    assert out.dtype == torch.bfloat16 and prepacked_linear.FLOAT32_ATTR in weight.__dict__
+    exact = F.linear(x.double(), weight.double(), bias.double())
+    torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-6)  # one bfloat16 rounding
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=2**-7, atol=1e-2)
 
 
 @needs_onednn

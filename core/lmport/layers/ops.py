@@ -67,8 +67,9 @@ class LayerOps:
     - ``linear(x, weight, bias)``: ``F.linear`` (``weight [out, in]``, ``bias`` may be ``None``); the
       unquantized projections and heads of every family run through it (:class:`~lmport.layers.linear.Linear`),
       so a backend can swap in a skinny GEMM for decode's few rows. The reference is
-      ``F.linear``, run on a CPU in bfloat16 with the weight reordered once for oneDNN
-      (:mod:`lmport.layers.prepacked_linear`): bit-identical results, tokens do not change.
+      ``F.linear``; on a CPU in bfloat16 (:mod:`lmport.layers.prepacked_linear`) up to 32 rows
+      run on a once-reordered oneDNN weight (bit-identical), more rows in float32 on a float32
+      copy of the weight (the same exact products, summed in another order).
     - ``linear_wq(x, qweight, scales, zeros, bits, group_size, bias)``: weight-only int4/int8
       (GPTQ, AWQ, compressed-tensors W4A16/W8A16, EETQ, bitsandbytes int8 are all repacked to
       its layout at load); ``linear_fp8(x, weight, weight_scale, bias)``: float8 e4m3 weights
