@@ -64,7 +64,9 @@ def decode_rate(engine, prompt: list[int], output_len: int, tag: str) -> dict:
 
 def build(model: str, dtype: str, **settings) -> object:
     host = PluginHost().load()
-    config = LaunchConfig(model_id=model, dtype=dtype, max_total_tokens=settings.pop("max_total_tokens"), **settings)
+    # batch 1 only: one decode graph bucket keeps the capture (the target's and the draft's) short
+    config = LaunchConfig(model_id=model, dtype=dtype, max_total_tokens=settings.pop("max_total_tokens"), cuda_graphs=(1, 2),
+                          **settings)  # fmt: skip
     engine, tokenizer, _ = build_llm_engine(config, host)
     return engine, tokenizer
 
