@@ -7,7 +7,9 @@ EOS stop), for lmport at concurrency 1 and 16 and for ``generate`` at batch 1 an
 same prompts, same model, same process. lmport runs through its engine
 (``build_llm_engine``, what ``lmport launch`` serves: native model, paged cache, continuous
 batching, the CPU backend's dtype), driven in this process without HTTP, so the numbers are
-the engine's; ``lmport bench`` against a server adds the HTTP path. A concurrency of ``c`` keeps
+the engine's; ``--http`` serves it as ``lmport launch`` does (engine thread and uvicorn in this
+process) and drives it with ``lmport bench``'s client (streamed ``/v1/completions``), so the
+numbers include the HTTP path, tokenization and detokenization. A concurrency of ``c`` keeps
 ``c`` requests in flight and adds the next one when one finishes, the way a load generator
 with that cap does; ``generate`` at batch ``b`` runs the requests ``b`` at a time. Reported per
 run: output tokens per second over the run's wall time, mean/median TTFT (request start to its
@@ -47,19 +49,22 @@ class RunResult:
     output_tokens: int
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
+    reported: dict | None = None  # (HTTP) the load generator's own ttft/tpot summary, in ms
 
     @property
     def output_tok_s(self) -> float:
         return self.output_tokens / self.wall_s
 
     def summary(self) -> dict:
-        return {
-            "system": self.system, "mode": self.mode, "dtype": self.dtype, "wall_s": round(self.wall_s, 3),
-            "output_tokens": self.output_tokens, "output_tok_s": round(self.output_tok_s, 2),
+        latency = self.reported or {
             "ttft_mean_ms": round(1000 * statistics.mean(self.ttft_s), 1),
             "ttft_median_ms": round(1000 * statistics.median(self.ttft_s), 1),
             "tpot_mean_ms": round(1000 * statistics.mean(self.tpot_s), 1),
-        }  # fmt: skip
+        }
+        return {
+            "system": self.system, "mode": self.mode, "dtype": self.dtype, "wall_s": round(self.wall_s, 3),
+            "output_tokens": self.output_tokens, "output_tok_s": round(self.output_tok_s, 2),
+        } | latency  # fmt: skip
 
 
 def random_prompts(count: int, length: int, vocab: int, special: set[int], seed: int) -> list[list[int]]:
@@ -106,6 +111,45 @@ def run_lmport(engine, prompts: list[list[int]], output_len: int, concurrency: i
     ttft = [first[r] - started[r] for r in started]
     tpot = [(finished[r] - first[r]) / (output_len - 1) for r in started]
     return RunResult("lmport", f"concurrency {concurrency}", dtype, wall, tokens, ttft, tpot)
+
+
+def start_lmport_server(model_id: str | None, dtype: str | None, max_total_tokens: int):
+    """``lmport launch`` in this process: the engine stepping in its thread, uvicorn in another."""
+    from lmport.config import LaunchConfig
+    from lmport.engine.factory import build_engine
+    from lmport.plugins import PluginHost
+    from lmport.server.app import build_app
+    from lmport.server.assemble import build_state
+    from lmport.server.serve import ServerThread
+
+    config = LaunchConfig(model_id=model_id or "", dtype=dtype, max_batch_total_tokens=max_total_tokens)
+    host = PluginHost(environ=dict(os.environ)).load()
+    engine, tokenizer, info = build_engine(config, host)
+    state = build_state(config, engine, tokenizer, info, host=host, model_id=info.model_id)
+    thread = ServerThread(build_app(state)).start()
+    thread.state = state
+    import httpx
+
+    served = httpx.get(thread.url + "/v1/models", timeout=60).json()["data"][0]["id"]
+    return thread, served
+
+
+def run_lmport_http(url: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int, dtype: str) -> RunResult:
+    """The prompts through ``lmport bench``'s client (streamed /v1/completions, ignore_eos) at ``concurrency``."""
+    import asyncio
+
+    from lmport.bench.dataset import BenchRequest
+    from lmport.bench.runner import LoadSpec, run_load
+
+    requests = [BenchRequest(list(p), output_len) for p in prompts]
+    spec = LoadSpec(len(requests), len(prompts[0]), output_len, max_concurrency=concurrency, label=f"c{concurrency}")
+    result = asyncio.run(run_load(url, requests, spec, model=model, progress=False))
+    m = result.metrics
+    if m.failed:
+        raise RuntimeError(f"{m.failed} requests failed: {result.errors}")
+    reported = {"ttft_mean_ms": round(m.ttft_ms.mean, 1), "ttft_median_ms": round(m.ttft_ms.median, 1),
+                "tpot_mean_ms": round(m.tpot_ms.mean, 1)}  # fmt: skip
+    return RunResult("lmport/http", f"concurrency {concurrency}", dtype, m.duration_s, m.total_output_tokens, reported=reported)
 
 
 # -------------------------------------------------------------------------------------- generate
@@ -193,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="lmport's torch threads (default: what the backend picks)")
     parser.add_argument("--generate-threads", type=int, default=None,
                         help="generate's torch threads (default: torch's own default, what a transformers user gets)")  # fmt: skip
+    parser.add_argument("--http", action="store_true",
+                        help="lmport as `lmport launch` serves it (engine thread + uvicorn in this process), driven over "
+                             "HTTP by `lmport bench`'s client, instead of its engine stepped in-process")  # fmt: skip
     parser.add_argument("--skip-generate", action="store_true", help="lmport only (while profiling)")
     parser.add_argument("--skip-lmport", action="store_true")
     parser.add_argument("--profile", default=None, help="write a cProfile of the lmport runs here")
@@ -213,14 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunResult] = []
     threads: dict[str, int] = {}
 
-    engine = model = None
+    engine = model = server = None
     if not args.skip_lmport:
         total = max(sizes) * (args.input_len + args.output_len) + 256
-        engine, _, _ = build_lmport(args.model_id, args.dtype, max_total_tokens=total)
-        threads["lmport"] = args.threads or torch.get_num_threads()  # the engine set the backend's choice
-        lmport_dtype = str(engine.executor.model.lm_head.weight.dtype).removeprefix("torch.")
-        torch.set_num_threads(threads["lmport"])
-        run_lmport(engine, warm, 4, 1, lmport_dtype)  # warm-up: first-call allocations
+        if args.http:
+            server, served = start_lmport_server(args.model_id, args.dtype, max_total_tokens=total)
+            lmport_dtype = getattr(server.state.engine, "model_dtype", None) or args.dtype or "auto"
+            threads["lmport"] = args.threads or torch.get_num_threads()
+            torch.set_num_threads(threads["lmport"])
+            run_lmport_http(server.url, served, warm, 4, 1, lmport_dtype)  # warm-up
+        else:
+            engine, _, _ = build_lmport(args.model_id, args.dtype, max_total_tokens=total)
+            threads["lmport"] = args.threads or torch.get_num_threads()  # the engine set the backend's choice
+            lmport_dtype = str(engine.executor.model.lm_head.weight.dtype).removeprefix("torch.")
+            torch.set_num_threads(threads["lmport"])
+            run_lmport(engine, warm, 4, 1, lmport_dtype)  # warm-up: first-call allocations
     if not args.skip_generate:
         threads["generate"] = args.generate_threads or torch_default_threads
         model = load_generate_model(info, getattr(torch, args.generate_dtype))
@@ -234,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         profiler = cProfile.Profile()
     for _ in range(args.repeat):
         for size in sizes:
+            if server is not None:
+                torch.set_num_threads(threads["lmport"])
+                results.append(run_lmport_http(server.url, served, prompts, args.output_len, size, lmport_dtype))
+                print(format_table(results[-1:]), flush=True)
             if engine is not None:
                 torch.set_num_threads(threads["lmport"])
                 if profiler is not None:
@@ -248,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_table(results[-1:]), flush=True)
     if profiler is not None:
         profiler.dump_stats(args.profile)
+    if server is not None:
+        server.stop()
 
     print()
     print(f"{info.model_id} on {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
@@ -256,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     ratios: dict[str, list[float]] = {}
     for size in sizes:
-        ours = [r for r in results if r.system == "lmport" and r.mode == f"concurrency {size}"]
+        ours = [r for r in results if r.system.startswith("lmport") and r.mode == f"concurrency {size}"]
         theirs = [r for r in results if r.system == "generate" and r.mode == f"batch {size}"]
         if ours and theirs:  # round by round: each lmport run against the generate run beside it
             key = f"concurrency {size} / batch {size}"
