@@ -70,6 +70,25 @@ def test_regex_mask_allows_exactly_the_continuations(tokenizer):
     assert all(tokenizer.decode([i]).startswith("c") for i in allowed - {2})
 
 
+def test_a_requests_stop_token_ends_a_constraint_only_once_it_accepts(tokenizer):
+    """A chat template's end-of-turn id, not in the model's EOS list, may end a finished grammar."""
+    proc = resolve_processor(Constraint("regex", "ab|abc"), ProcessorContext(tokenizer, eos_token_ids=(2,)))
+    end_of_turn = 7
+    proc.allow_ending_with((end_of_turn,))
+
+    def allowed() -> set[int]:
+        masked = type(proc).apply(torch.zeros(1, len(tokenizer)), [proc])
+        return {i for i in range(len(tokenizer)) if masked[0, i] > float("-inf")}
+
+    first, *rest = tokenizer.encode("ab")
+    proc.advance(first)
+    if rest:  # "a" alone does not match: neither EOS nor the stop token yet
+        assert end_of_turn not in allowed() and 2 not in allowed()
+    for token in rest:
+        proc.advance(token)
+    assert {2, end_of_turn} <= allowed()
+
+
 def test_apply_bitmask_disallows_columns_past_the_mask():
     bitmask = torch.tensor([[0b101]], dtype=torch.int32)
     out = apply_bitmask(torch.zeros(1, 40), bitmask)

@@ -52,6 +52,9 @@ class LogitsProcessor(Protocol):
     - ``apply(logits, processors)`` (class method): ``logits`` is ``[len(processors), vocab]``
       float32, row ``i`` belonging to ``processors[i]``; returns the processed logits (``-inf``
       for a disallowed token). Must never leave a row without an allowed token.
+    - ``allow_ending_with(token_ids)`` (optional): the request's own stop token ids (a chat
+      template's end-of-turn, say); a processor that has it lets them end the sequence once
+      its constraint is satisfied, as it lets EOS.
     """
 
     needs_host_tokens: bool

@@ -31,7 +31,7 @@ import logging
 import time
 from typing import Any, Callable, Iterable
 
-from lmport.engine.api import EngineStats, GenerationRequest, RequestOutput
+from lmport.engine.api import EngineStats, GenerationRequest, RequestOutput, SamplingParams
 from lmport.engine.batch import ExecutorOutput
 from lmport.engine.block_manager import BlockManager
 from lmport.engine.constraints import ProcessorContext, ProcessorResolver, processor_resolver
@@ -115,6 +115,14 @@ class LLMEngine:
         self.validate(request)
         self.add_validated(request)
 
+    def _constrained(self, params: SamplingParams):
+        """A new processor for ``params.constraint``; the request's own stop token ids (a chat
+        template's end-of-turn, say) also end it once the constraint is satisfied."""
+        processor = self._processors(params.constraint)
+        if params.stop_token_ids and hasattr(processor, "allow_ending_with"):
+            processor.allow_ending_with(params.stop_token_ids)
+        return processor
+
     def add_validated(self, request: GenerationRequest) -> None:
         """Queue a request its frontend validated already (by the same rules, in ``submit``)."""
         if request.request_id in self._requests:
@@ -122,7 +130,7 @@ class LLMEngine:
         arrival = request.arrival_time if request.arrival_time is not None else self.clock()
         params = request.params
         # one processor per sequence, all built before any is queued (a constraint that does not compile is refused whole)
-        processors = [(self._processors(params.constraint),) if params.constraint is not None else () for _ in range(params.n)]
+        processors = [(self._constrained(params),) if params.constraint is not None else () for _ in range(params.n)]
         seqs = []
         for index in range(params.n):
             seq = Sequence(

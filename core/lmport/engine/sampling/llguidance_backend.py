@@ -182,6 +182,12 @@ class _MaskJob:
         rows, words = self.bitmask.shape
         matchers = [(p.matcher, i) for i, p in enumerate(self.processors)]
         executor.unsafe_compute_mask_ptr(matchers, self.bitmask.data_ptr(), words * 4, rows)
+        words_u32 = self.bitmask.numpy().view(np.uint32)
+        for i, p in enumerate(self.processors):
+            if p.end_token_ids and p.matcher.is_accepting():
+                for token in p.end_token_ids:
+                    if token < p.vocab_size:
+                        words_u32[i, token // 32] |= np.uint32(1 << (token % 32))
 
     def result(self) -> torch.Tensor:
         self.future.result()
@@ -197,7 +203,12 @@ class LLGuidanceProcessor:
         self.matcher = matcher
         self.vocab_size = vocab_size
         self.eos_token = eos_token
+        self.end_token_ids: tuple[int, ...] = ()  # beside EOS, allowed once the grammar accepts
         self._job: _MaskJob | None = None
+
+    def allow_ending_with(self, token_ids: Sequence[int]) -> None:
+        """Let ``token_ids`` (a request's stop token ids) end the sequence once the grammar accepts."""
+        self.end_token_ids = tuple(int(t) for t in token_ids)
 
     def advance(self, token_id: int) -> None:
         self._job = None
