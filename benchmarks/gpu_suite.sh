@@ -83,9 +83,11 @@ run_stage hf-8b 100 240 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/ll
 run_stage attention 40 120 python3 benchmarks/attention_bench.py --roofline "$OUT/roofline.json" --json "$OUT/attention.json"
 run_stage layer-ops 20 60 python3 benchmarks/layer_ops_bench.py --json "$OUT/layer_ops.json"
 # speculative decoding, batch 1 on the 8B shape: plain, a draft identical to the target (the overhead
-# ceiling: every draft accepted), n-gram lookup on a repetitive and a random prompt (needs ckpt-8b; roofline for the ratio)
-run_stage speculative 90 300 python3 benchmarks/speculative_bench.py --model "$CKPT_ROOT/llama3-8b" --speculate 4 \
-  --roofline "$OUT/roofline.json" --json "$OUT/speculative-8b.json"
+# ceiling: every draft accepted), n-gram lookup on a repetitive and a random prompt (needs ckpt-8b; roofline for the ratio;
+# SPEC_MODEL=$CKPT_ROOT/llama3.2-1b measures the 1B shape instead)
+SPEC_MODEL=${SPEC_MODEL:-$CKPT_ROOT/llama3-8b}
+run_stage speculative 60 300 python3 benchmarks/speculative_bench.py --model "$SPEC_MODEL" --speculate 4 \
+  --roofline "$OUT/roofline.json" --json "$OUT/speculative-$(basename "$SPEC_MODEL").json"
 run_stage ckpt-1b 30 90 python3 benchmarks/make_checkpoint.py llama3.2-1b "$CKPT_ROOT/llama3.2-1b"
 run_stage lmport-1b 90 200 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3.2-1b" llama3.2-1b "$OUT" "$PORT"
 # a soak on the 1B: steady mixed load (streams, plain, disconnects, bad requests) with RSS and GPU memory sampled
