@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_suite.sh                 # every stage, in order, within the budget
 #   bash benchmarks/gpu_suite.sh ckpt-1b lmport-1b hf-1b    # only these (a second call)
 # Stages: roofline tests ckpt-8b lmport-8b lmport-8b-fp8 ckpt-8b-int4 lmport-8b-int4 quant-kernels t5 profile-8b
-# profile-8b-fp8 hf-8b attention layer-ops speculative ckpt-1b lmport-1b soak-1b structured structured-tiny hf-1b, then the summary (and the quantized formats' table).
+# profile-8b-fp8 hf-8b attention layer-ops ckpt-1b lmport-1b soak-1b ckpt-gemma3 structured structured-tiny speculative hf-1b, then the summary (and the quantized formats' table).
 # Each stage logs to $OUT/<stage>.log, runs under `timeout`, and a failed stage never stops
 # the next. A stage is skipped when less than its minimum is left of SUITE_BUDGET_S (default
 # 500 s). The table printed last is also in $OUT/summary.txt; JSON results are in $OUT.
@@ -82,12 +82,6 @@ run_stage profile-8b-fp8 60 150 python3 benchmarks/profile_decode.py --model "$C
 run_stage hf-8b 100 240 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3-8b" --json "$OUT/hf-llama3-8b.json"
 run_stage attention 40 120 python3 benchmarks/attention_bench.py --roofline "$OUT/roofline.json" --json "$OUT/attention.json"
 run_stage layer-ops 20 60 python3 benchmarks/layer_ops_bench.py --json "$OUT/layer_ops.json"
-# speculative decoding, batch 1 on the 8B shape: plain, a draft identical to the target (the overhead
-# ceiling: every draft accepted), n-gram lookup on a repetitive and a random prompt (needs ckpt-8b; roofline for the ratio;
-# SPEC_MODEL=$CKPT_ROOT/llama3.2-1b measures the 1B shape instead)
-SPEC_MODEL=${SPEC_MODEL:-$CKPT_ROOT/llama3-8b}
-run_stage speculative 60 300 python3 benchmarks/speculative_bench.py --model "$SPEC_MODEL" --speculate 4 \
-  --roofline "$OUT/roofline.json" --json "$OUT/speculative-$(basename "$SPEC_MODEL").json"
 run_stage ckpt-1b 30 90 python3 benchmarks/make_checkpoint.py llama3.2-1b "$CKPT_ROOT/llama3.2-1b"
 run_stage lmport-1b 90 200 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3.2-1b" llama3.2-1b "$OUT" "$PORT"
 # a soak on the 1B: steady mixed load (streams, plain, disconnects, bad requests) with RSS and GPU memory sampled
@@ -109,6 +103,12 @@ STRUCTURED_MODEL=()
 [ -f "$CKPT_ROOT/gemma3-270m/config.json" ] && STRUCTURED_MODEL=(--model-id "$CKPT_ROOT/gemma3-270m")
 run_stage structured 60 200 python3 benchmarks/structured_bench.py "${STRUCTURED_MODEL[@]}" --dtype bfloat16 --concurrency 64 --requests 256 --output-len 128 --json "$OUT/structured.json"
 run_stage structured-tiny 40 120 python3 benchmarks/structured_bench.py "${STRUCTURED_MODEL[@]}" --tiny 256 --dtype bfloat16 --concurrency 64 --requests 256 --output-len 128 --compile-repeats 5 --json "$OUT/structured-tiny.json"
+# speculative decoding, batch 1 on the 8B shape: plain, a draft identical to the target (the overhead
+# ceiling: every draft accepted), n-gram lookup on a repetitive and a random prompt (needs ckpt-8b; roofline for the ratio;
+# SPEC_MODEL=$CKPT_ROOT/llama3.2-1b measures the 1B shape instead)
+SPEC_MODEL=${SPEC_MODEL:-$CKPT_ROOT/llama3-8b}
+run_stage speculative 60 300 python3 benchmarks/speculative_bench.py --model "$SPEC_MODEL" --speculate 4 \
+  --roofline "$OUT/roofline.json" --json "$OUT/speculative-$(basename "$SPEC_MODEL").json"
 run_stage hf-1b 60 150 python3 benchmarks/hf_baseline.py --model "$CKPT_ROOT/llama3.2-1b" --json "$OUT/hf-llama3.2-1b.json"
 
 log "suite done in $(( $(date +%s) - START ))s"
