@@ -29,7 +29,7 @@ import torch
 
 from lmport.engine.api import GenerationRequest, SamplingParams
 from lmport.engine.batch import ExecutorOutput, SampledToken, ScheduledStep, build_flat_batch
-from lmport.engine.executor import ModelExecutor
+from lmport.executor import ModelExecutor
 from lmport.engine.limits import EngineLimits
 from lmport.engine.llm_engine import LLMEngine
 from lmport.testing.tiny_tokenizer import train_tiny_tokenizer

@@ -29,10 +29,12 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from lmport.detection import DetectionEnv
     from lmport.engine.api import Constraint
     from lmport.engine.constraints import LogitsProcessor, ProcessorContext
-    from lmport.engine.executor import ModelExecutor
-    from lmport.engine.graphs import DecodeGraphRunner
+    from lmport.executor import ModelExecutor
+    from lmport.graphs import DecodeGraphRunner
     from lmport.layers.attention import AttentionBackend, AttentionSpec, KVCache, KVCacheSpec
     from lmport.memory import MemoryInfo
+    from lmport.runtime import DeviceRuntime
+    from lmport.distributed import DistributedSpec
     from lmport.models.base import CausalLM, ModelInfo
     from lmport.weights.quantization import QuantizationMethod, WeightsLoader
 
@@ -139,7 +141,7 @@ def lmport_model_executor(model: ModelInfo, config: LaunchConfig, capabilities: 
     """Take over execution of the whole model (stacks that compile whole graphs).
 
     Called once per model load, before the core builds its own runner. Return a
-    :class:`~lmport.engine.executor.ModelExecutor` to run the model yourself (the core
+    :class:`~lmport.executor.ModelExecutor` to run the model yourself (the core
     still schedules, tokenizes and serves), or ``None`` to let the core's paged runner run
     it with your fine-grained hooks. First non-``None`` wins.
     """
@@ -217,6 +219,31 @@ def lmport_graph_runner(model: CausalLM, config: LaunchConfig, capabilities: Cap
     Called once at warm-up, and only when ``capabilities.graph_capture`` is set, custom
     kernels are enabled and ``config.cuda_graphs`` is not ``()`` (``--cuda-graphs 0``); the
     host returns ``None`` otherwise. First non-``None`` wins; ``None`` runs decode eagerly.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_device_runtime(device: torch.device, capabilities: Capabilities) -> DeviceRuntime | None:
+    """Return the :class:`~lmport.runtime.DeviceRuntime` for ``device``: pinned host buffers,
+    asynchronous copies to and from the device, the events that mark a copy's end, and the
+    device each worker rank runs on.
+
+    Called once per executor (per rank when sharded). The core's reference (``trylast``) works
+    on any device with generic ``torch.Event`` (blocking copies where that is unsupported);
+    return a subclass where your device needs its own events or streams. First non-``None`` wins.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_distributed_backend(device_type: str, capabilities: Capabilities) -> DistributedSpec | None:
+    """Name how tensor-parallel workers on ``device_type`` join: a
+    :class:`~lmport.distributed.DistributedSpec` with the ``torch.distributed`` process-group
+    backend (``"nccl"`` on CUDA, which ROCm builds map to RCCL; ``"hccl"`` on Gaudi) and,
+    optionally, a factory for a device communicator that replaces the process group's
+    all-reduce/all-gather (a custom all-reduce kernel).
+
+    Called in every worker before the process group is created. The core answers ``gloo``
+    for ``cpu`` (``trylast``); ``None`` for a device that is not yours. First non-``None`` wins.
     """
 
 

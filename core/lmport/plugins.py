@@ -387,6 +387,25 @@ class PluginHost:
             return None
         return self._pm.hook.lmport_graph_runner(model=model, config=config, capabilities=caps)
 
+    def device_runtime(self, device: Any) -> Any:
+        """The :class:`~lmport.runtime.DeviceRuntime` for ``device`` (the core's reference when no backend answers)."""
+        runtime = self._pm.hook.lmport_device_runtime(device=device, capabilities=self.capabilities())
+        if runtime is None:
+            from lmport.runtime import DeviceRuntime
+
+            runtime = DeviceRuntime(device)
+        return runtime
+
+    def distributed_backend(self, device_type: str) -> Any:
+        """The :class:`~lmport.distributed.DistributedSpec` for workers on ``device_type``."""
+        spec = self._pm.hook.lmport_distributed_backend(device_type=device_type, capabilities=self.capabilities())
+        if spec is None:
+            raise PluginError(
+                f"backend {self.backend.name!r} names no torch.distributed backend for device {device_type!r} "
+                "(lmport_distributed_backend): --num-shard > 1 is not supported there"
+            )
+        return spec
+
     def server_info(self) -> dict[str, Any]:
         """Extra ``/info`` fields; the core's (registered last, called last) win a clash."""
         merged: dict[str, Any] = {}

@@ -101,7 +101,7 @@ def test_a_failing_step_ends_its_stream_with_an_error_and_the_engine_lives_on(as
     execute = engine.engine.executor.execute
 
     def flaky(step):
-        if any(e.seq.request_id == "bad" for e in step.entries):
+        if any(e.request_id == "bad" for e in step.entries):
             raise RuntimeError("kernel launch failed")
         return execute(step)
 

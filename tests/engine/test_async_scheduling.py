@@ -92,7 +92,7 @@ def spy_launches(engine) -> list:
     launch = engine.executor.launch
 
     def spy(step, feed=(), previous=None):
-        seen.append(([(e.seq.request_id, e.start, e.num_new_tokens, e.is_prefill) for e in step.entries], list(feed)))
+        seen.append(([(e.request_id, e.start, e.num_new_tokens, e.is_prefill) for e in step.entries], list(feed)))
         return launch(step, feed, previous)
 
     engine.executor.launch = spy
@@ -243,7 +243,7 @@ def test_a_failing_launch_fails_only_its_requests(make_async_engine, random_prom
 
     def flaky(run):
         def call(step, *args):
-            if any(e.seq.request_id == "bad" for e in step.entries):
+            if any(e.request_id == "bad" for e in step.entries):
                 raise RuntimeError("device fell over")
             return run(step, *args)
 
@@ -270,7 +270,7 @@ def test_a_failing_result_fails_its_requests_and_the_rest_goes_on(make_async_eng
 
     def flaky(step, feed=(), previous=None):
         pending = launch(step, feed, previous)
-        if any(e.seq.request_id == "bad" and not e.is_prefill for e in step.entries) and broken.pop("once", False):
+        if any(e.request_id == "bad" and not e.is_prefill for e in step.entries) and broken.pop("once", False):
             def fail():
                 raise RuntimeError("copy failed")
 

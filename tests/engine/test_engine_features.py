@@ -173,7 +173,7 @@ def test_a_failing_step_fails_only_its_requests(make_engine, random_prompts, hf_
     execute = engine.executor.execute
 
     def flaky(step):
-        if any(e.seq.request_id == "bad" for e in step.entries):
+        if any(e.request_id == "bad" for e in step.entries):
             raise RuntimeError("device fell over")
         return execute(step)
 

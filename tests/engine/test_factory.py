@@ -13,9 +13,9 @@ import torch
 from lmport.capabilities import CapabilityError
 from lmport.config import LaunchConfig
 from lmport.engine.api import GenerationRequest, SamplingParams
-from lmport.engine.executor import ModelExecutor
+from lmport.executor import ModelExecutor
 from lmport.engine.factory import build_engine, build_llm_engine
-from lmport.engine.graphs import DecodeGraphRunner
+from lmport.graphs import DecodeGraphRunner
 from lmport.engine.model_runner import PagedModelRunner
 from lmport.hookspecs import hookimpl
 from lmport.memory import MemoryInfo

@@ -8,7 +8,7 @@ import torch
 
 from lmport.engine.api import SamplingParams
 from lmport.engine.batch import ScheduledSequence, ScheduledStep
-from lmport.engine.executor import ModelExecutor
+from lmport.executor import ModelExecutor
 from lmport.engine.sequence import Sequence
 from lmport.models.hf_fallback import load_fallback
 from lmport.models.hf_seq2seq import HFSeq2SeqExecutor

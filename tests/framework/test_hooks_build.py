@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from lmport import hookimpl
 from lmport.capabilities import BackendInfo, Capabilities, CapabilityError
 from lmport.config import LaunchConfig
-from lmport.engine.executor import ModelExecutor
+from lmport.executor import ModelExecutor
 from lmport.models.registry import ModelRegistry
 from lmport.plugins import BACKENDS_GROUP, PluginError, PluginHost
 from lmport.testing.fake_machine import FakeMachine

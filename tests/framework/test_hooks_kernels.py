@@ -11,7 +11,7 @@ import torch
 from lmport import hookimpl
 from lmport.capabilities import BackendInfo, Capabilities
 from lmport.config import LaunchConfig
-from lmport.engine.graphs import DecodeGraphRunner
+from lmport.graphs import DecodeGraphRunner
 from lmport.layers.attention import AttentionSpec, KVCacheSpec
 from lmport.layers.reference_attention import ReferenceAttention
 from lmport.memory import MemoryInfo

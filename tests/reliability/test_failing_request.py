@@ -54,7 +54,7 @@ def spy_on_steps_with(executor, request_id: str) -> list[int]:
         original = getattr(executor, name)
 
         def watched(step, *args, _original=original):
-            if any(e.seq.request_id == request_id for e in step.entries):
+            if any(e.request_id == request_id for e in step.entries):
                 sizes.append(len(step.entries))
             return _original(step, *args)
 

@@ -220,7 +220,7 @@ def test_generation_failure_is_424(start_server):
     poison = server.state.tokenizer("poison pill")["input_ids"]
 
     def flaky(step):
-        if any(list(e.seq.prompt_token_ids) == poison for e in step.entries):
+        if any(e.num_prompt_tokens == len(poison) and e.token_ids == poison[e.start : e.start + e.num_new_tokens] for e in step.entries):
             raise RuntimeError("device fell over")
         return execute(step)
 

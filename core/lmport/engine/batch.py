@@ -1,4 +1,9 @@
-"""What the scheduler hands the executor each step, and the flat batch built from it."""
+"""What the scheduler hands the executor each step, and the flat batch built from it.
+
+:class:`ScheduledStep` is the engine's own view of a step (its entries carry the live
+sequences); ``plan()`` turns it into the plain :class:`~lmport.plan.StepPlan` that executors
+with ``takes_plan`` (the paged runner, the tensor-parallel workers) receive.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,10 @@ import numpy as np
 import torch
 
 from lmport.engine.sequence import Sequence
+from lmport.executor import ExecutorOutput, PromptLogprobs, SampledToken  # noqa: F401  (their old home)
 from lmport.layers.attention import AttentionMetadata
+from lmport.plan import NewSequence, PlanEntry, StepPlan, as_plan
+from lmport.runtime import DeviceRuntime
 
 
 @dataclass
@@ -20,7 +28,7 @@ class ScheduledSequence:
     ``prompt_logprobs`` asks for the logprob of every prompt token this chunk predicts.
     Speculative decoding: ``num_lookahead`` draft tokens have KV slots reserved after the fed
     token, and the proposer's ``draft_token_ids`` (at most that many) are fed after it, in the
-    same forward; the step then verifies them (``len(draft_token_ids) + 1`` logits rows).
+    same forward (the plan entry counts them in its ``num_new_tokens``); the step verifies them.
     Executors read ``seq`` and never change it; the engine updates it after the step.
     """
 
@@ -48,14 +56,53 @@ class ScheduledSequence:
         end = min(self.start + self.num_new_tokens, self.seq.num_prompt_tokens - 1)
         return range(self.start, max(self.start, end))
 
+    def plan_entry(self) -> PlanEntry:
+        seq, start, n = self.seq, self.start, self.num_new_tokens
+        rows = self.prompt_rows()
+        drafts = self.draft_token_ids
+        token_ids = [seq.token_ids[start]] if n == 1 else seq.token_ids[start : start + n]
+        return PlanEntry(
+            seq_id=seq.seq_id,
+            request_id=seq.request_id,
+            start=start,
+            num_new_tokens=n + len(drafts),
+            sample=self.sample,
+            token_ids=token_ids + drafts if drafts else token_ids,
+            is_prefill=self.is_prefill,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            prompt_logprobs=self.prompt_logprobs,
+            prompt_targets=[seq.token_ids[p + 1] for p in rows] if rows else [],
+            block_table_len=len(seq.block_table),
+            cross_block_table=list(seq.cross_block_table) if seq.cross_block_table else [],
+            num_draft_tokens=len(drafts),
+        )
+
+
+def new_sequence(seq: Sequence) -> NewSequence:
+    """What an executor learns about ``seq`` when it is first scheduled."""
+    return NewSequence(
+        seq_id=seq.seq_id,
+        request_id=seq.request_id,
+        index=seq.index,
+        prompt_token_ids=list(seq.prompt_token_ids),
+        params=seq.params,
+        seed=seq.seed,
+        images=seq.images,
+        encoder_input=seq.encoder_input,
+        cross_kv_len=seq.cross_kv_len,
+        cross_key_ranges=seq.cross_key_ranges,
+        output_token_ids=seq.output_token_ids[: seq.num_known_output_tokens],
+        processors=seq.processors,
+    )
+
 
 @dataclass
 class ScheduledStep:
     """One step's work, in the order of the flat batch.
 
     ``released_seq_ids`` names sequences that finished, were aborted or preempted since the
-    previous step, so an executor that keeps state per sequence (a whole-model executor)
-    can drop it.
+    previous step (their blocks are free); ``finished_seq_ids`` those of them that never come
+    back; ``new_seqs`` the sequences scheduled for the first time (the plan's delta).
     """
 
     entries: list[ScheduledSequence]
@@ -63,6 +110,8 @@ class ScheduledStep:
     # the block manager's BlockTableRows array (row ``seq.block_row`` mirrors ``seq.block_table``);
     # None: the batch builder reads the lists
     block_table_rows: np.ndarray | None = None
+    new_seqs: list[Sequence] = field(default_factory=list)
+    finished_seq_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -76,34 +125,20 @@ class ScheduledStep:
     def is_empty(self) -> bool:
         return not self.entries
 
-
-@dataclass
-class SampledToken:
-    token_id: int
-    logprob: float
-    top_tokens: list[tuple[int, float]] = field(default_factory=list)  # (id, logprob), best first
-
-
-@dataclass
-class PromptLogprobs:
-    """Logprobs of the prompt tokens one chunk predicted: ``positions[i] + 1`` is the token's position."""
-
-    positions: list[int]
-    logprobs: list[float]
-    top_tokens: list[list[tuple[int, float]]]
-
-
-@dataclass
-class ExecutorOutput:
-    """Per scheduled entry, in step order: the sampled token (or None) and prompt logprobs (or None).
-
-    ``runs`` (speculative decoding; None when no entry verified drafts): per entry, the tokens a
-    verify emitted (the kept drafts and the one after them; ``sampled[i]`` is the first), or None.
-    """
-
-    sampled: list[SampledToken | None]
-    prompt_logprobs: list[PromptLogprobs | None]
-    runs: list[list[SampledToken] | None] | None = None
+    def plan(self) -> StepPlan:
+        """This step as plain data (built once; the engine changes the sequences after the step)."""
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            width = max((len(e.seq.block_table) for e in self.entries), default=0)
+            plan = StepPlan(
+                entries=[e.plan_entry() for e in self.entries],
+                block_tables=_gather_block_tables(self, width),
+                new=[new_sequence(seq) for seq in self.new_seqs],
+                released_seq_ids=list(self.released_seq_ids),
+                finished_seq_ids=list(self.finished_seq_ids),
+            )
+            self.__dict__["_plan"] = plan
+        return plan
 
 
 @dataclass
@@ -137,16 +172,18 @@ def _aligned(size: int) -> int:
     return size + (-size % _ALIGN)
 
 
-def _send(segments: list[np.ndarray | list[int]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """Pack ``segments`` into one host buffer (pinned for a GPU), copy it over without blocking,
-    and hand back a device view per segment.
+def _send(segments: list[np.ndarray | list[int]], dtype: torch.dtype, device: torch.device | DeviceRuntime) -> list[torch.Tensor]:
+    """Pack ``segments`` into one host buffer (pinned for an accelerator), copy it over without
+    blocking, and hand back a device view per segment. ``device``: a :class:`DeviceRuntime`
+    (or a device, served by the reference runtime).
 
     A fresh pinned buffer per step: PyTorch's pinned-memory cache does not hand a buffer out
     again before the copy that reads it has finished.
     """
+    runtime = device if isinstance(device, DeviceRuntime) else DeviceRuntime(device)
     sizes = [len(values) for values in segments]
     total = sum(_aligned(size) for size in sizes)
-    host = torch.empty(total, dtype=dtype, pin_memory=device.type == "cuda")
+    host = runtime.host_buffer(total, dtype)
     view = host.numpy()
     offsets = []
     offset = 0
@@ -155,7 +192,7 @@ def _send(segments: list[np.ndarray | list[int]], dtype: torch.dtype, device: to
         view[offset + size : offset + _aligned(size)] = 0
         offsets.append(offset)
         offset += _aligned(size)
-    buffer = host if device.type == "cpu" else host.to(device, non_blocking=True)
+    buffer = runtime.to_device(host)
     return [buffer[start : start + size] for start, size in zip(offsets, sizes)]
 
 
@@ -175,14 +212,15 @@ def _gather_block_tables(step: ScheduledStep, width: int) -> np.ndarray:
     return tables
 
 
-def build_flat_batch(step: ScheduledStep, block_size: int, device: torch.device) -> FlatBatch:
+def build_flat_batch(step: StepPlan | ScheduledStep, block_size: int, device: torch.device | DeviceRuntime) -> FlatBatch:
     """Pack every entry's new tokens into one flat batch with its attention metadata.
 
     Everything the device needs goes over in two copies (one int64, one int32 buffer).
     Per entry only its few scalars are read in Python; positions, slots and block tables are
     computed with array operations, so the cost does not grow with the sequences' lengths.
     """
-    entries = step.entries
+    plan = as_plan(step)
+    entries = plan.entries
     num_entries = len(entries)
     input_ids: list[int] = []
     first_positions: list[int] = []
@@ -195,36 +233,29 @@ def build_flat_batch(step: ScheduledStep, block_size: int, device: torch.device)
     verify_rows: list[range] = []
     verify_entries: list[int] = []
     verify_index: list[int] = []
-    width = 0
     row0 = 0
     for index, entry in enumerate(entries):
-        seq, start, n = entry.seq, entry.start, entry.num_new_tokens
+        start, n = entry.start, entry.num_new_tokens
         if n == 1:
-            input_ids.append(seq.token_ids[start])
+            input_ids.append(entry.token_ids[0])
         else:
-            input_ids.extend(seq.token_ids[start : start + n])
-        drafts = entry.draft_token_ids
-        if drafts:
-            input_ids.extend(drafts)
-            n += len(drafts)
+            input_ids.extend(entry.token_ids)
         first_positions.append(start)
         counts.append(n)
-        table_len = len(seq.block_table)
-        if table_len > width:
-            width = table_len
         first = len(logits_indices)
         if entry.prompt_logprobs:
             rows = entry.prompt_rows()
             logits_indices.extend(row0 + (p - start) for p in rows)
-            prompt_targets.extend(seq.token_ids[p + 1] for p in rows)
+            prompt_targets.extend(entry.prompt_targets)
         prompt_rows.append(range(first, len(logits_indices)))
         row0 += n
+        drafts = entry.num_draft_tokens
         if drafts:  # a verify: the last known token's row and each draft's
             first = len(logits_indices)
-            verify_rows.append(range(first, first + len(drafts) + 1))
+            verify_rows.append(range(first, first + drafts + 1))
             verify_entries.append(index)
             verify_index.extend(verify_rows[-1])
-            logits_indices.extend(range(row0 - len(drafts) - 1, row0))
+            logits_indices.extend(range(row0 - drafts - 1, row0))
             sample_rows.append(None)
         elif entry.sample:
             verify_rows.append(range(0))
@@ -248,7 +279,8 @@ def build_flat_batch(step: ScheduledStep, block_size: int, device: torch.device)
         np.cumsum(counts, out=query_start_loc[1:])
         token_entry = np.repeat(np.arange(num_entries), counts)
         positions = np.arange(num_tokens) - query_start_loc[token_entry] + starts[token_entry]
-    tables = _gather_block_tables(step, width)
+    tables = plan.block_tables
+    width = tables.shape[1]
     slots = tables[token_entry, positions // block_size].astype(np.int64) * block_size + positions % block_size
 
     ids_t, pos_t, slots_t, logits_t, sample_t, prompt_t, targets_t, verify_t = _send(

@@ -17,7 +17,7 @@ import torch
 
 from lmport.config import LaunchConfig
 from lmport.engine.async_engine import AsyncEngine
-from lmport.engine.executor import ModelExecutor
+from lmport.executor import ModelExecutor
 from lmport.engine.kv_cache_sizing import size_kv_cache
 from lmport.engine.limits import check_positions, model_max_positions, resolve_limits
 from lmport.engine.llm_engine import LLMEngine

@@ -18,8 +18,12 @@ step keeps is known only once it ran, and the next step's positions depend on it
 emits a run of tokens per speculative sequence; they are processed one by one, so EOS, a stop
 string or ``max_new_tokens`` inside the run ends the sequence there and drops the rest.
 
+There is one step path: the synchronous engine is the asynchronous one that waits at once
+(schedule, run, then the same ``_advance``/``_process`` bookkeeping a launched step gets). An
+executor with ``takes_plan`` receives each step as a plain :class:`~lmport.plan.StepPlan`.
+
 It owns the scheduler, the block manager and the output processor, and drives one
-:class:`~lmport.engine.executor.ModelExecutor`. Nothing here is thread-safe: the
+:class:`~lmport.executor.ModelExecutor`. Nothing here is thread-safe: the
 :class:`~lmport.engine.async_engine.AsyncEngine` calls it from its one loop thread.
 """
 
@@ -32,11 +36,10 @@ import time
 from typing import Any, Callable, Iterable
 
 from lmport.engine.api import EngineStats, GenerationRequest, RequestOutput, SamplingParams
-from lmport.engine.batch import ExecutorOutput
 from lmport.engine.block_manager import BlockManager
 from lmport.engine.constraints import ProcessorContext, ProcessorResolver, processor_resolver
 from lmport.engine.errors import RequestValidationError
-from lmport.engine.executor import ModelExecutor
+from lmport.executor import ExecutorOutput, ModelExecutor
 from lmport.engine.limits import EngineLimits
 from lmport.engine.outputs import OutputProcessor
 from lmport.engine.rules import validate_request
@@ -101,6 +104,7 @@ class LLMEngine:
         # the executor's launch takes ``before_sample``: a grammar's sequences need the previous
         # step's tokens only to sample, so they are read while the next forward runs
         self._late_tokens = bool(getattr(executor, "supports_late_tokens", False))
+        self._takes_plan = bool(getattr(executor, "takes_plan", False))
         # an encoder-decoder executor turns a prompt into the encoder's input and a decoder start
         self._prepare_sequence = getattr(executor, "prepare_sequence", None)
 
@@ -189,14 +193,7 @@ class LLMEngine:
         """
         lim = self.limits
         expired = self._expire() if lim.request_timeout is not None or lim.max_queue_time is not None else []
-        if self.async_scheduling:
-            return expired + self._step_async()
-        step = self._schedule()
-        if step.is_empty:
-            return expired
-        if self.speculator is not None:
-            self.speculator.propose(step)
-        return expired + self._execute(step)
+        return expired + self._step_pipelined(wait=not self.async_scheduling)
 
     def _expire(self) -> list[RequestOutput]:
         """End the requests past ``request_timeout``, and those never scheduled within ``max_queue_time``.
@@ -232,36 +229,7 @@ class LLMEngine:
         """Execute ``step`` synchronously and process its results; a failure fails only its culprits."""
         outputs: list[RequestOutput] = []
         entries, result = self._execute_isolating(step, outputs)
-        now = self.clock()
-        texts = self._detokenize(entries, result.sampled)
-        runs = result.runs or [None] * len(entries)
-        for entry, sampled, prompt, run in zip(entries, result.sampled, result.prompt_logprobs, runs):
-            seq = entry.seq
-            if run is not None:
-                self._emit_run(entry, run, now, outputs, texts)
-                continue
-            seq.num_computed_tokens = entry.start + entry.num_new_tokens
-            if seq.num_computed_tokens >= seq.num_prompt_tokens - 1:
-                seq.wants_prompt_logprobs = False
-            self.block_manager.commit_computed(seq)
-            if sampled is not None:
-                seq.append_token(sampled.token_id)
-            self._emit(seq, sampled, prompt, now, outputs, texts)
-        return outputs
-
-    def _emit_run(self, entry, run: list, now: float, outputs: list[RequestOutput], texts) -> None:
-        """A verify's tokens: the kept drafts' K/V stay, the rejected ones' blocks go back."""
-        seq = entry.seq
-        seq.num_computed_tokens = entry.start + entry.num_new_tokens + len(run) - 1
-        self.block_manager.commit_computed(seq)
-        self.speculator.record(seq, len(entry.draft_token_ids), len(run) - 1)
-        for j, sampled in enumerate(run):
-            seq.append_token(sampled.token_id)
-            self._emit(seq, sampled, None, now, outputs, texts if j == 0 else None)
-            if seq.is_finished:
-                return  # released: its blocks are free
-        self.block_manager.commit_computed(seq)
-        self.block_manager.rewind(seq)
+        return outputs + self._process(entries, self._advance(entries), result)
 
     def _execute_isolating(self, step, failed: list[RequestOutput]) -> tuple[list, ExecutorOutput]:
         """``executor.execute(step)``; when it raises, the halves of the step are executed apart
@@ -273,7 +241,7 @@ class LLMEngine:
         that drew before the failure draws its next numbers).
         """
         try:
-            return step.entries, self.executor.execute(step)
+            return step.entries, self.executor.execute(self._work(step))
         except Exception as exc:
             if len(step.entries) == 1:
                 seq = step.entries[0].seq
@@ -305,9 +273,11 @@ class LLMEngine:
                     entry.seq.first_scheduled_time = now
         return step
 
-    # ------------------------------------------------------------------ async scheduling
+    # ------------------------------------------------------------------ the one step path
 
-    def _step_async(self) -> list[RequestOutput]:
+    def _step_pipelined(self, wait: bool) -> list[RequestOutput]:
+        """Schedule and launch a step, then process the step launched before it (async
+        scheduling); ``wait``: the synchronous engine, which processes the step it launched at once."""
         outputs: list[RequestOutput] = []
         previous = self._in_flight
         late = False  # the previous step's tokens are read inside the launch, once the forward is queued
@@ -319,6 +289,12 @@ class LLMEngine:
                 outputs += self._finish_step(previous)
                 previous = None
         step = self._schedule()
+        if wait:  # nothing is ever in flight: run it, and process it as a launched step is processed
+            if step.is_empty:
+                return outputs
+            if self.speculator is not None:
+                self.speculator.propose(step)
+            return outputs + self._execute(step)
         launched, failed = None, False
         finished_previous = False
 
@@ -330,15 +306,14 @@ class LLMEngine:
 
         if not step.is_empty:
             try:
-                feed = self._feed(step, previous)
                 extra = {"before_sample": finish_previous} if late else {}
-                pending = self.executor.launch(step, feed, previous.pending if previous else None, **extra)
+                pending = self._launch(step, previous, **extra)
             except Exception as exc:  # run it again synchronously, once the previous step's tokens are known
                 log.warning("launching a step of %d sequences failed (%s: %s); executing it synchronously",
                             len(step.entries), type(exc).__name__, exc)
                 failed = True
             else:
-                launched = _InFlight(step, pending, self._advance(step))
+                launched = _InFlight(step, pending, self._advance(step.entries))
         self._in_flight = launched
         if previous is not None:
             finish_previous()
@@ -349,6 +324,14 @@ class LLMEngine:
         if launched is not None and not self._requests:
             self._in_flight = None  # nothing left to read from it (its sequences ended); the device finishes it
         return outputs
+
+    def _launch(self, step, previous: "_InFlight | None", **extra):
+        feed = self._feed(step, previous)
+        return self.executor.launch(self._work(step), feed, previous.pending if previous else None, **extra)
+
+    def _work(self, step):
+        """What the executor receives: the plain plan for one that ``takes_plan``, else the step itself."""
+        return step.plan() if self._takes_plan else step
 
     def _feed(self, step, previous: "_InFlight | None") -> list[tuple[int, int]]:
         """(entry index, row of the previous step's sampled tokens) for each input token the host does not know."""
@@ -363,13 +346,13 @@ class LLMEngine:
             feed.append((i, row))
         return feed
 
-    def _advance(self, step) -> list[int | None]:
+    def _advance(self, entries) -> list[int | None]:
         """Book a launched step as done: computed counts, a placeholder per sampled token, cached blocks.
 
         Returns, per entry, the position of its placeholder (None when it samples nothing).
         """
         positions: list[int | None] = []
-        for entry in step.entries:
+        for entry in entries:
             seq = entry.seq
             if seq.is_finished:  # ended while the step was launched (its previous token was read late)
                 positions.append(None)
@@ -389,18 +372,41 @@ class LLMEngine:
         except Exception as exc:
             log.exception("step failed; failing the %d sequences in it", len(step.entries))
             return self._fail([e.seq for e in step.entries], f"{type(exc).__name__}: {exc}")
+        return self._process(step.entries, flight.positions, result)
+
+    def _process(self, entries, positions: list[int | None], result: ExecutorOutput) -> list[RequestOutput]:
+        """Fill in the tokens a step sampled (at the placeholders ``_advance`` made) and emit its outputs."""
         now = self.clock()
         outputs: list[RequestOutput] = []
-        texts = self._detokenize(step.entries, result.sampled)
-        for entry, position, sampled, prompt in zip(step.entries, flight.positions, result.sampled, result.prompt_logprobs):
+        texts = self._detokenize(entries, result.sampled)
+        runs = result.runs or [None] * len(entries)
+        for entry, position, sampled, prompt, run in zip(entries, positions, result.sampled, result.prompt_logprobs, runs):
             seq = entry.seq
             if seq.is_finished:
                 continue  # ended (stop, abort, failure) after this step was launched: its token is dropped
             if sampled is not None:
                 seq.fill_placeholder(position, sampled.token_id)
                 self.block_manager.commit_computed(seq)  # a block that ended on that token is known now
+            if run is not None:
+                self.speculator.record(seq, len(entry.draft_token_ids), len(run) - 1)
             self._emit(seq, sampled, prompt, now, outputs, texts)
+            if run is not None:
+                self._emit_run(entry, run, now, outputs)
         return outputs
+
+    def _emit_run(self, entry, run: list, now: float, outputs: list[RequestOutput]) -> None:
+        """The rest of a verify's tokens (the first was emitted): each follows a kept draft, whose
+        K/V are valid; then the blocks past the kept drafts go back to the pool."""
+        seq = entry.seq
+        for sampled in run[1:]:
+            if seq.is_finished:
+                return  # released: its blocks are free
+            seq.num_computed_tokens += 1
+            seq.append_token(sampled.token_id)
+            self._emit(seq, sampled, None, now, outputs)
+        if not seq.is_finished:
+            self.block_manager.commit_computed(seq)
+            self.block_manager.rewind(seq)
 
     def _detokenize(self, entries, sampled: list) -> dict[int, str | Exception]:
         """The new text of every live sequence that sampled a token this step, in one batched decode."""

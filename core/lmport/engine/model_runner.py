@@ -14,14 +14,16 @@ from typing import Any, Callable
 
 import torch
 
-from lmport.engine.batch import ExecutorOutput, FlatBatch, PromptLogprobs, SampledToken, ScheduledStep, _send, build_flat_batch
-from lmport.engine.executor import ModelExecutor
+from lmport.engine.batch import FlatBatch, _send, build_flat_batch, new_sequence
+from lmport.executor import ExecutorOutput, ModelExecutor, PromptLogprobs, SampledToken
 from lmport.engine.sampling.prompt_logprobs import compute_prompt_logprobs
 from lmport.engine.sampling.sampler import Sampler
 from lmport.engine.sampling.state import SamplingRow, make_generator
 from lmport.engine.speculative.rejection import verify
 from lmport.layers.attention import CROSS, Attention, AttentionMetadata, KVCache, KVCacheSpec
 from lmport.models.base import CausalLM, EncoderBatch, ImageTextLM
+from lmport.plan import NewSequence, StepPlan, as_plan
+from lmport.runtime import DeviceRuntime
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,17 @@ class PagedModelRunner(ModelExecutor):
     """Runs one :class:`CausalLM` on the paged KV cache for the engine.
 
     ``host`` (a :class:`~lmport.plugins.PluginHost`) allocates the cache and may supply a
-    decode graph runner; without one the cache is plain zeros in the logical layout.
-    The runner creates each seeded sequence's ``generator`` on first use, on its device.
+    decode graph runner and the device runtime; without one the cache is plain zeros in the
+    logical layout.
+
+    It runs :class:`~lmport.plan.StepPlan` values (``takes_plan``; an engine ``ScheduledStep``
+    is turned into its plan) and keeps per-sequence state from each plan's delta: sampling
+    parameters, the tokens it sampled, each seeded sequence's ``generator`` (made on first use,
+    on its device), images and encoder input; the last launched step's samples stay on the
+    device for the next step's decode tokens.
     """
+
+    takes_plan = True
 
     def __init__(
         self,
@@ -58,6 +68,10 @@ class PagedModelRunner(ModelExecutor):
         self.config = config
         self.max_batch_size = max_batch_size
         self.sampler = Sampler()
+        self.runtime: DeviceRuntime = (host.device_runtime(self.device) if host is not None and hasattr(host, "device_runtime")
+                                       else None) or DeviceRuntime(self.device)  # fmt: skip
+        self._states: dict[int, _SequenceState] = {}
+        self._last: PendingStep | None = None  # the last launched step: its samples feed the next one
         self.kv_caches: list[KVCache] = []
         self.graph_runner = None
         # Llava-next writes image features over token embeddings (ImageTextLM); a cross-attention
@@ -131,67 +145,95 @@ class PagedModelRunner(ModelExecutor):
         runner.capture(self.kv_caches, sorted(sizes))
         self.graph_runner = runner
 
+    # ------------------------------------------------------------------ per-sequence state
+
+    def _sync(self, step) -> StepPlan:
+        """``step`` as a plan, with this runner's per-sequence state brought up to its delta."""
+        plan = as_plan(step)
+        for seq_id in plan.released_seq_ids:  # blocks freed: what the cache held for it is gone
+            self._image_features.pop(seq_id, None)
+            self._encoded.discard(seq_id)
+        for seq_id in plan.finished_seq_ids:
+            self._states.pop(seq_id, None)
+        for new in plan.new:
+            if new.seq_id not in self._states:
+                self._states[new.seq_id] = _SequenceState(new)
+        if plan is not step:  # an engine step (or a hand-made one in a test): sequences it never announced
+            for entry in step.entries:
+                if entry.seq.seq_id not in self._states:
+                    self._states[entry.seq.seq_id] = _SequenceState(new_sequence(entry.seq))
+        return plan
+
     # ------------------------------------------------------------------ one step
 
     @torch.inference_mode()
-    def execute(self, step: ScheduledStep) -> ExecutorOutput:
-        batch = self._flat_batch(step)
-        sampled_pos, prompt_pos, prompt_top_n, results = self._run(step, batch)
+    def execute(self, step) -> ExecutorOutput:
+        plan = self._sync(step)
+        batch = self._flat_batch(plan)
+        self._feed_placeholders(plan, batch, None, None)
+        sampled_pos, prompt_pos, prompt_top_n, results = self._run(plan, batch)
         if results is None:  # only prompt chunks that sample nothing
-            none = [None] * len(step.entries)
+            none = [None] * len(plan.entries)
             return ExecutorOutput(sampled=list(none), prompt_logprobs=list(none))
         host = _to_host(results)  # the step's one device -> host sync
-        return self._unpack(step, batch, sampled_pos, prompt_pos, prompt_top_n, host)
+        return self._unpack(plan, batch, sampled_pos, prompt_pos, prompt_top_n, host)
 
     supports_async_scheduling = True
     supports_late_tokens = True  # launch(..., before_sample=fn): fn runs after the forward is queued, before sampling
 
     @torch.inference_mode()
     def launch(
-        self, step: ScheduledStep, feed: list[tuple[int, int]] = (), previous: "PendingStep | None" = None,
+        self, step, feed: list[tuple[int, int]] = (), previous: "PendingStep | None" = None,
         before_sample: Callable[[], None] | None = None,
     ) -> "PendingStep":
         """Start ``step`` without waiting for it (async scheduling); ``result()`` waits.
 
         ``feed`` pairs (entry index, row of ``previous.token_ids``): that entry is one decode
-        token the host does not know yet, taken on the device from the previous step's samples.
-        The results come back through one non-blocking copy into pinned host memory.
-        ``before_sample`` (the engine's: read the previous step's tokens, which advances the
-        grammars) runs once the forward pass is queued, before the step samples.
+        token the host does not know yet, taken on the device from the previous step's samples
+        (``previous`` None: the step this runner launched last). The results come back through
+        one non-blocking copy into pinned host memory. ``before_sample`` (the engine's: read the
+        previous step's tokens, which advances the grammars) runs once the forward pass is queued,
+        before the step samples.
         """
-        batch = self._flat_batch(step)
-        if feed:
-            starts = batch.metadata.query_start_loc_host
-            dst, src = _send([[starts[i] for i, _ in feed], [row for _, row in feed]], torch.int64, self.device)
-            batch.input_ids[dst] = previous.token_ids[src]
-        sampled_pos, prompt_pos, prompt_top_n, results = self._run(step, batch, before_sample)
-        pending = PendingStep(self, step, batch, sampled_pos, prompt_pos, prompt_top_n, results)
+        plan = self._sync(step)
+        batch = self._flat_batch(plan)
+        self._feed_placeholders(plan, batch, feed, previous if previous is not None else self._last)
+        sampled_pos, prompt_pos, prompt_top_n, results = self._run(plan, batch, before_sample)
+        pending = PendingStep(self, plan, batch, sampled_pos, prompt_pos, prompt_top_n, results)
+        self._last = pending
         return pending
 
-    def _flat_batch(self, step: ScheduledStep) -> FlatBatch:
-        batch = build_flat_batch(step, self.block_size, self.device)
+    def _flat_batch(self, plan: StepPlan) -> FlatBatch:
+        batch = build_flat_batch(plan, self.block_size, self.runtime)
         if self.shape_buckets is not None:
             from lmport.engine.static_shapes import pad_flat_batch
 
             batch = pad_flat_batch(batch, self.shape_buckets)
         return batch
 
-    def _run(self, step: ScheduledStep, batch: FlatBatch, before_sample: Callable[[], None] | None = None):
+    def _feed_placeholders(self, plan: StepPlan, batch: FlatBatch, feed, previous) -> None:
+        if not feed:
+            return
+        if previous is None or previous.token_ids is None:
+            raise RuntimeError("a step feeds tokens of a previous step that this runner did not launch")
+        starts = batch.metadata.query_start_loc_host
+        dst, src = _send([[starts[i] for i, _ in feed], [row for _, row in feed]], torch.int64, self.runtime)
+        batch.input_ids[dst] = previous.token_ids[src]
+
+    def _run(self, plan: StepPlan, batch: FlatBatch, before_sample: Callable[[], None] | None = None):
         """Forward, logits and sampling, all left on the device."""
-        for seq_id in step.released_seq_ids:
-            self._image_features.pop(seq_id, None)
         encoder = None
         if self._cross_groups:
-            encoder = self._cross_metadata(step, batch)
+            encoder = self._cross_metadata(plan, batch)
         if self._keyed_backends:  # each backend's per-step state, once per step (not per layer)
             meta = batch.metadata
             for group, backend in self._keyed_backends:
                 target = meta.group(group)
                 if backend.metadata_key not in target.prepared:
                     target.prepared[backend.metadata_key] = backend.prepare_metadata(target)
-        inputs_embeds = self._image_embeds(step, batch) if self._embeds_images else None
+        inputs_embeds = self._image_embeds(plan, batch) if self._embeds_images else None
         sampled_pos = [i for i, r in enumerate(batch.sample_rows) if r is not None]
-        rows = [self._sampling_row(step.entries[i].seq) for i in sampled_pos]
+        rows = [self._sampling_row(self._states[plan.entries[i].seq_id]) for i in sampled_pos]
         if before_sample is None:
             self.sampler.begin(rows)  # grammar masks: computed on the host while the forward runs
         hidden = self._forward(batch, inputs_embeds, encoder)
@@ -209,20 +251,20 @@ class PagedModelRunner(ModelExecutor):
             results += [out.token_ids, out.logprobs, out.top_ids, out.top_logprobs]
         prompt_top_n = 0
         if prompt_pos:
-            prompt_top_n = max(step.entries[i].seq.params.top_n_tokens for i in prompt_pos)
+            prompt_top_n = max(self._states[plan.entries[i].seq_id].params.top_n_tokens for i in prompt_pos)
             prompt_logits = logits[batch.prompt_index]
             results += list(compute_prompt_logprobs(prompt_logits, batch.prompt_targets, prompt_top_n))
         if batch.verify_entries:
-            results += self._verify(step, batch, logits[batch.verify_index])
+            results += self._verify(plan, batch, logits[batch.verify_index])
         return sampled_pos, prompt_pos, prompt_top_n, results
 
-    def _verify(self, step: ScheduledStep, batch: FlatBatch, logits: torch.Tensor) -> list[torch.Tensor | None]:
+    def _verify(self, plan: StepPlan, batch: FlatBatch, logits: torch.Tensor) -> list[torch.Tensor | None]:
         """The speculative entries' tokens (:func:`~lmport.engine.speculative.rejection.verify`):
         ``[tokens, num_accepted, logprobs, top ids, top logprobs]``, each ``[rows * (K + 1), ...]``
         flat but for ``num_accepted``. ``logits`` holds each entry's ``k + 1`` rows, in order."""
-        entries = [step.entries[i] for i in batch.verify_entries]
-        counts = [len(e.draft_token_ids) for e in entries]
-        rows = [self._sampling_row(e.seq) for e in entries]
+        entries = [plan.entries[i] for i in batch.verify_entries]
+        counts = [e.num_draft_tokens for e in entries]
+        rows = [self._sampling_row(self._states[e.seq_id]) for e in entries]
         # the plain sampler's processing (temperature, top-k, top-p ...), row by row: every
         # position of a row is processed as that row's one sampled position would be
         processed = self.sampler.process(logits, [row for row, k in zip(rows, counts) for _ in range(k + 1)])
@@ -231,11 +273,11 @@ class PagedModelRunner(ModelExecutor):
         index, drafts, offset = [], [], 0
         for entry, k in zip(entries, counts):
             index.extend(offset + min(j, k) for j in range(width))  # padding repeats the last row
-            drafts.extend(entry.draft_token_ids + [0] * (width - 1 - k))
+            drafts.extend(entry.token_ids[-k:] + [0] * (width - 1 - k))
             offset += k + 1
-        index_t, drafts_t = _send([index, drafts], torch.int64, self.device)
+        index_t, drafts_t = _send([index, drafts], torch.int64, self.runtime)
         padded = log_probs[index_t].view(len(entries), width, -1)
-        top_n = max(e.seq.params.top_n_tokens for e in entries)
+        top_n = max(r.params.top_n_tokens for r in rows)
         out = verify(padded, drafts_t.view(len(entries), width - 1), counts, [r.params.do_sample for r in rows],
                      [r.generator for r in rows], top_n=top_n)  # fmt: skip
         top_ids = out.top_ids.reshape(-1, out.top_ids.shape[-1]) if out.top_ids is not None else None
@@ -252,12 +294,12 @@ class PagedModelRunner(ModelExecutor):
             return self.graph_runner.run(batch.input_ids, batch.positions, self.kv_caches, meta)
         return self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
 
-    def _image_embeds(self, step: ScheduledStep, batch: FlatBatch) -> torch.Tensor | None:
+    def _image_embeds(self, plan: StepPlan, batch: FlatBatch) -> torch.Tensor | None:
         """The step's input embeddings with image features written over the image tokens this
         step feeds; None when it feeds none (then the model embeds the ids itself)."""
         embeds = None
-        for i, entry in enumerate(step.entries):
-            images = entry.seq.images
+        for i, entry in enumerate(plan.entries):
+            images = self._states[entry.seq_id].images
             if images is None or not entry.is_prefill:
                 continue
             begin, end = entry.start, entry.start + entry.num_new_tokens
@@ -273,7 +315,7 @@ class PagedModelRunner(ModelExecutor):
                 offset += stop - start
             if not rows:
                 continue
-            seq_id = entry.seq.seq_id
+            seq_id = entry.seq_id
             features = self._image_features.get(seq_id)
             if features is None:
                 features = self.model.encode_images(images)
@@ -288,39 +330,37 @@ class PagedModelRunner(ModelExecutor):
             embeds[index[0]] = features[index[1]].to(embeds.dtype)
         return embeds
 
-    def _cross_metadata(self, step: ScheduledStep, batch: FlatBatch) -> EncoderBatch | None:
+    def _cross_metadata(self, plan: StepPlan, batch: FlatBatch) -> EncoderBatch | None:
         """Add each cross group's metadata to the step's; the encoder's batch for sequences not encoded yet.
 
         A sequence is encoded once per admission: a preempted one (its cross blocks freed) is
         released, forgotten here, and encoded again when it comes back.
         """
-        for seq_id in step.released_seq_ids:
-            self._encoded.discard(seq_id)
         meta = batch.metadata
         bs = self.block_size
-        seqs = [e.seq for e in step.entries]
-        lens = [seq.cross_kv_len for seq in seqs]
-        width = max((len(seq.cross_block_table) for seq in seqs), default=0)
-        tables = [seq.cross_block_table + [0] * (width - len(seq.cross_block_table)) for seq in seqs]
-        new = [i for i, seq in enumerate(seqs) if seq.seq_id not in self._encoded and seq.cross_kv_len]
+        entries = plan.entries
+        states = [self._states[e.seq_id] for e in entries]
+        lens = [state.cross_kv_len for state in states]
+        width = max((len(e.cross_block_table) for e in entries), default=0)
+        tables = [e.cross_block_table + [0] * (width - len(e.cross_block_table)) for e in entries]
+        new = [i for i, e in enumerate(entries) if e.seq_id not in self._encoded and states[i].cross_kv_len]
         enc_ids: list[int] = []
         enc_slots: list[int] = []
         enc_starts = [0]
         for i in new:
-            seq = seqs[i]
-            if isinstance(seq.encoder_input, list):  # token ids (T5); other inputs go as they are
-                enc_ids.extend(seq.encoder_input)
-            table = seq.cross_block_table
-            enc_slots.extend(table[p // bs] * bs + p % bs for p in range(seq.cross_kv_len))
+            if isinstance(states[i].encoder_input, list):  # token ids (T5); other inputs go as they are
+                enc_ids.extend(states[i].encoder_input)
+            table = entries[i].cross_block_table
+            enc_slots.extend(table[p // bs] * bs + p % bs for p in range(states[i].cross_kv_len))
             enc_starts.append(len(enc_slots))
         key_ranges = None
-        if any(seq.cross_key_ranges is not None for seq in seqs):
-            key_ranges = _key_ranges(step.entries)
-        lens_t, tables_t = _send([lens, [b for row in tables for b in row]], torch.int32, self.device)
+        if any(state.cross_key_ranges is not None for state in states):
+            key_ranges = _key_ranges(entries, states)
+        lens_t, tables_t = _send([lens, [b for row in tables for b in row]], torch.int32, self.runtime)
         cross = AttentionMetadata(
             query_start_loc=meta.query_start_loc,
             seq_lens=lens_t,
-            block_tables=tables_t.view(len(seqs), width),
+            block_tables=tables_t.view(len(entries), width),
             slot_mapping=meta.slot_mapping[:0],
             query_start_loc_host=meta.query_start_loc_host,
             seq_lens_host=lens,
@@ -329,67 +369,81 @@ class PagedModelRunner(ModelExecutor):
             block_size=bs,
         )
         if key_ranges is not None:
-            (ranges_t,) = _send([key_ranges], torch.int32, self.device)
+            (ranges_t,) = _send([key_ranges], torch.int32, self.runtime)
             cross.key_ranges = ranges_t.view(-1, 2)
         meta.groups = [cross if g.kind == CROSS else meta for g in self.kv_groups]
         if not new:
             return None
-        self._encoded.update(seqs[i].seq_id for i in new)
-        ids_t, slots_t = _send([enc_ids, enc_slots], torch.int64, self.device)
-        inputs = [seqs[i].encoder_input for i in new]
+        self._encoded.update(entries[i].seq_id for i in new)
+        ids_t, slots_t = _send([enc_ids, enc_slots], torch.int64, self.runtime)
+        inputs = [states[i].encoder_input for i in new]
         return EncoderBatch(input_ids=ids_t, slot_mapping=slots_t, query_start_loc_host=enc_starts, inputs=inputs)
 
-    def _sampling_row(self, seq) -> SamplingRow:
-        if seq.generator is None and seq.seed is not None and seq.params.do_sample:
-            seq.generator = make_generator(seq.seed, self.device)
-        return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator, seq.processors)
+    def _sampling_row(self, state: "_SequenceState") -> SamplingRow:
+        if state.generator is None and state.seed is not None and state.params.do_sample:
+            state.generator = make_generator(state.seed, self.device)
+        return SamplingRow(state.params, state.prompt_token_ids, state.output_token_ids, state.generator, state.processors)
 
-    def _unpack(self, step, batch, sampled_pos, prompt_pos, prompt_top_n, host) -> ExecutorOutput:
-        sampled: list[SampledToken | None] = [None] * len(step.entries)
-        prompt: list[PromptLogprobs | None] = [None] * len(step.entries)
+    def _unpack(self, plan: StepPlan, batch, sampled_pos, prompt_pos, prompt_top_n, host) -> ExecutorOutput:
+        entries = plan.entries
+        sampled: list[SampledToken | None] = [None] * len(entries)
+        prompt: list[PromptLogprobs | None] = [None] * len(entries)
         if sampled_pos:
             token_ids, logprobs, top_ids, top_lps = host[:4]
             host = host[4:]
             for j, i in enumerate(sampled_pos):
-                n = step.entries[i].seq.params.top_n_tokens
-                sampled[i] = SampledToken(int(token_ids[j]), logprobs[j], _top_tokens(top_ids, top_lps, j, n))
+                state = self._states.get(entries[i].seq_id)
+                n = state.params.top_n_tokens if state is not None else 0
+                top = _top_tokens(top_ids, top_lps, j, n)
+                token = int(token_ids[j])
+                sampled[i] = SampledToken(token, logprobs[j], top)
+                if state is not None:
+                    state.output_token_ids.append(token)  # what a penalty reads next time
         if prompt_pos:
             logprobs, top_ids, top_lps = host[:3]
             k = 0
             for i in prompt_pos:
-                entry, rows = step.entries[i], batch.prompt_rows[i]
-                n = entry.seq.params.top_n_tokens
+                entry, rows = entries[i], batch.prompt_rows[i]
+                state = self._states.get(entry.seq_id)
+                n = state.params.top_n_tokens if state is not None else 0
                 tops = [_top_tokens(top_ids, top_lps, k + r, n) for r in range(len(rows))]
                 positions = list(entry.prompt_rows())
                 prompt[i] = PromptLogprobs(positions, logprobs[k : k + len(rows)], tops)
                 k += len(rows)
             host = host[3:]
-        runs = self._unpack_verify(step, batch, host, sampled) if batch.verify_entries else None
+        runs = self._unpack_verify(plan, batch, host, sampled) if batch.verify_entries else None
         return ExecutorOutput(sampled=sampled, prompt_logprobs=prompt, runs=runs)
 
-    def _unpack_verify(self, step, batch, host, sampled) -> list[list[SampledToken] | None]:
+    def _unpack_verify(self, plan: StepPlan, batch, host, sampled) -> list[list[SampledToken] | None]:
         token_ids, num_accepted, logprobs, top_ids, top_lps = host
-        runs: list[list[SampledToken] | None] = [None] * len(step.entries)
+        runs: list[list[SampledToken] | None] = [None] * len(plan.entries)
         width = len(token_ids) // len(batch.verify_entries)
         for r, i in enumerate(batch.verify_entries):
-            n = step.entries[i].seq.params.top_n_tokens
+            state = self._states.get(plan.entries[i].seq_id)
+            n = state.params.top_n_tokens if state is not None else 0
             run = []
             for j in range(r * width, r * width + int(num_accepted[r]) + 1):
                 run.append(SampledToken(int(token_ids[j]), logprobs[j], _top_tokens(top_ids, top_lps, j, n)))
+            if state is not None:
+                state.output_token_ids.extend(t.token_id for t in run)
             runs[i] = run
             sampled[i] = run[0]
         return runs
 
 
-def _key_ranges(entries) -> list[int]:
+def _top_tokens(top_ids, top_lps, row: int, n: int) -> list[tuple[int, float]]:
+    """Row ``row``'s best ``n`` (id, logprob) pairs from the host copies ([] when none were asked)."""
+    return list(zip(map(int, top_ids[row][:n]), top_lps[row][:n])) if n and top_ids is not None else []
+
+
+def _key_ranges(entries, states) -> list[int]:
     """Every token's cross key range of this step, flat ``[start0, end0, start1, ...]``: a
     position past its sequence's ``cross_key_ranges`` (the generated tokens) takes the last one."""
     flat: list[int] = []
-    for entry in entries:
-        seq = entry.seq
-        table = seq.cross_key_ranges
+    for entry, state in zip(entries, states):
+        table = state.cross_key_ranges
         if table is None:
-            flat.extend((0, seq.cross_kv_len) * entry.num_new_tokens)
+            flat.extend((0, state.cross_kv_len) * entry.num_new_tokens)
             continue
         last = len(table) - 1
         for p in range(entry.start, entry.start + entry.num_new_tokens):
@@ -397,9 +451,23 @@ def _key_ranges(entries) -> list[int]:
     return flat
 
 
-def _top_tokens(top_ids, top_lps, row: int, n: int) -> list[tuple[int, float]]:
-    """Row ``row``'s best ``n`` (id, logprob) pairs from the host copies ([] when none were asked)."""
-    return list(zip(map(int, top_ids[row][:n]), top_lps[row][:n])) if n and top_ids is not None else []
+class _SequenceState:
+    """What the runner keeps per sequence between steps (from the plan's ``new`` delta)."""
+
+    __slots__ = ("params", "prompt_token_ids", "output_token_ids", "seed", "generator", "images", "encoder_input",
+                 "cross_kv_len", "cross_key_ranges", "processors")  # fmt: skip
+
+    def __init__(self, new: NewSequence) -> None:
+        self.params = new.params
+        self.prompt_token_ids = new.prompt_token_ids
+        self.output_token_ids = list(new.output_token_ids)
+        self.seed = new.seed
+        self.generator = None
+        self.images = new.images
+        self.encoder_input = new.encoder_input
+        self.cross_kv_len = new.cross_kv_len
+        self.cross_key_ranges = new.cross_key_ranges
+        self.processors = new.processors
 
 
 def _map_groups(physical: list[KVCache], groups) -> list[KVCache]:
@@ -435,7 +503,7 @@ class PendingStep:
         self._host = self._event = None
         self._output: ExecutorOutput | None = None
         if results is not None:
-            self._host, self._event = _start_copy(results)
+            self._host, self._event = _start_copy(results, runner.runtime)
 
     def result(self) -> ExecutorOutput:
         if self._output is None:
@@ -452,18 +520,10 @@ class PendingStep:
         return self._output
 
 
-def _start_copy(tensors: list[torch.Tensor | None]) -> tuple[torch.Tensor, Any]:
+def _start_copy(tensors: list[torch.Tensor | None], runtime: DeviceRuntime) -> tuple[torch.Tensor, Any]:
     """Pack ``tensors`` into one float64 buffer and start copying it to (pinned) host memory."""
     flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors if t is not None])
-    if flat.device.type == "cpu":
-        return flat, None
-    if flat.device.type != "cuda":  # (ROCm is "cuda" too) other devices: a plain blocking copy
-        return flat.cpu(), None
-    host = torch.empty(flat.shape, dtype=torch.float64, pin_memory=True)
-    host.copy_(flat, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
+    return runtime.start_copy_to_host(flat)
 
 
 def _to_host(tensors: list[torch.Tensor | None]) -> list[list | None]:

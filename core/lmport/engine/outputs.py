@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmport.engine.api import FinishReason, RequestOutput, TokenInfo
-from lmport.engine.batch import PromptLogprobs, SampledToken
+from lmport.executor import PromptLogprobs, SampledToken
 from lmport.engine.detokenizer import IncrementalDetokenizer, push_batch, token_text
 from lmport.engine.sequence import Sequence
 from lmport.engine.stopping import StopCriteria

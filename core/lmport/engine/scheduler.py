@@ -51,6 +51,8 @@ class Scheduler:
         self.steps_since_admission = 0
         self.num_preemptions = 0
         self._released: list[int] = []
+        self._finished: list[int] = []
+        self._announced: set[int] = set()  # sequences a plan named as new (the executor holds state for them)
         # speculative decoding: how many draft tokens a decoding sequence may get (their KV slots
         # are reserved with its token's); None: no speculation
         self.lookahead: Callable[[Sequence], int] | None = None
@@ -70,6 +72,9 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq)
         self._released.append(seq.seq_id)
+        if seq.seq_id in self._announced:
+            self._announced.discard(seq.seq_id)
+            self._finished.append(seq.seq_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -125,7 +130,13 @@ class Scheduler:
 
     def _step(self, entries: list[ScheduledSequence]) -> ScheduledStep:
         released, self._released = self._released, []
-        return ScheduledStep(entries=entries, released_seq_ids=released, block_table_rows=self.block_manager.rows.array)
+        finished: list[int] = []
+        if entries:  # an empty step is never run: its executor hears of them with the next one
+            finished, self._finished = self._finished, []
+        new = [e.seq for e in entries if e.seq.seq_id not in self._announced]
+        self._announced.update(seq.seq_id for seq in new)
+        return ScheduledStep(entries=entries, released_seq_ids=released, block_table_rows=self.block_manager.rows.array,
+                             new_seqs=new, finished_seq_ids=finished)
 
     def _schedule_prefill_only(self) -> ScheduledStep | None:
         """``fixed_slots``: a step of prefills only (a resumed sequence's rest, then newcomers

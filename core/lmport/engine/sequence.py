@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmport.engine.api import FinishReason, ImageInputs, SamplingParams
+from lmport.plan import PLACEHOLDER  # noqa: F401  (an out-of-vocabulary id: fed to a model by mistake, it fails loudly)
 
 
 class SequenceStatus(enum.Enum):
@@ -159,6 +160,3 @@ class Sequence:
         self.output_token_ids[position - self.num_prompt_tokens] = token_id
         self.num_placeholders -= 1
         self._advance(token_id)
-
-
-PLACEHOLDER = -1  # an out-of-vocabulary id: fed to a model by mistake, it fails loudly

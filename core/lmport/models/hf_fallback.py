@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import torch
 
-from lmport.engine.executor import ModelExecutor
+from lmport.executor import ModelExecutor
 from lmport.layers.attention import AttentionBackend, AttentionMetadata, AttentionSpec, KVCache, KVCacheSpec
 from lmport.models.base import CausalLM, ModelInfo
 from lmport.models.hf_attention import LayerProbe, LayerShape, PagedStep, register_paged_attention

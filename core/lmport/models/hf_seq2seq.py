@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from lmport.engine.batch import ExecutorOutput, SampledToken, ScheduledStep
-from lmport.engine.executor import ModelExecutor
+from lmport.engine.batch import ScheduledStep
+from lmport.executor import ExecutorOutput, ModelExecutor, SampledToken
 from lmport.engine.sampling.sampler import Sampler
 from lmport.engine.sampling.state import SamplingRow, make_generator
 from lmport.layers.attention import KVCacheSpec

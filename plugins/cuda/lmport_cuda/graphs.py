@@ -18,7 +18,7 @@ import torch
 
 from lmport.capabilities import Capabilities
 from lmport.config import LaunchConfig
-from lmport.engine.graphs import DecodeGraphRunner, StaticDecodeMetadata
+from lmport.graphs import DecodeGraphRunner, StaticDecodeMetadata
 from lmport.layers.attention import Attention, AttentionMetadata, KVCache
 from lmport.models.base import CausalLM
 
@@ -41,7 +41,7 @@ def graph_batch_sizes(config: LaunchConfig, capabilities: Capabilities | None = 
 
 class StaticDecodeBatch:
     """The fixed-address inputs of a decode step: token ids and positions here, the attention
-    metadata in the core's :class:`~lmport.engine.graphs.StaticDecodeMetadata` (its layout,
+    metadata in the core's :class:`~lmport.graphs.StaticDecodeMetadata` (its layout,
     KV groups and backends' per-step state are the core's and the backends' business)."""
 
     def __init__(self, max_batch: int, max_blocks: int, block_size: int, device: torch.device, model: CausalLM | None = None):

@@ -137,5 +137,19 @@ def lmport_weights_loader(quant):
 
 
 @hookimpl(trylast=True)
+def lmport_device_runtime(device):
+    from lmport.runtime import DeviceRuntime
+
+    return DeviceRuntime(device)
+
+
+@hookimpl(trylast=True)
+def lmport_distributed_backend(device_type):
+    from lmport.distributed import DistributedSpec
+
+    return DistributedSpec(backend="gloo") if device_type == "cpu" else None
+
+
+@hookimpl(trylast=True)
 def lmport_server_info(capabilities):
     return {"torch_version": torch.__version__, "backend": capabilities.backend}
