@@ -43,6 +43,10 @@ class LaunchConfig:
     block_size: int | None = None  # None: the attention backend's choice
     kv_cache_dtype: str | None = None
     num_shard: int = 1
+    # tensor parallelism (TGI's --sharded): True shards over every visible device, or --num-shard;
+    # False refuses --num-shard > 1; None: shard when --num-shard > 1
+    sharded: bool | None = None
+    num_shard_given: bool = False  # --num-shard was on the command line (with --sharded: that many ranks)
     # schedule and launch step N+1 before step N's tokens reach the host, so the host's work
     # overlaps the device's. None: on for accelerators, off on CPU (where the "device" is the
     # host itself and nothing would overlap)

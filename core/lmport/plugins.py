@@ -121,6 +121,11 @@ class PluginHost:
         self.fallbacks: list[str] = []
         self._loaded = False
 
+    @property
+    def loads_entry_points(self) -> bool:
+        """Whether :meth:`load` registers installed plugins (a worker process's host does the same)."""
+        return self._load_entry_points
+
     # ------------------------------------------------------------------ loading
 
     def load(self) -> "PluginHost":

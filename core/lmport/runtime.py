@@ -26,6 +26,17 @@ class DeviceRuntime:
         """The device worker ``local_rank`` runs on (the CPU has one device for every rank)."""
         return self.device if self.on_host else torch.device(self.device.type, local_rank)
 
+    def device_count(self) -> int:
+        """How many devices of this type the process sees (the CPU: one)."""
+        if self.on_host:
+            return 1
+        return torch.accelerator.device_count() if hasattr(torch, "accelerator") else 1
+
+    def use(self) -> None:
+        """Make ``device`` this process's current device (a worker's, before it builds its slice)."""
+        if not self.on_host and self.device.index is not None and hasattr(torch, "accelerator"):
+            torch.accelerator.set_device_index(self.device.index)
+
     def host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A host buffer to copy to the device from: pinned where the device is not the host."""
         return torch.empty(numel, dtype=dtype, pin_memory=not self.on_host)

@@ -97,10 +97,14 @@ def test_hostname_from_the_environment_must_be_an_address():
 def test_bad_values_and_sharding_are_clear_errors():
     with pytest.raises(FlagError, match="PORT='x'"):
         parse([], {"PORT": "x"})
-    with pytest.raises(FlagError, match="not implemented in lmport yet.*--num-shard 2"):
-        parse(["--num-shard", "2"])
-    with pytest.raises(FlagError, match="not implemented"):
-        parse([], {"NUM_SHARD": "4"})
+    with pytest.raises(FlagError, match="--sharded false contradicts --num-shard 2"):
+        parse(["--num-shard", "2", "--sharded", "false"])
+    with pytest.raises(FlagError, match="at least 1"):
+        parse([], {"NUM_SHARD": "0"})
+    config = parse([], {"NUM_SHARD": "4"}).config
+    assert config.num_shard == 4 and config.num_shard_given and config.sharded is None
+    config = parse(["--sharded", "true"]).config
+    assert config.sharded and not config.num_shard_given
 
 
 def test_tgi_only_flags_are_accepted_with_a_warning():

@@ -148,8 +148,11 @@ FLAGS: tuple[Flag, ...] = (
          "most images one prompt may hold (models that take images)"),
     Flag(("--max-image-bytes",), ("LMPORT_MAX_IMAGE_BYTES",), "max_image_bytes", int, 10 * 2**20,
          "largest image, encoded, in bytes (a data URI's or a fetched body's)"),
-    Flag(("--num-shard",), ("NUM_SHARD",), "num_shard", int, 1, "devices to shard the model over (only 1 for now)"),
-    Flag(("--sharded",), ("SHARDED",), "sharded", parse_bool, help="TGI's switch for sharding (only false for now)"),
+    Flag(("--num-shard",), ("NUM_SHARD",), "num_shard", int, 1,
+         "tensor-parallel shards: one process per device (on the CPU: processes joined through gloo)"),
+    Flag(("--sharded",), ("SHARDED",), "sharded", parse_bool,
+         help="TGI's switch: true shards over every visible device (or --num-shard of them; "
+              "with --num-shard 1 one rank through the worker path); false refuses --num-shard > 1"),
     Flag(("--backend",), ("LMPORT_BACKEND",), "backend", help="force a backend plugin (see `lmport backends`)"),
     Flag(("--tokenizer-config-path",), ("TOKENIZER_CONFIG_PATH",), "tokenizer_config_path",
          help="a tokenizer_config.json whose `chat_template` replaces the checkpoint's"),
@@ -172,7 +175,7 @@ IGNORED_FLAGS: tuple[tuple[str, str], ...] = (
 )
 IGNORED_SWITCHES: tuple[str, ...] = ("--enable-prefill-logprobs", "--disable-usage-stats", "--disable-crash-reports")
 
-LAUNCHER_ONLY = {"sharded", "tokenizer_config_path", "graceful_shutdown_timeout"}
+LAUNCHER_ONLY = {"tokenizer_config_path", "graceful_shutdown_timeout"}
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -232,6 +235,7 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> La
             warnings.append(f"{name} has no effect in lmport")
     check_sharding(values.get("num_shard"), values.get("sharded"))
     fields = {k: v for k, v in values.items() if k not in LAUNCHER_ONLY}
+    fields["num_shard_given"] = getattr(args, "num_shard", None) is not None or bool(environ.get("NUM_SHARD"))
     if fields.get("cuda_graphs") is None:
         fields.pop("cuda_graphs", None)
     return LaunchSettings(
@@ -245,12 +249,8 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> La
 def check_sharding(num_shard: int | None, sharded: bool | None) -> None:
     if num_shard is not None and num_shard < 1:
         raise FlagError(f"--num-shard must be at least 1. Given: {num_shard}")
-    if (num_shard or 1) > 1 or sharded:
-        raise FlagError(
-            f"sharding a model over several devices is not implemented in lmport yet "
-            f"(--num-shard {num_shard or 1}{', --sharded true' if sharded else ''}); run with --num-shard 1, "
-            "or start one server per device behind a load balancer"
-        )
+    if (num_shard or 1) > 1 and sharded is False:
+        raise FlagError(f"--sharded false contradicts --num-shard {num_shard}: leave --sharded out, or run one shard")
 
 
 def _is_listen_address(value: str) -> bool:

@@ -80,10 +80,14 @@ class AsyncEngine(StreamingFrontend):
         if self._thread is not None:
             self._thread.join(timeout)
         self._fail_streams(EngineDeadError("the engine is shutting down"))
+        self.engine.close()
 
     @property
     def is_healthy(self) -> bool:
-        return self._error is None and not self._stopping and (self._thread is None or self._thread.is_alive())
+        return (
+            self._error is None and not self._stopping and (self._thread is None or self._thread.is_alive())
+            and self.engine.executor_failure() is None
+        )  # fmt: skip
 
     def stats(self) -> EngineStats:
         """The counts after the last step (read without stopping the loop)."""
@@ -116,6 +120,9 @@ class AsyncEngine(StreamingFrontend):
         engine = self.engine
         while not self._stopping:
             self._wake.clear()
+            failure = engine.executor_failure()
+            if failure is not None:  # the executor cannot recover (a worker died): every request fails
+                raise EngineDeadError(failure)
             try:
                 self._drain_inbox()  # an abort is engine bookkeeping too
                 if not engine.has_unfinished():

@@ -435,7 +435,10 @@ class _ChildLoop:
     def run(self) -> None:
         threading.Thread(target=self._receive, name="lmport-engine-inbox", daemon=True).start()
         try:
-            self._loop()
+            try:
+                self._loop()
+            finally:
+                self.engine.close()
         except (BrokenPipeError, ConnectionResetError, EOFError):
             log.warning("the parent process is gone; the engine process exits")
         except BaseException as exc:  # tell the parent why before exiting: its streams are waiting
@@ -461,6 +464,9 @@ class _ChildLoop:
         last_stats = None
         while not self.stopping:
             self.wake.clear()
+            failure = engine.executor_failure()
+            if failure is not None:  # a tensor-parallel worker died: this engine cannot go on
+                raise RuntimeError(failure)
             outputs: list[RequestOutput] = []
             try:
                 self._drain_inbox(outputs)  # an abort is engine bookkeeping too

@@ -8,6 +8,7 @@ memory left after the weights -> engine.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from lmport.engine.llm_engine import LLMEngine
 from lmport.engine.model_runner import PagedModelRunner
 from lmport.engine.constraints import ProcessorContext, prepare as prepare_constraints, processor_resolver
 from lmport.engine.stopping import eos_token_ids
+from lmport.distributed import UNSHARDED, ShardInfo
 from lmport.layers.attention import KVCacheSpec
 from lmport.models.base import ModelInfo
 from lmport.models.loader import build_native_model
@@ -59,7 +61,9 @@ def build_engine(config: LaunchConfig, host: Any, source: ModelSource | None = N
     return AsyncEngine(engine), tokenizer, info
 
 
-def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None = None) -> tuple[LLMEngine, Any, ModelInfo]:
+def build_llm_engine(
+    config: LaunchConfig, host: Any, source: ModelSource | None = None, *, shard: ShardInfo | None = None
+) -> tuple[LLMEngine, Any, ModelInfo]:
     """The synchronous engine, tokenizer and model info for ``config`` on ``host``'s backend.
 
     Applies the backend's config adjustments itself, so pass the config as the user gave it.
@@ -67,6 +71,9 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
     log it); without it the model id is resolved here by the same
     :func:`~lmport.models.resolve.resolve_model_source`: a folder, a ``.gguf``, a hub id, or
     nothing for the default model.
+
+    ``shard``: build this process as one rank of a tensor-parallel group that it joined itself,
+    with no workers (every rank then runs its own engine on the same requests; tests use it).
     """
     started = time.monotonic()
     if host.selection is None:
@@ -90,12 +97,26 @@ def build_llm_engine(config: LaunchConfig, host: Any, source: ModelSource | None
     log.info("dtype %s on %s", str(dtype).removeprefix("torch."), device)
 
     quant = check_quantization(config, info, host)
-    executor = build_executor(config, host, info, dtype, device, quant)
+    world = shard_world_size(config, host) if shard is None else None
+    if world is None:
+        executor = build_executor(config, host, info, dtype, device, quant, shard=shard or UNSHARDED)
+    else:
+        from lmport.engine.sharded import ShardedExecutor
+
+        executor = ShardedExecutor.start(
+            dataclasses.replace(config, num_shard=world), host, source,
+            lambda shard, rank_device: build_executor(config, host, info, dtype, rank_device, quant, shard=shard),
+        )  # fmt: skip
+        device = executor.runner.device
     spec: KVCacheSpec = executor.kv_cache_spec()
     draft = build_draft_runner(config, host, info, tokenizer, dtype, device, executor)  # before sizing: its weights count
     max_positions = model_max_positions(info.hf_config)
     extra = draft.kv_cache_spec().bytes_per_block() if draft is not None else 0
     num_blocks = size_kv_cache(config, host, spec, device, max_positions, extra_bytes_per_block=extra)
+    if world is not None:
+        num_blocks = executor.min_kv_blocks(num_blocks, max_positions)
+    elif shard is not None:
+        num_blocks = shard.comm.all_min(num_blocks)
     limits = resolve_limits(
         config,
         max_positions=max_positions,
@@ -195,6 +216,32 @@ def build_speculator(config: LaunchConfig, executor: Any, draft: PagedModelRunne
     return Speculator(NgramStepProposer(NgramProposer()), k, "ngram")
 
 
+def shard_world_size(config: LaunchConfig, host: Any) -> int | None:
+    """How many tensor-parallel ranks to run (None: one process, no workers).
+
+    ``--num-shard N`` above 1 shards over N devices; ``--sharded true`` alone shards over every
+    device of the backend's type the process sees (on the CPU, or with ``--num-shard 1``: one
+    rank, through the worker path all the same).
+    """
+    if config.num_shard > 1:
+        return config.num_shard
+    if config.sharded:
+        runtime = host.device_runtime(torch.device(host.capabilities().device_type))
+        return config.num_shard if config.num_shard_given else runtime.device_count()
+    return None
+
+
+def build_rank_runner(config: LaunchConfig, host: Any, source: ModelSource, shard: ShardInfo, device: torch.device):
+    """A worker's (rank >= 1) slice of the model on its runner, by the same steps as rank 0's; and the adjusted config."""
+    host.set_custom_kernels(not config.disable_custom_kernels)
+    config, _ = host.adjust_config(config)
+    caps = host.capabilities()
+    info = model_info_for(source, config.trust_remote_code)
+    dtype = pick_dtype(config.dtype, info.hf_config, device, caps)
+    quant = check_quantization(config, info, host)
+    return build_executor(config, host, info, dtype, device, quant, shard=shard), config
+
+
 def wants_async_scheduling(config: LaunchConfig, device: torch.device) -> bool:
     """``--async-scheduling``, or by default: on for an accelerator (the host's work overlaps the
     device's), off on the CPU (there the "device" is the host: nothing would overlap)."""
@@ -266,14 +313,16 @@ def check_quantization(config: LaunchConfig, info: ModelInfo, host: Any) -> tupl
 
 
 def build_executor(
-    config: LaunchConfig, host: Any, info: ModelInfo, dtype: torch.dtype, device: torch.device, quant: Any = (None, None)
-) -> ModelExecutor:
+    config: LaunchConfig, host: Any, info: ModelInfo, dtype: torch.dtype, device: torch.device, quant: Any = (None, None),
+    shard: ShardInfo = UNSHARDED,
+) -> ModelExecutor:  # fmt: skip
     """A backend's whole-model executor, else the native model or the transformers fallback on the paged runner.
 
     ``quant``: ``(QuantizationMethod, QuantizationConfig)`` from :func:`check_quantization`, or ``(None, None)``.
+    ``shard``: a tensor-parallel rank's slice (native families only).
     """
     method, quantization = quant
-    executor = host.model_executor(info, config)
+    executor = host.model_executor(info, config) if not shard.sharded else None
     if executor is not None:
         log.info("backend '%s' runs the whole model (%s)", host.backend.name, type(executor).__name__)
         return executor
@@ -282,7 +331,11 @@ def build_executor(
     if block_size not in caps.kv_block_sizes:
         raise ValueError(f"block size {block_size} is not supported by backend '{caps.backend}': {caps.kv_block_sizes}")
     # A GGUF of a native family is dequantized once into a safetensors cache; others go through transformers.
-    model = build_native_model(info, host, dtype=dtype, device=device, quant_method=method, quantization=quantization)
+    model = build_native_model(info, host, dtype=dtype, device=device, quant_method=method, quantization=quantization,
+                               shard=shard)  # fmt: skip
+    if model is None and shard.sharded:
+        raise ValueError(f"--num-shard {shard.world_size}: {info.architecture} has no native lmport family, and "
+                         "the transformers fallback does not shard; run it with one shard")  # fmt: skip
     if model is not None:
         log.info("native model for %s loaded", info.architecture)
     elif method is not None:

@@ -180,6 +180,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
+    def executor_failure(self) -> str | None:
+        """Why the executor can run no more steps (a tensor-parallel worker died), or None."""
+        failure = getattr(self.executor, "failure", None)
+        return failure() if failure is not None else None
+
+    def close(self) -> None:
+        """Release what the executor holds outside this process (tensor-parallel workers)."""
+        close = getattr(self.executor, "close", None)
+        if close is not None:
+            close()
+
     @property
     def num_requests(self) -> int:
         return len(self._requests)

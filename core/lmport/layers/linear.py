@@ -15,6 +15,13 @@ here; GPTQ, AWQ, fp8, compressed-tensors, bitsandbytes, EETQ in :mod:`lmport.lay
 - ``apply(layer, x)`` runs the kernel, through the backend's :class:`~lmport.layers.ops.LayerOps`
   (``linear``, ``linear_wq``, ``linear_fp8``), so every family gets the backend's GEMM/GEMV.
 
+Tensor parallelism: ``parallel="column"`` splits the outputs (each rank computes its slice of
+N; a merged layer splits every named shard, and ``shard_heads`` names shards made of heads:
+KV heads fewer than the ranks are replicated, one per rank); ``parallel="row"`` splits the
+inputs and all-reduces the output (``reduce=False`` leaves the partial sum to the caller, as a
+mixture of experts sums its experts first). Both take the rank from
+:func:`lmport.layers.parallel.current_shard`; outside a sharded build they hold everything.
+
 Models never name ``nn.Linear``; :func:`lmport.layers.weight_loading.load_checkpoint` calls
 :meth:`Linear.load` and, once every tensor is in, :meth:`Linear.finish_loading`.
 """
@@ -28,6 +35,7 @@ import torch
 from torch import nn
 
 from lmport.layers.ops import UsesLayerOps
+from lmport.layers.parallel import current_shard
 from lmport.layers.prepacked_linear import forget_packed
 
 if TYPE_CHECKING:
@@ -139,16 +147,33 @@ class Linear(UsesLayerOps, nn.Module):
         quantizable: bool = True,
         partition: Partition | None = None,
         output_order: torch.Tensor | None = None,
+        parallel: str | None = None,
+        shard_heads: Mapping[str, int] | None = None,
+        reduce: bool = True,
     ):
         super().__init__()
+        shard = current_shard()
+        if partition is None and parallel is not None and shard.sharded:
+            if parallel not in ("column", "row"):
+                raise ValueError(f"parallel={parallel!r}: 'column' or 'row'")
+            partition = Partition(shard.rank, shard.world_size, "output" if parallel == "column" else "input")
         self.partition = partition or Partition()
+        self.comm = shard.comm if self.partition.world > 1 else None
+        self.reduce = reduce and self.partition.dim == "input" and self.partition.world > 1
         world = self.partition.world
         sizes = dict(out_features) if isinstance(out_features, Mapping) else None
+        self.shard_heads = dict(shard_heads or {})
+        self._replicated: dict[str, int] = {}  # shard -> heads it has (fewer than the ranks: one per rank)
         if self.partition.dim == "output":
             for name, size in (sizes or {"out_features": out_features}).items():
-                if size % world:
+                heads = self.shard_heads.get(name)
+                if heads is not None and heads < world and world % heads == 0 and size % heads == 0:
+                    self._replicated[name] = heads
+                elif size % world:
                     raise ValueError(f"{name} = {size} does not split over {world} ranks")
-            sizes = {name: size // world for name, size in sizes.items()} if sizes else None
+            if sizes:
+                sizes = {name: size // self._replicated[name] if name in self._replicated else size // world
+                         for name, size in sizes.items()}  # fmt: skip
             out = sum(sizes.values()) if sizes else out_features // world
             self.in_features = in_features
         else:
@@ -239,6 +264,8 @@ class Linear(UsesLayerOps, nn.Module):
 
     def load(self, name: str, tensor: torch.Tensor, shard: Hashable | None = None) -> None:
         """Load checkpoint tensor ``tensor`` into parameter ``name`` (``shard``: which output part)."""
+        if name == "bias" and self.partition.dim == "input" and self.partition.rank != 0 and self.reduce:
+            tensor = torch.zeros_like(tensor)  # a row-parallel bias is added once, by rank 0, before the sum
         if name == "bias":
             self.load_param(name, tensor, shard, WeightSpec(output_dim=0))
         elif name in self.weight_specs:
@@ -286,9 +313,24 @@ class Linear(UsesLayerOps, nn.Module):
             return tensor
         if part.dim == "output" and shard is None and self.shard_sizes:
             # a whole merged tensor: this rank's rows of each part, concatenated
-            sizes = [size * part.world // spec.output_pack for size in self.shard_sizes.values()]
-            return torch.cat([piece.chunk(part.world, dim)[part.rank] for piece in tensor.split(sizes, dim)], dim)
-        return tensor.chunk(part.world, dim)[part.rank]
+            names = list(self.shard_sizes)
+            sizes = [self._whole_rows(n) // spec.output_pack for n in names]
+            return torch.cat([self._rank_piece(piece, dim, n) for n, piece in zip(names, tensor.split(sizes, dim))], dim)
+        if part.dim == "output" and shard is not None:
+            return self._rank_piece(tensor, dim, shard)
+        return _chunk(tensor, part.world, dim, part.rank)
+
+    def _whole_rows(self, shard: Hashable) -> int:
+        heads = self._replicated.get(shard)
+        return self.shard_sizes[shard] * (heads if heads else self.partition.world)
+
+    def _rank_piece(self, tensor: torch.Tensor, dim: int, shard: Hashable) -> torch.Tensor:
+        """This rank's rows of one named output shard (a replicated KV head: the one it serves)."""
+        part = self.partition
+        heads = self._replicated.get(shard)
+        if heads:
+            return _chunk(tensor, heads, dim, part.rank * heads // part.world)
+        return _chunk(tensor, part.world, dim, part.rank)
 
     def finish_loading(self) -> None:
         """Every tensor is in: let the method repack (once per load)."""
@@ -301,7 +343,8 @@ class Linear(UsesLayerOps, nn.Module):
     # ------------------------------------------------------------------ compute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        y = self.method.apply(self, x)
+        return self.comm.all_reduce(y) if self.reduce else y
 
     def split(self, output: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The output cut back into its shards (views, no copy)."""
@@ -310,6 +353,12 @@ class Linear(UsesLayerOps, nn.Module):
     def extra_repr(self) -> str:
         shards = f", shards={self.shard_sizes}" if self.shard_sizes else ""
         return f"in={self.in_features}, out={self.out_features}{shards}, bias={self.bias is not None}, method={self.method.name}"
+
+
+def _chunk(tensor: torch.Tensor, parts: int, dim: int, index: int) -> torch.Tensor:
+    if tensor.shape[dim] % parts:
+        raise ValueError(f"{tuple(tensor.shape)} does not split in {parts} along dim {dim}")
+    return tensor.chunk(parts, dim)[index]
 
 
 def finish_loading(model: nn.Module) -> None:

@@ -25,8 +25,8 @@ class GatedMLP(UsesLayerOps, nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = False, *, quant=None):
         super().__init__()
         gate_up = {"gate": intermediate_size, "up": intermediate_size}
-        self.gate_up_proj = Linear(hidden_size, gate_up, bias=bias, quant=quant)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, quant=quant)
+        self.gate_up_proj = Linear(hidden_size, gate_up, bias=bias, quant=quant, parallel="column")
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, quant=quant, parallel="row")
         self.act = get_activation(activation)
         self.is_silu = activation in _SILU_NAMES
 

@@ -31,8 +31,11 @@ class FusedMoE(nn.Module):
         self.top_k = top_k
         self.intermediate_size = intermediate_size
         parts = {"w1": intermediate_size, "w3": intermediate_size}
-        self.w13 = nn.ModuleList(Linear(hidden_size, parts, quant=quant) for _ in range(num_experts))
-        self.w2 = nn.ModuleList(Linear(intermediate_size, hidden_size, quant=quant) for _ in range(num_experts))
+        # tensor parallel: every expert's intermediate split over the ranks; one all-reduce of the sum
+        self.w13 = nn.ModuleList(Linear(hidden_size, parts, quant=quant, parallel="column") for _ in range(num_experts))
+        self.w2 = nn.ModuleList(Linear(intermediate_size, hidden_size, quant=quant, parallel="row", reduce=False)
+                                for _ in range(num_experts))  # fmt: skip
+        self.comm = self.w2[0].comm if num_experts else None
         self.act = get_activation(activation)
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
@@ -58,4 +61,4 @@ class FusedMoE(nn.Module):
             y = y * weight_of[start : start + count, None]
             out.index_add_(0, tokens, y.to(out.dtype))
             start += count
-        return out
+        return self.comm.all_reduce(out) if self.comm is not None else out

@@ -106,6 +106,11 @@ def load_checkpoint(
                 owner.load(local, tensor, key)
             except ValueError as exc:
                 raise ValueError(f"{label}: '{hf_name}': {exc}") from None
+        elif hasattr(owner, "load_checkpoint_tensor"):  # a module that narrows what it reads (a sharded embedding)
+            try:
+                owner.load_checkpoint_tensor(local, tensor, key)
+            except ValueError as exc:
+                raise ValueError(f"{label}: '{hf_name}': {exc}") from None
         else:
             dest = owner.shard_view(local, key) if hasattr(owner, "shard_view") else params[name].data
             if key is not None and not hasattr(owner, "shard_view"):

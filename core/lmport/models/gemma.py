@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lmport.layers.attention import AttentionMetadata, KVCache
-from lmport.layers.embedding import LMHead
+from lmport.layers.embedding import LMHead, VocabEmbedding
 from lmport.layers.norms import GemmaRMSNorm
 from lmport.layers.rotary import RotaryEmbedding, rope_parameters
 from lmport.layers.weight_loading import load_checkpoint
@@ -100,7 +100,7 @@ class GemmaBackbone(nn.Module):
 
     def __init__(self, config: Any, ctx: ModelContext, qk_norm: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             GemmaDecoderLayer(config, ctx, i, kind, qk_norm) for i, kind in enumerate(layer_types(config))
         )
@@ -109,6 +109,8 @@ class GemmaBackbone(nn.Module):
 
 class GemmaForCausalLM(CausalLM):
     """Gemma 2 (``qk_norm=False``) and Gemma 3 text (``qk_norm=True``)."""
+
+    supports_sharding = True
 
     def __init__(self, config: Any, ctx: ModelContext, *, qk_norm: bool):
         super().__init__()

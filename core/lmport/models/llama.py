@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from lmport.layers.attention import AttentionMetadata, AttentionSpec, KVCache
-from lmport.layers.embedding import LMHead
+from lmport.layers.embedding import LMHead, VocabEmbedding
 from lmport.layers.linear import Linear
 from lmport.layers.mlp import GatedMLP
 from lmport.layers.norms import RMSNorm
 from lmport.layers.ops import UsesLayerOps
+from lmport.layers.parallel import heads_per_rank
 from lmport.layers.rotary import RotaryEmbedding
 from lmport.layers.weight_loading import load_checkpoint
 from lmport.models.base import CausalLM, ModelContext
@@ -59,16 +60,20 @@ class LlamaAttention(UsesLayerOps, nn.Module):
         qk_norm: Callable[[int], nn.Module] | None = None,
     ):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        # this rank's heads (tensor parallel: q/k/v column-parallel, o row-parallel)
+        self.num_heads = heads_per_rank(num_heads)
+        self.num_kv_heads = heads_per_rank(num_kv_heads, kv=True)
         self.head_dim = head_dim_of(config)
         bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = bias if qkv_bias is None else qkv_bias
         o_bias = bias if o_bias is None else o_bias
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q_size, kv_size = num_heads * self.head_dim, num_kv_heads * self.head_dim
         quant = ctx.quantization
-        self.qkv_proj = Linear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias, quant=quant)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias, quant=quant)
+        self.qkv_proj = Linear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias, quant=quant,
+                               parallel="column", shard_heads={"q": num_heads, "k": num_kv_heads, "v": num_kv_heads})  # fmt: skip
+        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias, quant=quant, parallel="row")
         self.q_norm = qk_norm(self.head_dim) if qk_norm else None
         self.k_norm = qk_norm(self.head_dim) if qk_norm else None
         spec = AttentionSpec(
@@ -160,7 +165,7 @@ class LlamaBackbone(nn.Module):
         layer_options: Callable[[int], dict[str, Any]] | None = None,
     ):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         options = layer_options or (lambda _: {})
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, ctx, i, mlp_factory(i), **{"sliding_window": sliding_window, **options(i)})
@@ -172,6 +177,8 @@ class LlamaBackbone(nn.Module):
 class LlamaForCausalLM(CausalLM):
     """Llama-architecture causal LM; ``mlp_factory``, ``sliding_window`` and ``layer_options``
     (see :class:`LlamaBackbone`) let Mistral, Mixtral, Qwen, Phi-3 and Granite reuse it."""
+
+    supports_sharding = True  # tensor parallel: heads, MLP/experts, vocabulary split over ranks
 
     def __init__(
         self,

@@ -8,13 +8,18 @@ from pathlib import Path
 import torch
 
 from lmport.layers.linear import UNQUANTIZED, Linear
+from lmport.distributed import UNSHARDED, ShardInfo
 from lmport.layers.ops import bind_layer_ops
+from lmport.layers.parallel import sharding
 from lmport.layers.quantization.config import QuantizationConfig
 from lmport.models.base import CausalLM, ModelContext, ModelInfo
 from lmport.models.registry import ModelRegistry
 from lmport.models.resolve import resolve_model_info as _resolve_model_info
 
 log = logging.getLogger(__name__)
+
+# the native families whose layers split over tensor-parallel ranks (``supports_sharding``)
+SHARDED_FAMILIES = "Llama, Mistral, Mixtral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2, Gemma 3"
 
 
 def model_registry(host) -> ModelRegistry:
@@ -37,13 +42,16 @@ def build_native_model(
     *,
     quant_method=None,
     quantization: QuantizationConfig | None = None,
+    shard: ShardInfo = UNSHARDED,
 ) -> CausalLM | None:
     """The native model for ``info`` with weights loaded, or ``None`` if no family claims it.
 
     A GGUF checkpoint is dequantized once into a safetensors cache (:mod:`lmport.models.gguf_weights`)
     and loaded from there like any other. ``quant_method`` (the registered format, checked against
     the backend) and ``quantization`` (its parsed config, see :mod:`lmport.layers.quantization.detect`):
-    ``None`` for unquantized.
+    ``None`` for unquantized. ``shard``: this process's tensor-parallel rank (its layers hold
+    their slices and reduce through ``shard.comm``); a family without sharded layers, or a
+    quantized checkpoint, refuses more than one shard.
     """
     registry = registry or model_registry(host)
     entry = registry.get(info.architecture)
@@ -61,8 +69,15 @@ def build_native_model(
         attention_factory=host.attention_backend,
         quantization=quantization,
     )
-    with torch.device(device):
-        model = entry.builder(info.hf_config, context)
+    if shard.sharded and quantization is not None:
+        raise ValueError(f"--num-shard {shard.world_size}: quantized checkpoints ({quantization.describe()}) do not shard yet")
+    with torch.device(device), sharding(shard):
+        model = entry.builder(info.hf_config, context)  # parameters are allocated, not yet written
+        if shard.sharded and not getattr(model, "supports_sharding", False):
+            raise ValueError(
+                f"--num-shard {shard.world_size}: the {type(model).__name__} family ({info.architecture}) has no "
+                f"tensor-parallel layers yet; run it with one shard (sharded: {SHARDED_FAMILIES})"
+            )
         if quantization is not None:
             leave_ignored_modules_unquantized(model, quantization)
     model.to(dtype=dtype)
