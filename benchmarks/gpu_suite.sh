@@ -69,6 +69,8 @@ run_stage tests 60 240 python3 -m pytest plugins/cuda/tests -v -p no:cacheprovid
 run_stage rocm-forced 30 150 bash -c 'python3 -m pip install --quiet --no-deps --no-build-isolation -e plugins/rocm && python3 -m pytest plugins/rocm/tests -q -p no:cacheprovider'
 run_stage ckpt-8b 60 180 python3 benchmarks/make_checkpoint.py llama3-8b "$CKPT_ROOT/llama3-8b"
 run_stage lmport-8b 120 300 bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3-8b" llama3-8b "$OUT" "$PORT"
+# stage lmport-8b-tp1: the same run through the tensor-parallel worker path at world size 1 (NCCL, sharded executor); compare with lmport-8b
+run_stage lmport-8b-tp1 120 300 env LMPORT_LAUNCH_ARGS="--sharded true --num-shard 1" bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3-8b" llama3-8b-tp1 "$OUT" "$PORT"
 # quantized formats beside that bf16 run: fp8 quantized at load, GPTQ int4 g128 (batch 1 only; a 16-request load)
 run_stage lmport-8b-fp8 120 300 env LMPORT_LAUNCH_ARGS="--quantize fp8" bash benchmarks/serve_and_bench.sh "$CKPT_ROOT/llama3-8b" llama3-8b-fp8 "$OUT" "$PORT"
 run_stage ckpt-8b-int4 40 150 python3 benchmarks/quant_bench.py checkpoint "$CKPT_ROOT/llama3-8b" "$CKPT_ROOT/llama3-8b-gptq-int4"

@@ -64,6 +64,8 @@ class RankGroup:
         if spec.backend == "gloo":
             self.control = Communicator(rank, world_size, torch.distributed.group.WORLD)
         else:
+            # connect the device communicator now, before any graph capture records a collective
+            torch.distributed.all_reduce(torch.zeros(1, device=device))
             import datetime
 
             group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))

@@ -110,3 +110,11 @@ def driver_version() -> str | None:
 
     output = DetectionEnv().run([NVIDIA_SMI_QUERY[0], "--query-gpu=driver_version", "--format=csv,noheader"])
     return output.splitlines()[0].strip() if output else None
+
+
+@hookimpl
+def lmport_distributed_backend(device_type):
+    # tensor-parallel workers join through NCCL (a ROCm build of torch maps it to RCCL)
+    from lmport.distributed import DistributedSpec
+
+    return DistributedSpec(backend="nccl") if device_type == "cuda" else None

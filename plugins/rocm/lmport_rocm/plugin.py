@@ -153,3 +153,11 @@ def lmport_server_info(capabilities):
         "device_name": torch.cuda.get_device_name(torch.cuda.current_device()),
         "hip_version": torch.version.hip,  # None where the ROCm path is forced on a CUDA build
     }
+
+
+@hookimpl
+def lmport_distributed_backend(device_type):
+    # tensor-parallel workers join through NCCL (a ROCm build of torch maps it to RCCL)
+    from lmport.distributed import DistributedSpec
+
+    return DistributedSpec(backend="nccl") if device_type == "cuda" else None
