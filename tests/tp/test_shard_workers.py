@@ -83,6 +83,8 @@ def test_http_with_two_shards_and_a_killed_worker(llama):
         got = [t["id"] for t in response.json()["details"]["tokens"]]
         assert got == expected[: len(got)] and (len(got) == 8 or got[-1] == 2)
         assert httpx.get(server.url + "/health").status_code == 200
+        info = httpx.get(server.url + "/info").json()
+        assert info["num_shard"] == 2 and info["sharded"]
 
         events: list[str] = []
 

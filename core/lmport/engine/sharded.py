@@ -47,7 +47,8 @@ def shard_timeout_s() -> float:
     return float(os.environ.get("LMPORT_SHARD_TIMEOUT", "120"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback (the group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -102,7 +103,7 @@ class ShardedExecutor(ModelExecutor):
         world = config.num_shard
         runtime = host.device_runtime(torch.device(host.capabilities().device_type))
         device = runtime.device_for_rank(0)
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
         workdir = Path(tempfile.mkdtemp(prefix="lmport-shards-"))

@@ -50,6 +50,8 @@ def info_payload(state: ServerState) -> dict[str, Any]:
         "grammar_support": not limits.disable_grammar_support,
         "chat_template": bool(getattr(state.tokenizer, "chat_template", None) or model.chat_template),
         "modality": model.modality,  # "text", or "image-text": prompts may carry images (docs/api.md, "Images")
+        "num_shard": config.num_shard,  # tensor-parallel ranks (--num-shard)
+        "sharded": bool(config.sharded or config.num_shard > 1),
     }
     stats = _engine_stats(state)
     if stats is not None and "spec_num_tokens" in stats.extra:

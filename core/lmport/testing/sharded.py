@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lmport.engine.sharded import free_port
 
 
 def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, results: Any) -> None:
@@ -43,7 +38,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0) -> l
     """
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
