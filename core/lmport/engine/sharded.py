@@ -18,6 +18,7 @@ what does not stop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -142,11 +143,11 @@ class ShardedExecutor(ModelExecutor):
         self.runner.prepare_sequence(seq)
 
     def execute(self, step: StepPlan) -> ExecutorOutput:
-        self._send(("execute", step))
+        self._send(("execute", _crossable(step)))
         return self._guarded(self.runner.execute, step)
 
     def launch(self, step: StepPlan, feed=(), previous=None):
-        self._send(("launch", (step, list(feed))))
+        self._send(("launch", (_crossable(step), list(feed))))
         return self._guarded(self.runner.launch, step, feed, previous)
 
     def _guarded(self, run, *args):
@@ -224,6 +225,15 @@ class ShardedExecutor(ModelExecutor):
             torch.distributed.destroy_process_group()
         except Exception:
             pass
+
+
+def _crossable(plan: StepPlan) -> StepPlan:
+    """``plan`` without the live logits processors of its new sequences (they stay in this process:
+    a worker's samples are never read, and a sequence with a grammar reads its tokens on the host,
+    so the worker is fed rank 0's tokens in the plan, never its own)."""
+    if not any(new.processors for new in plan.new):
+        return plan
+    return dataclasses.replace(plan, new=[dataclasses.replace(new, processors=()) for new in plan.new])
 
 
 def _kill_workers(workers: list["_Worker"]) -> None:
