@@ -80,6 +80,9 @@ class ModelExecutor(ABC):
     # otherwise (``EngineLimits.accepts_images``)
     accepts_images: bool = False
 
+    # an executor with ``takes_plan`` may also have ``release(seq_ids)``: the ``finished_seq_ids``
+    # of a step that never runs (nothing left to schedule) come to it at once, not with the next plan
+
     def prepare_sequence(self, seq: Any) -> None:
         """Adjust a new engine ``Sequence`` before it is queued (default: nothing).
 

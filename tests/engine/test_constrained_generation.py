@@ -114,7 +114,7 @@ def test_free_requests_batched_with_constrained_ones_are_token_identical(make_en
     engine = make_engine("llama")[0]
     seen_batches = []
     execute = engine.executor.execute
-    engine.executor.execute = lambda step: seen_batches.append({e.seq.request_id for e in step.entries}) or execute(step)
+    engine.executor.execute = lambda step: seen_batches.append({e.request_id for e in step.entries}) or execute(step)
     constrained = [GenerationRequest("c0", tuple(prompts[3]), json_params(PERSON)),
                    GenerationRequest("c1", tuple(prompts[0]), SamplingParams(max_new_tokens=BUDGET, constraint=Constraint("regex", REGEX)))]  # fmt: skip
     mixed = run(engine, constrained + free)

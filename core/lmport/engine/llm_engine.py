@@ -105,6 +105,7 @@ class LLMEngine:
         # step's tokens only to sample, so they are read while the next forward runs
         self._late_tokens = bool(getattr(executor, "supports_late_tokens", False))
         self._takes_plan = bool(getattr(executor, "takes_plan", False))
+        self._release_states = getattr(executor, "release", None) if self._takes_plan else None
         # an encoder-decoder executor turns a prompt into the encoder's input and a decoder start
         self._prepare_sequence = getattr(executor, "prepare_sequence", None)
 
@@ -275,6 +276,8 @@ class LLMEngine:
     def _schedule(self):
         """The next step from the scheduler, counted, with its sequences' first scheduling time set."""
         step = self.scheduler.schedule()
+        if step.is_empty and step.finished_seq_ids and self._release_states is not None:
+            self._release_states(step.finished_seq_ids)  # a step that never runs: its delta goes now
         self._last_batch_size = len(step.entries)
         if not step.is_empty:
             self.num_steps += 1

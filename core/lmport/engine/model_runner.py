@@ -153,8 +153,7 @@ class PagedModelRunner(ModelExecutor):
         for seq_id in plan.released_seq_ids:  # blocks freed: what the cache held for it is gone
             self._image_features.pop(seq_id, None)
             self._encoded.discard(seq_id)
-        for seq_id in plan.finished_seq_ids:
-            self._states.pop(seq_id, None)
+        self.release(plan.finished_seq_ids)
         for new in plan.new:
             if new.seq_id not in self._states:
                 self._states[new.seq_id] = _SequenceState(new)
@@ -163,6 +162,13 @@ class PagedModelRunner(ModelExecutor):
                 if entry.seq.seq_id not in self._states:
                     self._states[entry.seq.seq_id] = _SequenceState(new_sequence(entry.seq))
         return plan
+
+    def release(self, seq_ids) -> None:
+        """Forget finished sequences now (the plan delta of a step that never ran)."""
+        for seq_id in seq_ids:
+            self._states.pop(seq_id, None)
+            self._image_features.pop(seq_id, None)
+            self._encoded.discard(seq_id)
 
     # ------------------------------------------------------------------ one step
 

@@ -130,9 +130,7 @@ class Scheduler:
 
     def _step(self, entries: list[ScheduledSequence]) -> ScheduledStep:
         released, self._released = self._released, []
-        finished: list[int] = []
-        if entries:  # an empty step is never run: its executor hears of them with the next one
-            finished, self._finished = self._finished, []
+        finished, self._finished = self._finished, []  # an empty step's go to the executor's release()
         new = [e.seq for e in entries if e.seq.seq_id not in self._announced]
         self._announced.update(seq.seq_id for seq in new)
         return ScheduledStep(entries=entries, released_seq_ids=released, block_table_rows=self.block_manager.rows.array,

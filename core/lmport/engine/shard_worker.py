@@ -62,6 +62,8 @@ def run_worker(job: dict, rank: int) -> None:
             if last is not None:
                 last.result()  # its sampled tokens: the state penalties read
             last = pending
+        elif kind == "release":
+            runner.release(payload)
         elif kind == "init":
             runner.initialize_cache(payload)
         elif kind == "kv_blocks":

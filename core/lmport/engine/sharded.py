@@ -142,6 +142,10 @@ class ShardedExecutor(ModelExecutor):
     def prepare_sequence(self, seq: Any) -> None:
         self.runner.prepare_sequence(seq)
 
+    def release(self, seq_ids) -> None:
+        self._send(("release", list(seq_ids)))
+        self.runner.release(seq_ids)
+
     def execute(self, step: StepPlan) -> ExecutorOutput:
         self._send(("execute", _crossable(step)))
         return self._guarded(self.runner.execute, step)
