@@ -82,9 +82,7 @@ def build_llm_engine(
     config, _ = host.adjust_config(config)
     caps = host.capabilities()
     device = torch.device(caps.device_type)
-    if caps.host_threads and caps.host_threads != torch.get_num_threads():
-        log.info("torch intra-op threads: %d (backend '%s')", caps.host_threads, caps.backend)
-        torch.set_num_threads(caps.host_threads)
+    apply_host_threads(caps, shard.world_size if shard is not None else max(config.num_shard, 1))
 
     source = source or resolve_model_source(config.model_id, config.revision)
     info = model_info_for(source, config.trust_remote_code)
@@ -216,6 +214,16 @@ def build_speculator(config: LaunchConfig, executor: Any, draft: PagedModelRunne
     return Speculator(NgramStepProposer(NgramProposer()), k, "ngram")
 
 
+def apply_host_threads(caps: Any, ranks: int = 1) -> None:
+    """The backend's ``host_threads``, shared by the ``ranks`` processes of a sharded CPU engine."""
+    if not caps.host_threads:
+        return
+    threads = max(1, caps.host_threads // ranks)
+    if threads != torch.get_num_threads():
+        log.info("torch intra-op threads: %d (backend '%s')", threads, caps.backend)
+        torch.set_num_threads(threads)
+
+
 def shard_world_size(config: LaunchConfig, host: Any) -> int | None:
     """How many tensor-parallel ranks to run (None: one process, no workers).
 
@@ -236,6 +244,7 @@ def build_rank_runner(config: LaunchConfig, host: Any, source: ModelSource, shar
     host.set_custom_kernels(not config.disable_custom_kernels)
     config, _ = host.adjust_config(config)
     caps = host.capabilities()
+    apply_host_threads(caps, shard.world_size)
     info = model_info_for(source, config.trust_remote_code)
     dtype = pick_dtype(config.dtype, info.hf_config, device, caps)
     quant = check_quantization(config, info, host)
