@@ -108,7 +108,8 @@ class EnginePlan:
       prompts are not chunked.
     - ``whole_model``: the backend runs the whole model (``lmport_model_executor``).
     - ``reference_kernels``: kernels the backend lacks, whose layers run the core's reference
-      path (with one warning per layer kind when a model has them).
+      path (attention: with one warning per layer kind when a model has them); none for a
+      whole-model backend, whose executor runs every layer.
     """
 
     backend: str
@@ -122,7 +123,9 @@ class EnginePlan:
     def describe(self) -> list[tuple[str, str]]:
         """``(flag, what the engine does)`` rows, as ``lmport backends`` prints them."""
         rows = []
-        if self.shape_buckets is not None:
+        if self.shape_buckets is not None and self.whole_model:
+            rows.append(("static_shapes", "the backend's executor runs its compiled shapes (its own buckets)"))
+        elif self.shape_buckets is not None:
             rows.append(("static_shapes", f"steps padded to shape buckets ({self.shape_buckets.describe()})"))
         else:
             rows.append(("static_shapes", "off: steps run at their own shapes"))
@@ -140,7 +143,10 @@ class EnginePlan:
             rows.append(("whole_model_executor", "the backend's lmport_model_executor runs the model"))
         rows.append(("graph_capture", "decode steps replay device graphs" if self.graph_capture else "off: eager decode"))
         for kernel in self.reference_kernels:
-            rows.append((kernel, "off: such layers run the core's reference path, one warning per layer kind"))
+            if kernel == "flash_layer_norm":
+                rows.append((kernel, "off: layer norms run the core's reference op (plain torch)"))
+            else:
+                rows.append((kernel, "off: such layers run the core's reference attention, one warning per layer kind"))
         return rows
 
 
@@ -150,7 +156,7 @@ _KERNEL_FLAGS = ("paged_attention", "sliding_window_attention", "alibi_attention
 def plan_for(capabilities: Any) -> EnginePlan:
     """The :class:`EnginePlan` for a :class:`~lmport.capabilities.Capabilities`."""
     missing: tuple[str, ...] = ()
-    if capabilities.backend != "cpu":  # the CPU backend *is* the reference
+    if capabilities.backend != "cpu" and not capabilities.whole_model_executor:  # (the CPU *is* the reference)
         missing = tuple(flag for flag in _KERNEL_FLAGS if not getattr(capabilities, flag))
     return EnginePlan(
         backend=capabilities.backend,

@@ -124,6 +124,24 @@ def test_lmport_backends_shows_the_plan_of_a_static_shape_backend():
     assert "steps padded to shape buckets" in text and "off: fixed slots" in text
 
 
+@pytest.mark.parametrize("machine, backend, expected", [
+    ("amd", "rocm", ["sliding_window_attention", "alibi_attention", "flash_layer_norm"]),
+    ("gaudi", "gaudi", ["the backend's executor runs its compiled shapes", "lmport_model_executor runs the model"]),
+    ("inferentia2", "neuron", ["off: fixed slots", "lmport_model_executor runs the model"]),
+])
+def test_lmport_backends_on_fake_mi250_gaudi2_inferentia2_shows_the_applied_plan(machine, backend, expected):
+    from lmport.commands.backends import format_report
+    from lmport.testing.fake_machine import FakeMachine
+
+    require_distribution(f"lmport-{backend}", f"pip install --no-deps -e plugins/{backend}")
+    host = PluginHost(environ={}, detection_env=getattr(FakeMachine, machine)())
+    assert host.select_backend().backend.name == backend
+    text = format_report(host.report())
+    plan = text[text.index("Engine plan"):]
+    for words in expected:
+        assert words in plan, (words, plan)
+
+
 def test_a_static_shape_backend_runs_bucketed_fixed_slot_steps_with_the_cpus_tokens(tiny_model_dir, random_prompts, caplog):
     """Six requests on a compiled batch of 4 asked to run 16: capped at 4; every attention call
     sees a bucketed shape; tokens equal the CPU backend's (padding changes nothing)."""

@@ -31,6 +31,7 @@ from lmport.models.base import ModelInfo
 from lmport.models.loader import build_native_model
 from lmport.models.resolve import ModelSource, model_info_for, resolve_model_source
 from lmport.planning import plan_for
+from lmport.whole_model import check_compiled_shape
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,16 @@ def build_llm_engine(
     spec: KVCacheSpec = executor.kv_cache_spec()
     draft = build_draft_runner(config, host, info, tokenizer, dtype, device, executor)  # before sizing: its weights count
     max_positions = model_max_positions(info.hf_config)
-    extra = draft.kv_cache_spec().bytes_per_block() if draft is not None else 0
-    num_blocks = size_kv_cache(config, host, spec, device, max_positions, extra_bytes_per_block=extra)
+    compiled = getattr(executor, "compiled_shape", None)  # a whole model compiled for one shape
+    backend_max_batch = caps.max_batch_size
+    if compiled is not None:
+        check_compiled_shape(config, compiled, caps.backend)
+        max_positions = min(max_positions, compiled.sequence_length)
+        backend_max_batch = min(filter(None, (backend_max_batch, compiled.batch_size)))
+        num_blocks = compiled.kv_blocks(spec.block_size)
+    else:
+        extra = draft.kv_cache_spec().bytes_per_block() if draft is not None else 0
+        num_blocks = size_kv_cache(config, host, spec, device, max_positions, extra_bytes_per_block=extra)
     if world is not None:
         num_blocks = executor.min_kv_blocks(num_blocks, max_positions)
     elif shard is not None:
@@ -120,7 +129,7 @@ def build_llm_engine(
         max_positions=max_positions,
         block_size=spec.block_size,
         num_blocks=num_blocks,
-        backend_max_batch_size=caps.max_batch_size,
+        backend_max_batch_size=backend_max_batch,
         accepts_images=bool(getattr(executor, "accepts_images", False)),  # executors need not subclass ModelExecutor
         fixed_slots=plan_for(caps).fixed_slots,
     )
@@ -141,7 +150,9 @@ def build_llm_engine(
     )
     if not config.disable_grammar_support:
         prepare_constraints(context)  # the grammar backend's vocabulary, built in the background
-    if device.type != "cpu":  # compile-on-first-use kernels: compile them now, not in the first burst
+    # compile-on-first-use kernels: compile them now, not in the first burst (a whole-model
+    # executor with its own warm_up ran it in initialize_cache)
+    if device.type != "cpu" and not hasattr(executor, "warm_up"):
         from lmport.engine.warmup import warm_up_engine
 
         warm_up_engine(engine)

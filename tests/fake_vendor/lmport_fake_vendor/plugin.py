@@ -7,6 +7,9 @@ installed but not detected, like a GPU plugin on a machine without a GPU.
 ``LMPORT_FAKE_VENDOR_PROFILE=static`` makes it a static-shape accelerator (a compiled graph per
 shape, like Gaudi's HPU graphs): ``static_shapes``, no continuous batching and a compiled
 batch of ``STATIC_BATCH`` sequences, which the engine plans with.
+``LMPORT_FAKE_VENDOR_PROFILE=executor`` makes it a whole-model stack: ``lmport_model_executor``
+answers :class:`~lmport_fake_vendor.executor.FakeCompiledExecutor`, which receives every step
+as plain data (``lmport.plan.StepPlan``) and returns sampled tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def lmport_capabilities(backend):
     if backend.name != NAME:
         return None
     static = backend.detail("profile") == "static"
+    executor = backend.detail("profile") == "executor"
     return Capabilities(
         backend=NAME,
         device_type="cpu",
@@ -56,12 +60,15 @@ def lmport_capabilities(backend):
         static_shapes=static,
         continuous_batching=not static,
         max_batch_size=STATIC_BATCH if static else None,
+        whole_model_executor=executor,
         notes=("a test double: attention is the reference with a call counter",),
     )
 
 
 @hookimpl
 def lmport_adjust_config(config, capabilities):
+    if capabilities.whole_model_executor and config.enable_prefix_caching:
+        return ConfigAdjustment({"enable_prefix_caching": False}, "the compiled engine keeps its own KV cache", NAME)
     if config.block_size in BLOCK_SIZES:
         return None
     return ConfigAdjustment(
@@ -69,6 +76,15 @@ def lmport_adjust_config(config, capabilities):
         reason=f"FakeAccel kernels are tuned for {BLOCK_SIZES[-1]}-token blocks",
         plugin=NAME,
     )
+
+
+@hookimpl
+def lmport_model_executor(model, config, capabilities):
+    if not capabilities.whole_model_executor:
+        return None  # the core's paged runner runs the model with this vendor's attention
+    from lmport_fake_vendor.executor import FakeCompiledExecutor
+
+    return FakeCompiledExecutor(str(model.path), config)
 
 
 @hookimpl
