@@ -37,22 +37,20 @@ def test_both_the_runtime_and_a_card_are_needed(missing):
     assert PluginHost(environ={}, detection_env=machine).select_backend().backend.name == "cpu"
 
 
-def test_flags_static_shapes_fixed_blocks_and_no_whole_model_executor_yet(host):
+def test_flags_static_shapes_fixed_blocks_and_the_whole_model_executor(host):
     caps = host.capabilities()
     assert caps.static_shapes and caps.kv_block_sizes == (128,)
-    assert not caps.whole_model_executor
-    assert any("not implemented" in note for note in caps.notes)
+    assert caps.whole_model_executor and caps.continuous_batching
+    assert any("never run on a Gaudi" in note for note in caps.notes)
 
 
 def test_config_is_adjusted_to_128_token_blocks_with_a_reason(host):
     original = LaunchConfig(block_size=16)
     adjusted, adjustments = host.adjust_config(original)
     assert adjusted.block_size == 128 and original.block_size == 16
+    assert not adjusted.enable_prefix_caching
     (adjustment,) = adjustments
     assert isinstance(adjustment, ConfigAdjustment) and adjustment.plugin == "gaudi"
     assert "static shapes" in adjustment.reason
     assert host.adjust_config(adjusted)[1] == []
 
-
-def test_no_executor_is_offered(host):
-    assert host.model_executor(model=None, config=LaunchConfig()) is None

@@ -1,8 +1,10 @@
 """Hooks of the Neuron backend (entry point ``neuron`` in ``lmport.backends``).
 
-Neuron compiles the whole model ahead of time for fixed shapes, so this backend can only run
-through ``lmport_model_executor`` (optimum-neuron's compiled models), which is not
-implemented in this release: the hook is absent and the flag is off.
+Neuron compiles the whole model ahead of time for fixed shapes, so this backend runs through
+``lmport_model_executor``: optimum-neuron's compiled ``NeuronModelForCausalLM``
+(:mod:`lmport_neuron.executor`, loaded or exported by :mod:`lmport_neuron.loading`). The
+engine plans fixed slots (no continuous batching across the compiled batch's rows) and the
+prefix cache is off (the compiled model keeps its own KV cache).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 
 from lmport import hookimpl
 from lmport.capabilities import BackendInfo, Capabilities
+from lmport.config import ConfigAdjustment
 
 NAME = "neuron"
 PRIORITY = 80
@@ -55,12 +58,38 @@ def lmport_capabilities(backend: BackendInfo) -> Capabilities | None:
     return Capabilities(
         backend=NAME,
         device_type="xla",
-        dtypes=("bfloat16", "float16"),
+        dtypes=("bfloat16", "float16", "float32"),
         static_shapes=True,
-        whole_model_executor=False,
+        whole_model_executor=True,
         continuous_batching=False,
         notes=(
-            "Neuron runs whole compiled models; the optimum-neuron executor is not implemented in this release",
-            "no model can be served on this backend yet",
+            "whole compiled models through optimum-neuron 0.4 (NeuronModelForCausalLM): an exported folder, "
+            "or exported at start",
+            "continuous batching inside the compiled batch: one slot per batch row, prefill into free slots "
+            "while the others pause",
+            "--max-batch-size / --max-total-tokens are checked against the compiled shape at start",
+            "tested against stand-in optimum-neuron / torch_neuronx modules on the CPU; never run on an Inferentia2",
         ),
     )
+
+
+@hookimpl
+def lmport_adjust_config(config, capabilities):
+    if capabilities.backend != NAME or not config.enable_prefix_caching:
+        return None
+    return ConfigAdjustment(
+        changes={"enable_prefix_caching": False},
+        reason="the compiled Neuron model keeps its own KV cache per slot: the core's prefix cache cannot feed it",
+        plugin=NAME,
+    )
+
+
+@hookimpl
+def lmport_model_executor(model, config, capabilities):
+    if capabilities.backend != NAME:
+        return None
+    from lmport_neuron.executor import NeuronExecutor
+    from lmport_neuron.loading import load_neuron_model
+
+    compiled = load_neuron_model(model.path, config, getattr(model.hf_config, "max_position_embeddings", None))
+    return NeuronExecutor(compiled, config, block_size=config.block_size or capabilities.default_block_size)

@@ -32,10 +32,11 @@ def test_no_device_or_no_runtime_means_not_detected():
         assert PluginHost(environ={}, detection_env=machine).select_backend().backend.name == "cpu"
 
 
-def test_flags_say_static_shapes_and_that_the_executor_is_absent():
+def test_flags_say_static_shapes_fixed_slots_and_the_whole_model_executor():
     host = PluginHost(environ={}, detection_env=FakeMachine.inferentia2())
     host.select_backend()
     caps = host.capabilities()
-    assert caps.static_shapes and not caps.whole_model_executor
-    assert any("not implemented" in note for note in caps.notes)
-    assert host.model_executor(model=None, config=LaunchConfig()) is None
+    assert caps.static_shapes and caps.whole_model_executor and not caps.continuous_batching
+    assert any("never run on an Inferentia2" in note for note in caps.notes)
+    config, (adjustment,) = host.adjust_config(LaunchConfig())
+    assert not config.enable_prefix_caching and "own KV cache" in adjustment.reason
