@@ -142,8 +142,15 @@ def lmport_model_executor(model: ModelInfo, config: LaunchConfig, capabilities: 
 
     Called once per model load, before the core builds its own runner. Return a
     :class:`~lmport.executor.ModelExecutor` to run the model yourself (the core
-    still schedules, tokenizes and serves), or ``None`` to let the core's paged runner run
-    it with your fine-grained hooks. First non-``None`` wins.
+    still schedules, tokenizes, stops and serves), or ``None`` to let the core's paged runner
+    run it with your fine-grained hooks. First non-``None`` wins.
+
+    A whole-model executor sets ``takes_plan = True``: each step arrives as a
+    :class:`lmport.plan.StepPlan` (plain data) and it returns the step's sampled tokens as an
+    :class:`~lmport.executor.ExecutorOutput`. An optional ``compiled_shape``
+    (:class:`lmport.whole_model.CompiledShape`) is checked against the launch limits at start
+    and caps the engine's batch. :mod:`lmport.whole_model` has slots, per-sequence state and
+    sampling for such executors; ``lmport.testing.executor_conformance`` tests one.
     """
 
 
