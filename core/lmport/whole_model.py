@@ -98,6 +98,7 @@ class SequenceState:
     output_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     generator: Any = None
+    processors: tuple = ()  # the sequence's stateful logits processors (a grammar), advanced by the engine
 
 
 class SequenceStates:
@@ -109,7 +110,8 @@ class SequenceStates:
     def update(self, plan: Any) -> None:
         for new in getattr(plan, "new", ()):
             self.states[new.seq_id] = SequenceState(
-                new.params, list(new.prompt_token_ids), list(getattr(new, "output_token_ids", []) or []), new.seed
+                new.params, list(new.prompt_token_ids), list(getattr(new, "output_token_ids", []) or []), new.seed,
+                processors=tuple(getattr(new, "processors", ()) or ()),
             )
         for seq_id in getattr(plan, "finished_seq_ids", ()):
             self.states.pop(seq_id, None)
@@ -120,8 +122,9 @@ class SequenceStates:
 
 def sample_rows(logits: Any, seq_ids: list[int], states: SequenceStates) -> list[Any]:
     """One :class:`~lmport.executor.SampledToken` per row of ``logits`` (``[len(seq_ids), vocab]``),
-    sampled by the core's sampler with each sequence's parameters; each token is appended to
-    its sequence's outputs (the penalties read them next step)."""
+    sampled by the core's sampler with each sequence's parameters and logits processors (a
+    grammar's constraint included); each token is appended to its sequence's outputs (the
+    penalties read them next step)."""
     from lmport.engine.sampling.sampler import Sampler
     from lmport.engine.sampling.state import SamplingRow, make_generator
     from lmport.executor import SampledToken
@@ -131,7 +134,8 @@ def sample_rows(logits: Any, seq_ids: list[int], states: SequenceStates) -> list
         state = states[seq_id]
         if state.generator is None and state.seed is not None and state.params.do_sample:
             state.generator = make_generator(state.seed, logits.device)
-        rows.append(SamplingRow(state.params, state.prompt_token_ids, state.output_token_ids, state.generator))
+        rows.append(SamplingRow(state.params, state.prompt_token_ids, state.output_token_ids, state.generator,
+                                state.processors))
     out = Sampler().sample(logits, rows)
     token_ids = out.token_ids.tolist()
     logprobs = out.logprobs.tolist()

@@ -14,7 +14,8 @@ install stand-in device modules (both default to the real machine). The suite bu
 Llama through ``build_llm_engine`` with the backend selected and checks: the flag and the
 hook agree; the executor takes plans (plain data); its compiled shape, if it has one, bounds
 the engine's limits; greedy tokens of more prompts than the batch holds equal the CPU
-backend's, alone and with a request aborted midway; seeded sampling repeats itself.
+backend's, alone and with a request aborted midway; a grammar constraint holds; seeded
+sampling repeats itself.
 """
 
 from __future__ import annotations
@@ -145,6 +146,18 @@ class WholeModelConformance:
                 engine.abort("r0")
         for i in range(1, len(prompts)):
             assert tokens[f"r{i}"] == cpu_tokens[i], f"request r{i}"
+
+    def test_a_grammar_constraint_holds(self, engine) -> None:
+        """The request's logits processors (here a regex constraint) reach the sampler."""
+        import re
+
+        from lmport.engine.api import Constraint
+
+        pattern = r"(cat|dog)-[0-9]{2}"
+        params = SamplingParams(max_new_tokens=self.max_total_tokens - 4, constraint=Constraint("regex", pattern))
+        out = engine.generate([GenerationRequest("c", (5, 6, 7), params)])["c"]
+        text = "".join(o.text for o in out)
+        assert out[-1].finish_reason == "eos_token" and re.fullmatch(pattern, text), text
 
     def test_seeded_sampling_repeats(self, engine) -> None:
         params = SamplingParams(max_new_tokens=NEW_TOKENS, do_sample=True, temperature=0.9, seed=7, ignore_eos=True)
