@@ -185,3 +185,4 @@ def test_abort_mid_speculation_frees_everything(make_engine, checkpoints):
     assert aborted
     engine.generate([GenerationRequest("next", (3, 4, 5), SamplingParams(max_new_tokens=4, ignore_eos=True))])
     assert not aborted & set(proposer._cached)  # the next step dropped the aborted sequences' draft state
+    assert not aborted & set(proposer.runner._states)  # and the draft runner its per-sequence state

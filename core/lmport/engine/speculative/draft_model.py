@@ -63,7 +63,8 @@ class DraftModelProposer:
                 n = shadow.num_tokens - shadow.num_computed_tokens
                 plan.append(ScheduledSequence(shadow, shadow.num_computed_tokens, n, True))
                 shadow.num_computed_tokens = shadow.num_tokens
-            work = ScheduledStep(entries=plan, released_seq_ids=released)
+            # released sequences never come back as they were: the draft runner drops their state
+            work = ScheduledStep(entries=plan, released_seq_ids=released, finished_seq_ids=released)
             previous = (live, self.runner.launch(work, feed, previous[1] if previous else None))
             launched.append(previous)
             released = []
