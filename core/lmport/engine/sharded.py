@@ -185,6 +185,7 @@ class ShardedExecutor(ModelExecutor):
         try:
             self.group.control.broadcast_object(message)
         except Exception as exc:
+            self._wait_for_dead_worker(1.0)  # a worker's death is the better cause to report
             self._fail(f"tensor-parallel group broken: {type(exc).__name__}: {exc}")
             raise RuntimeError(self._failure) from exc
 
