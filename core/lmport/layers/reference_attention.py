@@ -126,12 +126,14 @@ class ReferenceAttention(AttentionBackend):
         key_cache, value_cache = kv_cache
         block_size = key_cache.shape[1]
         device = query.device
-        lengths = [metadata.seq_lens_host[i] for i in seqs]
-        blocks = -(-max(lengths) // block_size)
-        index = torch.tensor(seqs, device=device)
-        rows = torch.tensor([metadata.query_start_loc_host[i] for i in seqs], device=device)
-        tables = metadata.block_tables.index_select(0, index)[:, :blocks].long()
-        n, width = len(seqs), blocks * block_size
+        # what depends only on the step (rows, block tables, the mask): built by the first layer, kept
+        # in ``metadata.prepared`` for the others (layers of the same window share it)
+        key = ("reference-decode", block_size, spec.sliding_window, len(seqs))
+        plan = metadata.prepared.get(key)
+        if plan is None:
+            plan = metadata.prepared[key] = self._decode_plan(metadata, seqs, block_size, device)
+        rows, tables, width, masked_scores, masked_values = plan
+        n = len(seqs)
         k = key_cache[tables].view(n, width, spec.num_kv_heads, spec.head_dim).float()
         v = value_cache[tables].view(n, width, spec.num_kv_heads, spec.head_dim).float()
         group = spec.num_heads // spec.num_kv_heads
@@ -139,18 +141,29 @@ class ReferenceAttention(AttentionBackend):
         scores = torch.einsum("nkgd,nlkd->nkgl", q, k) * spec.scale
         if spec.logits_soft_cap:
             scores = spec.logits_soft_cap * torch.tanh(scores / spec.logits_soft_cap)
-        seq_lens = torch.tensor(lengths, device=device)[:, None]
-        k_pos = torch.arange(width, device=device)[None, :]
-        allowed = k_pos < seq_lens  # the query is the last token: every cached key is at or before it
-        if spec.sliding_window:
-            allowed = allowed & (seq_lens - 1 - k_pos < spec.sliding_window)
-        scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+        scores = scores.masked_fill(masked_scores, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         # Slots past a sequence's length hold whatever the cache had (NaN in the kernel tests):
         # a zero probability times NaN is NaN, so those values are zeroed, not only masked.
-        v = v.masked_fill(~allowed[:, :, None, None], 0.0)
+        v = v.masked_fill(masked_values, 0.0)
         attended = torch.einsum("nkgl,nlkd->nkgd", probs, v).reshape(n, spec.num_heads, spec.head_dim)
         out.index_copy_(0, rows, attended.to(out.dtype))
+
+    def _decode_plan(self, metadata: AttentionMetadata, seqs: list[int], block_size: int, device):
+        """``(rows, block tables, width, masked scores, masked values)`` of a decode step's rows: the
+        masks are True where a key is not attended, shaped for the scores and for the values."""
+        lengths = [metadata.seq_lens_host[i] for i in seqs]
+        blocks = -(-max(lengths) // block_size)
+        index = torch.tensor(seqs, device=device)
+        rows = torch.tensor([metadata.query_start_loc_host[i] for i in seqs], device=device)
+        tables = metadata.block_tables.index_select(0, index)[:, :blocks].long()
+        width = blocks * block_size
+        seq_lens = torch.tensor(lengths, device=device)[:, None]
+        k_pos = torch.arange(width, device=device)[None, :]
+        allowed = k_pos < seq_lens  # the query is the last token: every cached key is at or before it
+        if self.spec.sliding_window:
+            allowed = allowed & (seq_lens - 1 - k_pos < self.spec.sliding_window)
+        return rows, tables, width, ~allowed[:, None, None, :], ~allowed[:, :, None, None]
 
     def _alibi_slopes(self, device: torch.device) -> torch.Tensor:
         if self._slopes is None or self._slopes.device != device:
