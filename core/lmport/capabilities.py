@@ -65,7 +65,8 @@ class Capabilities:
     max_batch_size: int | None = None
     kv_block_sizes: tuple[int, ...] = (16,)
     # torch intra-op threads the engine steps with (the core calls torch.set_num_threads with it
-    # when it builds the engine); None: torch's default (OMP_NUM_THREADS, else every core)
+    # when it builds the engine); None: torch's default (OMP_NUM_THREADS, else every core). The
+    # CPU backend picks cores - 1 on a machine already busy at start, else None
     host_threads: int | None = None
     notes: tuple[str, ...] = field(default=())
 

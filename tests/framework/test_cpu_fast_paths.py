@@ -69,9 +69,10 @@ def test_other_dtypes_and_grad_mode_run_plain_f_linear():
 
 
 @pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 1), (4, 3), (64, 63)])
-def test_the_cpu_engine_leaves_one_core_to_the_server(cpus, threads):
-    assert engine_threads({}, cpus) == threads
+def test_on_a_busy_machine_the_cpu_engine_leaves_one_core_to_the_server(cpus, threads):
+    assert engine_threads({}, cpus, load=float(cpus)) == threads
 
 
-def test_omp_num_threads_is_left_to_torch():
-    assert engine_threads({"OMP_NUM_THREADS": "2"}, 8) is None
+def test_on_a_quiet_machine_it_takes_torchs_default_and_omp_num_threads_is_left_to_torch():
+    assert engine_threads({}, 2, load=0.5) is None
+    assert engine_threads({"OMP_NUM_THREADS": "2"}, 8, load=10.0) is None

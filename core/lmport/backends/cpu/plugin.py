@@ -47,16 +47,17 @@ def has_bf16_dot_products(cpuinfo: str | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def engine_threads(environ: dict[str, str] | None = None, cpus: int | None = None) -> int | None:
-    """How many torch threads the CPU engine steps with: every usable core but one, which the
-    HTTP server's event loop, tokenizer and detokenizer keep (at least one thread).
+def engine_threads(environ: dict[str, str] | None = None, cpus: int | None = None, load: float | None = None) -> int | None:
+    """How many torch threads the CPU engine steps with; None: torch's default (every core).
 
-    On this 2-core class of machine that is one thread. An op split over two threads waits at its
-    end for the slower one, and any other runnable process (the server's own threads, a test
-    run beside it) deschedules one of them: measured on the 2-core dev box under load, a
-    640x4096 projection took 48 ms with 2 threads and 0.4 ms with 1, and the engine ran 4-7x
-    faster (benchmarks/cpu_serving.py, docs/benchmarks.md). ``OMP_NUM_THREADS`` set: None
-    (torch already follows it).
+    On a machine that other work already keeps busy (1-minute load average, ``load``, at least
+    half the usable cores when the engine is built): every core but one, which the HTTP server's
+    event loop, tokenizer and detokenizer keep (at least one thread). An op split over two
+    threads waits at its end for the slower one, and a busy machine deschedules one of them:
+    measured on the 2-core dev box under load, a 640x4096 projection took 48 ms with 2 threads and
+    0.4 ms with 1, and the engine ran 4-7x faster with 1 thread. On a quiet machine every core:
+    there 2 threads ran the same engine 1.77x faster than 1 (docs/benchmarks.md).
+    ``OMP_NUM_THREADS`` set: None (torch already follows it).
     """
     environ = os.environ if environ is None else environ
     if environ.get("OMP_NUM_THREADS"):
@@ -66,6 +67,13 @@ def engine_threads(environ: dict[str, str] | None = None, cpus: int | None = Non
             cpus = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             cpus = os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = float(cpus)
+    if load < cpus / 2:
+        return None
     return max(1, cpus - 1)
 
 
