@@ -86,7 +86,7 @@ def check_positions(max_total_tokens: int, hf_config: Any) -> None:
     if found is None:
         return
     key, declared = found
-    limit = _stretched_positions(hf_config, declared)
+    limit = model_sequence_limit(hf_config)
     if max_total_tokens <= limit:
         return
     if _has_no_position_table(hf_config):
@@ -98,6 +98,13 @@ def check_positions(max_total_tokens: int, hf_config: Any) -> None:
         f"max_total_tokens ({max_total_tokens}) is larger than the model's {key} ({declared}{scaled}): "
         f"a longer sequence cannot run on it; give --max-total-tokens {limit} or less"
     )
+
+
+def model_sequence_limit(hf_config: Any) -> int | None:
+    """The longest sequence :func:`check_positions` lets run: the declared positions stretched
+    by the RoPE scaling factor (None: the model declares none)."""
+    found = model_position_limit(hf_config)
+    return None if found is None else _stretched_positions(hf_config, found[1])
 
 
 def _stretched_positions(hf_config: Any, declared: int) -> int:

@@ -95,9 +95,10 @@ def test_the_linear_op_routes_by_rows_and_the_env_switch(device, monkeypatch):
         assert torch.equal(op(x, w, b), F.linear(x, w, b))
     assert calls == [1, 4]
     monkeypatch.setenv("LMPORT_CUDA_GEMV_MAX_ROWS", "0")
+    from lmport.layers.ops import REFERENCE_OPS
     from lmport_cuda.plugin import lmport_layer_ops
 
-    assert lmport_layer_ops(capabilities=None)["linear"] is F.linear
+    assert lmport_layer_ops(capabilities=None)["linear"] is REFERENCE_OPS.linear  # GEMV off: the core's linear
 
 
 LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (3072, 2048), (2048, 8192)]

@@ -167,6 +167,9 @@ CASES = {
     "alibi-window-decode": Case(DECODE, alibi=True, sliding_window=12),
     "soft-cap": Case(MIXED, soft_cap=5.0, scale=1.0),
     "soft-cap-decode": Case(DECODE, soft_cap=5.0, scale=1.0),
+    # Gemma 2's mix: a soft cap inside a sliding window, a scale from query_pre_attn_scalar, small heads
+    "gemma2-window-soft-cap": Case(CHUNKED, soft_cap=2.0, sliding_window=4, scale=24**-0.5, head_dim=16, block_size=4),
+    "gemma2-window-soft-cap-decode": Case(((9, 1), (3, 1), (20, 1)), soft_cap=2.0, sliding_window=4, scale=24**-0.5, head_dim=16),
     "non-causal-prefill": Case(PREFILL, causal=False),
     "head-dim-80": Case(MIXED, head_dim=80),
     "head-dim-96": Case(DECODE, head_dim=96),
