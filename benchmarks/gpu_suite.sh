@@ -64,7 +64,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 run_stage roofline 20 60 python3 benchmarks/roofline.py --json "$OUT/roofline.json"
 # every test runs (no -x): one GPU call should say all that is wrong
-run_stage tests 60 240 python3 -m pytest plugins/cuda/tests -v -p no:cacheprovider --durations=15
+run_stage tests 60 540 python3 -m pytest plugins/cuda/tests -v -p no:cacheprovider --durations=15
 # stage rocm-forced: the ROCm backend's code path forced on this NVIDIA GPU (LMPORT_ROCM_FORCE=1; plugins/rocm/README.md)
 run_stage rocm-forced 30 150 bash -c 'python3 -m pip install --quiet --no-deps --no-build-isolation -e plugins/rocm && python3 -m pytest plugins/rocm/tests -q -p no:cacheprovider'
 run_stage ckpt-8b 60 180 python3 benchmarks/make_checkpoint.py llama3-8b "$CKPT_ROOT/llama3-8b"
