@@ -13,8 +13,9 @@ once per session), images drawn in the test, and transformers' greedy ``generate
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -23,6 +24,41 @@ from lmport.engine.api import GenerationRequest, SamplingParams
 from lmport.models.image_prompts import ImagePrompts, PromptImage
 from lmport.testing.tiny_vision import make_llava_next_checkpoint, pixel_digest
 from lmport.testing.torch_threads import one_torch_thread  # noqa: F401  (autouse: one intra-op thread)
+
+
+@contextmanager
+def _live_server(path: Path, model_id: str) -> Iterator[Any]:
+    """A server on a loopback port for the checkpoint at ``path``, its engine in its own process
+    (so images cross the pipe as data); stopped on exit."""
+    from lmport.config import LaunchConfig
+    from lmport.engine.factory import build_engine
+    from lmport.plugins import PluginHost
+    from lmport.server.app import build_app
+    from lmport.server.assemble import build_state
+    from lmport.server.serve import ServerThread
+
+    config = LaunchConfig(model_id=str(path), engine_process=True, block_size=4,
+                          max_batch_total_tokens=8192, max_total_tokens=512)  # fmt: skip
+    host = PluginHost(environ={}, load_entry_points=False).load()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # the child copies the parent's count
+    try:
+        engine, tokenizer, info = build_engine(config, host)
+    finally:
+        torch.set_num_threads(saved)
+    state = build_state(config, engine, tokenizer, info, host=host, model_id=model_id)
+    thread = ServerThread(build_app(state)).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+        engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def live_server() -> Callable[[Path, str], Any]:
+    """``live_server(path, model_id)``: a context manager serving that checkpoint (see :func:`_live_server`)."""
+    return _live_server
 
 
 @pytest.fixture(scope="session")

@@ -11,15 +11,9 @@ import httpx
 import pytest
 import torch
 
-from lmport.config import LaunchConfig
-from lmport.engine.factory import build_engine
-from lmport.plugins import PluginHost
-from lmport.server.app import build_app
 from lmport.models.image_prompts import PromptImage
-from lmport.server.assemble import build_state
 from lmport.server.images import MARKDOWN_IMAGE, image_digest
-from lmport.server.serve import ServerThread
-from lmport.testing.tiny_vision import png_bytes, tiny_image
+from lmport.testing.tiny_vision import data_uri, png_bytes, tiny_image
 
 text_generation = pytest.importorskip("text_generation")
 openai = pytest.importorskip("openai")
@@ -28,26 +22,10 @@ WIDE, TALL = tiny_image(0, 70, 40), tiny_image(1, 30, 64)
 MAX_NEW = 6
 
 
-def data_uri(image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
-
-
 @pytest.fixture(scope="module")
-def server(llava_next):
-    config = LaunchConfig(model_id=str(llava_next[0]), engine_process=True, block_size=4,
-                          max_batch_total_tokens=8192, max_total_tokens=512)
-    host = PluginHost(environ={}, load_entry_points=False).load()
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # the child copies the parent's count
-    try:
-        engine, tokenizer, info = build_engine(config, host)
-    finally:
-        torch.set_num_threads(saved)
-    state = build_state(config, engine, tokenizer, info, host=host, model_id="tiny-llava-next")
-    thread = ServerThread(build_app(state)).start()
-    yield thread
-    thread.stop()
-    engine.shutdown()
+def server(llava_next, live_server):
+    with live_server(llava_next[0], "tiny-llava-next") as thread:
+        yield thread
 
 
 def test_info_and_models_tell_the_modality(server):

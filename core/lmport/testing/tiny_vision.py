@@ -34,6 +34,13 @@ def png_bytes(image: Any) -> bytes:
     return buffer.getvalue()
 
 
+def data_uri(image: Any) -> str:
+    """A PNG ``data:`` URI of ``image`` (what a client puts in markdown or an ``image_url``)."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
 def pixel_digest(image: Any) -> bytes:
     """What the server hashes for the prefix cache (see ``lmport.server.images``)."""
     from lmport.server.images import image_digest
