@@ -10,9 +10,8 @@ import asyncio
 
 import httpx
 import pytest
-import torch
 
-from lmport.testing.tiny_vision import data_uri, png_bytes, tiny_image
+from lmport.testing.tiny_vision import data_uri, tiny_image
 
 text_generation = pytest.importorskip("text_generation")
 openai = pytest.importorskip("openai")

@@ -13,7 +13,7 @@ import torch
 
 from lmport.models.image_prompts import PromptImage
 from lmport.server.images import MARKDOWN_IMAGE, image_digest
-from lmport.testing.tiny_vision import data_uri, png_bytes, tiny_image
+from lmport.testing.tiny_vision import data_uri, tiny_image
 
 text_generation = pytest.importorskip("text_generation")
 openai = pytest.importorskip("openai")
