@@ -14,6 +14,7 @@ from lmport.engine.api import GenerationRequest, SamplingParams
 from lmport.engine.detokenizer import IncrementalDetokenizer
 from lmport.models.loader import model_registry
 from lmport.plugins import PluginHost
+from lmport.testing.engine_driver import run_staggered
 from lmport.testing.tiny_models import TINY_MODELS
 
 MAX_NEW = 10
@@ -32,20 +33,6 @@ def registered_tiny_models() -> list[str]:
 
 def greedy(request_id: str, prompt: list[int], max_new: int = MAX_NEW) -> GenerationRequest:
     return GenerationRequest(request_id, tuple(prompt), SamplingParams(max_new_tokens=max_new, ignore_eos=True))
-
-
-def run_staggered(engine, requests: list[GenerationRequest], gap: int) -> dict[str, list]:
-    """Add request ``i`` before step ``i * gap``, so requests join a batch that is already decoding."""
-    outputs: dict[str, list] = {r.request_id: [] for r in requests}
-    pending = list(requests)
-    step = 0
-    while pending or engine.has_unfinished():
-        while pending and step >= (len(requests) - len(pending)) * gap:
-            engine.add_request(pending.pop(0))
-        for out in engine.step():
-            outputs[out.request_id].append(out)
-        step += 1
-    return outputs
 
 
 def detokenize(tokenizer, prompt: list[int], tokens: list[int]) -> str:

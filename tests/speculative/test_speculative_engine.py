@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lmport.engine.api import GenerationRequest, SamplingParams
+from lmport.testing.engine_driver import run_staggered
 from lmport.testing.hf_oracle import hf_greedy_generate
 
 MAX_NEW = 16
@@ -22,20 +23,6 @@ def prompts() -> list[list[int]]:
     gen = torch.Generator().manual_seed(1)
     randoms = [torch.randint(3, 384, (n,), generator=gen).tolist() for n in (5, 30, 17, 1)]
     return randoms + [CYCLE * 4]  # a repetitive prompt: n-gram lookup proposes whole runs
-
-
-def run(engine, requests: list[GenerationRequest], gap: int = 2) -> dict[str, list]:
-    """Add request ``i`` before step ``i * gap`` (requests join a batch that is decoding); outputs per request."""
-    outputs: dict[str, list] = {r.request_id: [] for r in requests}
-    pending = list(requests)
-    step = 0
-    while pending or engine.has_unfinished():
-        while pending and step >= (len(requests) - len(pending)) * gap:
-            engine.add_request(pending.pop(0))
-        for out in engine.step():
-            outputs[out.request_id].append(out)
-        step += 1
-    return outputs
 
 
 def tokens(outputs: list) -> list[int]:
@@ -63,13 +50,13 @@ def speculative_settings(name: str, checkpoints) -> dict:
 
 @pytest.fixture(scope="module")
 def plain_outputs(make_engine):
-    return run(make_engine(), greedy_requests())
+    return run_staggered(make_engine(), greedy_requests())
 
 
 @pytest.mark.parametrize("name", list(SPECULATION))
 def test_greedy_equals_the_plain_engine_and_transformers(name, make_engine, checkpoints, plain_outputs):
     engine = make_engine(**speculative_settings(name, checkpoints))
-    got = run(engine, greedy_requests())
+    got = run_staggered(engine, greedy_requests())
     for i, prompt in enumerate(prompts()):
         rid = f"r{i}"
         assert tokens(got[rid]) == tokens(plain_outputs[rid]), (name, rid)
@@ -95,7 +82,7 @@ def test_greedy_equals_the_plain_engine_and_transformers(name, make_engine, chec
 @pytest.mark.parametrize("max_new", [1, 2, 3, 5, 6])
 def test_max_new_tokens_inside_a_run(max_new, make_engine, checkpoints, plain_outputs):
     engine = make_engine(speculative_model=str(checkpoints["target"]), speculate=4)
-    got = run(engine, greedy_requests(max_new), gap=0)
+    got = run_staggered(engine, greedy_requests(max_new), gap=0)
     for rid, outs in got.items():
         assert tokens(outs) == tokens(plain_outputs[rid])[:max_new]
         assert outs[-1].finished and outs[-1].finish_reason == "length"
@@ -123,7 +110,7 @@ def test_stops_inside_an_accepted_run_end_there(stop, make_engine, checkpoints, 
     def outputs_of(engine):
         if stop == "eos":  # the plain run's token at `at` plays EOS
             engine.outputs.eos_token_ids = set(stops.values())
-        return run(engine, requests, gap=0)
+        return run_staggered(engine, requests, gap=0)
 
     want = outputs_of(make_engine())
     got = outputs_of(make_engine(speculative_model=str(checkpoints["target"]), speculate=4))
@@ -146,12 +133,12 @@ def test_mixed_batch_of_speculative_and_plain_rows(make_engine, checkpoints):
                                                                  temperature=0.7, top_p=0.9, seed=11)),  # fmt: skip
         GenerationRequest("n2", tuple(ps[3]), SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True, do_sample=True, seed=5, n=2)),
     ]
-    plain = run(make_engine(), requests)
+    plain = run_staggered(make_engine(), requests)
     settings = dict(speculative_model=str(checkpoints["target"]), speculate=3)
-    first, second = run(make_engine(**settings), requests), run(make_engine(**settings), requests, gap=1)
+    first, second = run_staggered(make_engine(**settings), requests), run_staggered(make_engine(**settings), requests, gap=1)
     for rid in ("greedy", "penalty", "top1"):  # deterministic: equal to the plain engine
         assert tokens(first[rid]) == tokens(plain[rid]), rid
-    greedy_top1 = run(make_engine(), [GenerationRequest("top1", tuple(ps[2]), SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))])
+    greedy_top1 = run_staggered(make_engine(), [GenerationRequest("top1", tuple(ps[2]), SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))])
     assert tokens(first["top1"]) == tokens(greedy_top1["top1"])  # top_k=1 through the rejection sampler
     for rid in ("seeded", "n2"):  # a seed reproduces the speculative run, whatever else is in the batch
         assert tokens(first[rid]) == tokens(second[rid]), rid
@@ -161,7 +148,7 @@ def test_mixed_batch_of_speculative_and_plain_rows(make_engine, checkpoints):
 def test_preemption_mid_speculation_recomputes_and_frees_everything(make_engine, checkpoints, plain_outputs):
     engine = make_engine(speculative_model=str(checkpoints["target"]), speculate=4, max_batch_total_tokens=96,
                          max_input_tokens=32, max_total_tokens=48)
-    got = run(engine, greedy_requests(), gap=0)
+    got = run_staggered(engine, greedy_requests(), gap=0)
     assert engine.scheduler.num_preemptions > 0
     for rid in got:
         assert tokens(got[rid]) == tokens(plain_outputs[rid]), rid

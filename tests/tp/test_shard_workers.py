@@ -15,10 +15,9 @@ import httpx
 import pytest
 
 from lmport.config import LaunchConfig
-from lmport.engine.api import GenerationRequest, SamplingParams
 from lmport.engine.factory import build_llm_engine
 from lmport.plugins import PluginHost
-from lmport.testing.engine_driver import engine_greedy
+from lmport.testing.engine_driver import engine_greedy, greedy_tokens
 from lmport.testing.http_checks import post, start_server_thread
 from lmport.testing.tiny_models import make_checkpoint
 from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
@@ -46,14 +45,7 @@ def test_two_shards_through_the_engine_equal_one_and_close_stops_the_worker(llam
     executor = engine.executor
     try:
         assert executor.world_size == 2 and engine.async_scheduling
-        params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-        for i, prompt in enumerate(PROMPTS):
-            engine.add_request(GenerationRequest(f"r{i}", tuple(prompt), params))
-        tokens = {f"r{i}": [] for i in range(len(PROMPTS))}
-        while engine.has_unfinished():
-            for out in engine.step():
-                tokens[out.request_id].extend(t.token_id for t in out.tokens)
-        assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == expected
+        assert greedy_tokens(engine, PROMPTS, 6) == expected
     finally:
         engine.close()
     assert [w.proc.returncode for w in executor.workers] == [0]  # asked to stop, and stopped

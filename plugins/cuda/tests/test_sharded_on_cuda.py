@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from lmport.config import LaunchConfig
-from lmport.engine.api import GenerationRequest, SamplingParams
 from lmport.engine.factory import build_llm_engine
 from lmport.plugins import PluginHost
-from lmport.testing.engine_driver import engine_greedy
+from lmport.testing.engine_driver import engine_greedy, greedy_tokens
 from lmport.testing.tiny_models import make_checkpoint
 from lmport.testing.tiny_tokenizer import train_tiny_tokenizer
 
@@ -46,14 +45,7 @@ def test_sharded_engine_on_cuda_equals_one_gpu(tmp_path, family, world):
     try:
         assert engine.executor.world_size == world
         assert torch.distributed.get_backend() == "nccl"
-        params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-        for i, prompt in enumerate(PROMPTS):
-            engine.add_request(GenerationRequest(f"r{i}", tuple(prompt), params))
-        tokens = {f"r{i}": [] for i in range(len(PROMPTS))}
-        while engine.has_unfinished():
-            for out in engine.step():
-                tokens[out.request_id].extend(t.token_id for t in out.tokens)
-        assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == expected
+        assert greedy_tokens(engine, PROMPTS, 6) == expected
         assert engine.executor.graph_runner is not None  # decode graphs captured on the sharded path
     finally:
         engine.close()
