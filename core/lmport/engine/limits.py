@@ -86,7 +86,7 @@ def check_positions(max_total_tokens: int, hf_config: Any) -> None:
     if found is None:
         return
     key, declared = found
-    limit = model_sequence_limit(hf_config)
+    limit = _stretched_positions(hf_config, declared)
     if max_total_tokens <= limit:
         return
     if _has_no_position_table(hf_config):

@@ -9,6 +9,7 @@ as TGI's serde is: ``"details": 0`` or ``"stream": "yes"`` is a 422, not a guess
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, ValidationInfo, field_validator, model_serializer
@@ -27,6 +28,7 @@ class JsonNumbers(BaseModel):
         return value
 
 
+@functools.cache
 def _integer_fields(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(name for name, field in model.model_fields.items()
                      if field.annotation is int or int in get_args(field.annotation))
