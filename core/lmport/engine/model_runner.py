@@ -359,10 +359,10 @@ class PagedModelRunner(ModelExecutor):
             table = entries[i].cross_block_table
             enc_slots.extend(table[p // bs] * bs + p % bs for p in range(states[i].cross_kv_len))
             enc_starts.append(len(enc_slots))
-        key_ranges = None
+        segments = [lens, [b for row in tables for b in row]]
         if any(state.cross_key_ranges is not None for state in states):
-            key_ranges = _key_ranges(entries, states)
-        lens_t, tables_t = _send([lens, [b for row in tables for b in row]], torch.int32, self.runtime)
+            segments.append(_key_ranges(entries, states))  # in the same copy to the device
+        lens_t, tables_t, *ranges = _send(segments, torch.int32, self.runtime)
         cross = AttentionMetadata(
             query_start_loc=meta.query_start_loc,
             seq_lens=lens_t,
@@ -374,9 +374,8 @@ class PagedModelRunner(ModelExecutor):
             max_seq_len=max(lens, default=0),
             block_size=bs,
         )
-        if key_ranges is not None:
-            (ranges_t,) = _send([key_ranges], torch.int32, self.runtime)
-            cross.key_ranges = ranges_t.view(-1, 2)
+        if ranges:
+            cross.key_ranges = ranges[0].view(-1, 2)
         meta.groups = [cross if g.kind == CROSS else meta for g in self.kv_groups]
         if not new:
             return None
